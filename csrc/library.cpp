@@ -20,4 +20,19 @@ TORCH_LIBRARY(engram, m) {
   m.def("multihead_gather_backward(Tensor grad_e, Tensor rows, SymInt num_rows) -> Tensor");
   // Row-sparse table gradient: (sorted unique rows [U] int64, summed gradients [U, d_head]).
   m.def("multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
+  // -- gather/scatter internals go here --
+
+  // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D], key k [..., M, D] (the M key
+  // projections), value v [..., D], folded RMSNorm gains w = w_q * w_k [M, D] float32, RMSNorm
+  // eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, k, v and w.
+  m.def("engram_gate(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> Tensor");
+  // -- gate internals (forward with saved statistics, backward) go here --
+
+  // Short causal convolution (ENGRAM.md section 5): u [B, T, M, D], per-branch RMSNorm gains
+  // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d), dilation,
+  // RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
+  m.def(
+      "short_conv(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
+      "bool activation=True) -> Tensor");
+  // -- short_conv internals go here --
 }
