@@ -21,6 +21,7 @@ import random
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -192,11 +193,13 @@ def load_text_files(paths: str | os.PathLike | Iterable[str | os.PathLike], max_
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix()))
+            inside = (f for f in p.rglob("*") if f.is_file())
+            files.extend(sorted(inside, key=lambda f, root=p: f.relative_to(root).as_posix()))
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"load_text_files: paths must name existing files or directories, got {str(p)!r}")
+            raise FileNotFoundError("load_text_files: paths must name existing files or directories, "
+                                    f"got {str(p)!r}")
     return _cap((d for d in map(_read_text, files) if d.strip()), max_bytes)
 
 
@@ -224,11 +227,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_freque
                         special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
     """A byte-level BPE tokenizer trained offline on `texts` (no normalizer, GPT-2 style ByteLevel
     pre-tokenizer and decoder). Special tokens take ids 0.. in the order given; the 256 byte
-    symbols follow, so any text encodes without <unk>. The trainer is deterministic: the same
-    texts give the same tokenizer."""
+    symbols follow, so any text encodes without <unk>. The trainer has no randomness (no seed to
+    set): the same texts give the same tokenizer whatever the thread count. The vocabulary comes
+    out smaller than vocab_size when the texts run out of pairs seen min_frequency times."""
     min_vocab = len(special_tokens) + 256
     if vocab_size < min_vocab:
-        raise ValueError(f"train_bpe_tokenizer: vocab_size must be >= {min_vocab} (special tokens + 256 bytes), "
+        raise ValueError(f"train_bpe_tokenizer: vocab_size must be >= {min_vocab} "
+                         "(special tokens + 256 bytes), "
                          f"got {vocab_size}")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in special_tokens else None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -265,7 +270,8 @@ def _corpus_fingerprint(sources: tuple[str, ...], max_bytes: int | None, vocab_s
     return h.hexdigest()[:16]
 
 
-def default_tokenizer(vocab_size: int = 8192, max_bytes: int | None = None, refresh: bool = False) -> Tokenizer:
+def default_tokenizer(vocab_size: int = 8192, max_bytes: int | None = None,
+                      refresh: bool = False) -> Tokenizer:
     """The byte-level BPE tokenizer of the built-in corpus (every installed source), cached as JSON
     under cache_dir()/tokenizers so repeat calls only load it. The cache key covers the vocab
     size, max_bytes, the source files (name, size, mtime) and the tokenizers version."""
@@ -275,16 +281,19 @@ def default_tokenizer(vocab_size: int = 8192, max_bytes: int | None = None, refr
     if path.is_file() and not refresh:
         return Tokenizer.from_file(str(path))
     tokenizer = train_bpe_tokenizer(load_documents(sources, max_bytes=max_bytes), vocab_size=vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a concurrent reader never sees a partial file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        tokenizer.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a concurrent reader never sees a partial file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            tokenizer.save(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:  # a read-only cache only costs the retraining next time
+        warnings.warn(f"default_tokenizer: could not cache the tokenizer at {path}: {err}", stacklevel=2)
     return tokenizer
 
 
@@ -298,7 +307,8 @@ class TokenStream(NamedTuple):
     doc_starts: torch.Tensor
 
 
-def encode_documents(tokenizer: Tokenizer, documents: Sequence[str], eos_id: int | None = None) -> TokenStream:
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[str],
+                     eos_id: int | None = None) -> TokenStream:
     """One long token stream: each document's ids followed by <eos> (so <eos> separates documents
     and ends the stream). eos_id defaults to the tokenizer's "<eos>" token."""
     if eos_id is None:

@@ -97,7 +97,7 @@ class NgramHasher(nn.Module):
 
     @classmethod
     def from_tokenizer(cls, config: EngramConfig, tokenizer, device=None) -> "NgramHasher":
-        """Hasher whose LUT is the compression of `tokenizer` (anything tokenizer.build_compression takes)."""
+        """Hasher whose LUT compresses `tokenizer` (any vocabulary tokenizer.build_compression takes)."""
         from .tokenizer import build_compression
         return cls(config, lut=build_compression(tokenizer).lut, device=device)
 

@@ -34,7 +34,7 @@ def engram_normalizer() -> normalizers.Normalizer:
     ])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Compression:
     """lut[tid] = compressed id of raw id tid (int64, length vocab_size, values 0..num_compressed-1,
     each new id first used in increasing tid order). keys[new_id] is the key that defined it
@@ -133,7 +133,8 @@ def compress(ids, lut: torch.Tensor | Compression, oov_to_pad: int | None = None
     outside = (ids < 0) | (ids >= n)
     if oov_to_pad is not None:
         if not 0 <= oov_to_pad < n:
-            raise ValueError(f"compress: oov_to_pad must be a raw id in [0, {n}) (the lut length), got {oov_to_pad}")
+            raise ValueError(f"compress: oov_to_pad must be a raw id in [0, {n}) (the lut length), "
+                             f"got {oov_to_pad}")
         return lut[torch.where(outside, oov_to_pad, ids)]
     if bool(outside.any()):
         bad = ids[outside]

@@ -99,7 +99,7 @@ def test_load_text_files(tmp_path):
     docs = load_text_files([tmp_path / "latin1.txt", tmp_path / "d"])
     assert docs == ["café", "first", "second", "third ünïcode"]
     assert load_text_files(str(tmp_path / "d" / "a.txt")) == ["first"]
-    with pytest.raises(FileNotFoundError, match="paths must name existing files or directories, got '.*missing'"):
+    with pytest.raises(FileNotFoundError, match="must name existing files or directories, got '.*missing'"):
         load_text_files([tmp_path / "missing"])
 
 
@@ -152,6 +152,15 @@ def test_default_tokenizer_cached(tmp_path, monkeypatch):
     default_tokenizer(vocab_size=600, max_bytes=200_000)
     assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 2
     assert not list((tmp_path / "tokenizers").glob("*.tmp"))
+
+
+def test_default_tokenizer_unwritable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TORCH_ENGRAM_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="could not cache the tokenizer"):
+        tok = default_tokenizer(vocab_size=300, max_bytes=20_000)
+    assert tok.get_vocab_size() == 300
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):

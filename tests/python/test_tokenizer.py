@@ -41,7 +41,8 @@ def comp(bpe):
 
 
 def texts_of(tok):
-    return [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size(with_added_tokens=True))]
+    n = tok.get_vocab_size(with_added_tokens=True)
+    return [tok.decode([i], skip_special_tokens=False) for i in range(n)]
 
 
 def raw_bytes_vocab(tok) -> list[bytes]:
@@ -55,6 +56,7 @@ def raw_bytes_vocab(tok) -> list[bytes]:
 
 # Structure of the LUT ------------------------------------------------------------------------------
 def test_lut_is_first_appearance_surjection(bpe, comp):
+    assert isinstance(comp, Compression) and f"num_compressed={comp.num_compressed}" in repr(comp)
     lut = comp.lut
     assert lut.dtype == torch.int64 and lut.dim() == 1
     assert comp.vocab_size == bpe.get_vocab_size(with_added_tokens=True) == lut.numel() == 2048
@@ -244,7 +246,8 @@ def test_compress_oov_to_pad(comp):
 
 # Storage with the model ----------------------------------------------------------------------------
 def test_hasher_from_tokenizer(bpe, comp):
-    config = EngramConfig(engram_vocab_size=(1009, 1013), layer_ids=(0, 3), n_embed_per_ngram=64, n_head_per_ngram=2)
+    config = EngramConfig(engram_vocab_size=(1009, 1013), layer_ids=(0, 3), n_embed_per_ngram=64,
+                          n_head_per_ngram=2)
     hasher = NgramHasher.from_tokenizer(config, bpe)
     assert torch.equal(hasher.lut, comp.lut)
     assert hasher.compressed_vocab_size == comp.num_compressed
