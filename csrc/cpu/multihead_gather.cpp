@@ -1,6 +1,6 @@
 // CPU kernel of multihead_gather: one memcpy of d_head contiguous values per lookup, parallel over
-// lookups, with software prefetch because table rows are random reads from a table far larger
-// than the caches.
+// lookups. (Software prefetch of rows ahead measured no gain over the hardware's on a 10M-row
+// table, so there is none.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,14 +15,6 @@
 namespace engram {
 namespace {
 
-// Lookups ahead whose table rows are prefetched: enough to cover DRAM latency at a few ns per
-// 256-byte row copy.
-constexpr int64_t kPrefetchDistance = 16;
-
-inline void prefetch_row(const char* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
-}
-
 // Smallest flat lookup index whose row is out of range, or -1. The smallest (not the first
 // found by some thread) so the error message does not depend on scheduling.
 template <typename index_t>
@@ -32,10 +24,6 @@ int64_t gather_rows(const char* table, int64_t row_stride_bytes, int64_t num_row
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, num_lookups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      if (n + kPrefetchDistance < end) {
-        const int64_t ahead = static_cast<int64_t>(rows[n + kPrefetchDistance]);
-        if (row_in_range(ahead, num_rows)) prefetch_row(table + ahead * row_stride_bytes, row_bytes);
-      }
       const int64_t r = static_cast<int64_t>(rows[n]);
       if (!row_in_range(r, num_rows)) {
         int64_t cur = bad.load();
