@@ -1,6 +1,9 @@
 """Pure-PyTorch oracle of every engram op and of the whole layer: float64-capable, written from
 ENGRAM.md and readable as its executable spec. Tests compare the native kernels against it."""
 
+from .conv import DemoShortConv, short_conv
+from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
 from .hashing import ngram_hash
 
-__all__ = ["ngram_hash"]
+__all__ = ["DemoGate", "DemoShortConv", "engram_gate", "engram_gate_separate", "ngram_hash", "short_conv",
+           "signed_sqrt"]
