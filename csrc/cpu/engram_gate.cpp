@@ -7,54 +7,45 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
-#include "cpu_rows.h"
 #include "engram/gate.h"
 #include "engram/gate_check.h"
+#include "rows.h"
 
 namespace engram {
 namespace {
-
-using cpu::Vec;
 
 template <typename scalar_t, typename acc_t>
 void gate_forward_kernel(const scalar_t* hidden, const scalar_t* key, const scalar_t* value, const acc_t* weight,
                          int64_t N, int64_t M, int64_t D, acc_t eps, scalar_t* out, acc_t* alpha, acc_t* r_x,
                          acc_t* r_k, acc_t* raw) {
   const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(static_cast<acc_t>(D));
-  constexpr int64_t W = Vec<acc_t>::size();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / (M * D)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * D);
+    std::vector<acc_t> scratch(4 * D);
     acc_t* sx = scratch.data();
     acc_t* sk = sx + D;
     acc_t* sv = sk + D;
+    acc_t* so = sv + D;
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* v = cpu::row_as_acc(value + n * D, D, sv);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t row = n * M + m;
         const acc_t* x = cpu::row_as_acc(hidden + row * D, D, sx);
         const acc_t* k = cpu::row_as_acc(key + row * D, D, sk);
-        const acc_t* w = weight + m * D;
-        // One pass for the three sums.
-        Vec<acc_t> xx(acc_t(0)), kk(acc_t(0)), xwk(acc_t(0));
-        for (int64_t d = 0; d < D; d += W) {
-          const int64_t c = std::min<int64_t>(W, D - d);
-          const auto xv = Vec<acc_t>::loadu(x + d, c), kv = Vec<acc_t>::loadu(k + d, c);
-          xx = at::vec::fmadd(xv, xv, xx);
-          kk = at::vec::fmadd(kv, kv, kk);
-          xwk = at::vec::fmadd(xv * Vec<acc_t>::loadu(w + d, c), kv, xwk);
-        }
-        const acc_t rx = rms_reciprocal(cpu::reduce_sum(xx), D, eps);
-        const acc_t rk = rms_reciprocal(cpu::reduce_sum(kk), D, eps);
-        const acc_t dot = cpu::reduce_sum(xwk);
-        const acc_t a = gate_alpha(dot, rx, rk, inv_sqrt_d);
+        acc_t sums[3];  // sum(x^2), sum(k^2), raw = sum(x * w * k)
+        cpu::gate_sums(x, k, weight + m * D, D, sums);
+        const acc_t rx = rms_reciprocal(sums[0], D, eps);
+        const acc_t rk = rms_reciprocal(sums[1], D, eps);
+        const acc_t a = gate_alpha(sums[2], rx, rk, inv_sqrt_d);
         alpha[row] = a;
         r_x[row] = rx;
         r_k[row] = rk;
-        raw[row] = dot;
-        scalar_t* o = out + row * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a * v[d]);
+        raw[row] = sums[2];
+        acc_t* o = cpu::row_target(out + row * D, so);
+        for (int64_t d = 0; d < D; ++d) o[d] = a * v[d];
+        cpu::store_row(o, D, out + row * D);
       }
     }
   });
@@ -70,13 +61,14 @@ void gate_backward_kernel(const scalar_t* grad_out, const scalar_t* hidden, cons
   // grad_w partial sums of each chunk, reduced in chunk order below (no atomics).
   std::vector<acc_t> partials(chunking.count * M * D, acc_t(0));
   at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> scratch(6 * D);
+    std::vector<acc_t> scratch(7 * D);
     acc_t* sx = scratch.data();
     acc_t* sk = sx + D;
     acc_t* sv = sk + D;
     acc_t* sg = sv + D;
     acc_t* gv = sg + D;
-    acc_t* tmp = gv + D;
+    acc_t* sgx = gv + D;
+    acc_t* sgk = sgx + D;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* gw_part = partials.data() + chunk * M * D;
       const int64_t n_end = std::min(N, (chunk + 1) * chunking.size);
@@ -88,22 +80,20 @@ void gate_backward_kernel(const scalar_t* grad_out, const scalar_t* hidden, cons
           const acc_t* g = cpu::row_as_acc(grad_out + row * D, D, sg);
           const acc_t* x = cpu::row_as_acc(hidden + row * D, D, sx);
           const acc_t* k = cpu::row_as_acc(key + row * D, D, sk);
-          const acc_t* w = weight + m * D;
           const acc_t a = alpha[row];
           const acc_t coef = gate_backward_coef(cpu::dot(g, v, D), a, raw[row], r_x[row], r_k[row], inv_sqrt_d);
-          const acc_t tx = gate_norm_term(raw[row], r_x[row], D);
-          const acc_t tk = gate_norm_term(raw[row], r_k[row], D);
-          acc_t* gw = gw_part + m * D;
-          for (int64_t d = 0; d < D; ++d) {
-            gv[d] += g[d] * a;
-            gw[d] += coef * x[d] * k[d];
-          }
-          for (int64_t d = 0; d < D; ++d) tmp[d] = coef * (k[d] * w[d] - x[d] * tx);
-          cpu::store_row(tmp, D, grad_hidden + row * D);
-          for (int64_t d = 0; d < D; ++d) tmp[d] = coef * (x[d] * w[d] - k[d] * tk);
-          cpu::store_row(tmp, D, grad_key + row * D);
+          acc_t* gx = cpu::row_target(grad_hidden + row * D, sgx);
+          acc_t* gk = cpu::row_target(grad_key + row * D, sgk);
+          cpu::gate_backward_row(x, k, weight + m * D, g, D, a, coef, gate_norm_term(raw[row], r_x[row], D),
+                                 gate_norm_term(raw[row], r_k[row], D), gv, gw_part + m * D, gx, gk);
+          cpu::store_row(gx, D, grad_hidden + row * D);
+          cpu::store_row(gk, D, grad_key + row * D);
         }
-        cpu::store_row(gv, D, grad_value + n * D);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::copy(gv, gv + D, grad_value + n * D);
+        } else {
+          cpu::store_row(gv, D, grad_value + n * D);
+        }
       }
     }
   });

@@ -9,14 +9,12 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_rows.h"
 #include "engram/conv.h"
 #include "engram/conv_check.h"
+#include "rows.h"
 
 namespace engram {
 namespace {
-
-using cpu::Vec;
 
 struct ConvShape {
   int64_t B, T, M, D, C, K, dilation;
@@ -40,7 +38,7 @@ void normalise(const scalar_t* u, const acc_t* norm_weight, const ConvShape& s, 
       const acc_t* x = cpu::row_as_acc(u + row * D, D, scratch.data());
       acc_t r;
       if (rstd_out) {
-        r = rms_reciprocal(cpu::dot(x, x, D), D, eps);
+        r = rms_reciprocal(cpu::sum_sq(x, D), D, eps);
         rstd_out[row] = r;
       } else {
         r = rstd_in[row];
@@ -61,9 +59,7 @@ inline void conv_token(const acc_t* normed, const acc_t* weight_t, const ConvSha
   for (int64_t i = 0; i < s.K; ++i) {
     const int64_t src = t - conv_tap_shift(i, s.K, s.dilation);
     if (src < 0) continue;
-    const acc_t* n = normed + (b * s.T + src) * s.C;
-    const acc_t* w = weight_t + i * s.C;
-    for (int64_t c = 0; c < s.C; ++c) pre[c] += w[c] * n[c];
+    cpu::multiply_add(pre, weight_t + i * s.C, normed + (b * s.T + src) * s.C, s.C);
   }
 }
 
@@ -74,18 +70,20 @@ void short_conv_forward_kernel(const scalar_t* u, const acc_t* norm_weight, cons
   acc_t* normed = normed_buf.template mutable_data_ptr<acc_t>();
   normalise(u, norm_weight, s, eps, rstd, static_cast<const acc_t*>(nullptr), normed);
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / s.C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * s.C);
+    std::vector<acc_t> scratch(3 * s.C);
     acc_t* pre = scratch.data();
     acc_t* su = pre + s.C;
+    acc_t* so = su + s.C;
     for (int64_t token = begin; token < end; ++token) {
       conv_token(normed, weight_t, s, token / s.T, token % s.T, pre);
       const acc_t* x = cpu::row_as_acc(u + token * s.C, s.C, su);
+      acc_t* o = cpu::row_target(out + token * s.C, so);
       if (activation) {
-        for (int64_t c = 0; c < s.C; ++c) pre[c] = x[c] + silu(pre[c]);
+        cpu::add_silu(x, pre, o, s.C);
       } else {
-        for (int64_t c = 0; c < s.C; ++c) pre[c] = x[c] + pre[c];
+        for (int64_t c = 0; c < s.C; ++c) o[c] = x[c] + pre[c];
       }
-      cpu::store_row(pre, s.C, out + token * s.C);
+      cpu::store_row(o, s.C, out + token * s.C);
     }
   });
 }
@@ -110,7 +108,7 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
       acc_t* gp = grad_pre + token * C;
       if (activation) {
         conv_token(normed, weight_t, s, token / s.T, token % s.T, pre);
-        for (int64_t c = 0; c < C; ++c) gp[c] = g[c] * silu_grad(pre[c]);
+        cpu::mul_silu_grad(g, pre, gp, C);
       } else {
         for (int64_t c = 0; c < C; ++c) gp[c] = g[c];
       }
@@ -126,7 +124,7 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
     acc_t* gn = scratch.data();
     acc_t* su = gn + C;
     acc_t* sg = su + C;
-    acc_t* a = sg + C;
+    acc_t* sa = sg + C;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* gnw = partials.data() + chunk * part;
       acc_t* gw = gnw + C;
@@ -137,19 +135,17 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
         std::fill(gn, gn + C, acc_t(0));
         for (int64_t i = 0; i < s.K; ++i) {
           const int64_t shift = conv_tap_shift(i, s.K, s.dilation);
-          const acc_t* w = weight_t + i * C;
           if (t + shift < s.T) {  // output t + shift read this token through tap i
-            const acc_t* gq = grad_pre + (token + shift) * C;
-            for (int64_t c = 0; c < C; ++c) gn[c] += w[c] * gq[c];
+            cpu::multiply_add(gn, weight_t + i * C, grad_pre + (token + shift) * C, C);
           }
           if (t - shift >= 0) {  // this token's output read position t - shift through tap i
-            const acc_t* n = normed + (token - shift) * C;
-            acc_t* gwi = gw + i * C;
-            for (int64_t c = 0; c < C; ++c) gwi[c] += gp[c] * n[c];
+            cpu::multiply_add(gw + i * C, gp, normed + (token - shift) * C, C);
           }
         }
         const acc_t* x = cpu::row_as_acc(u + token * C, C, su);
         const acc_t* g = cpu::row_as_acc(grad_out + token * C, C, sg);
+        acc_t* a = cpu::row_target(grad_u + token * C, sa);
+        // dL/du = grad_out + r * a - u * r^3 * sum(a * u) / D, a = dL/dnormed * norm_weight.
         for (int64_t m = 0; m < s.M; ++m) {
           const acc_t r = rstd[token * s.M + m];
           const acc_t* nw = norm_weight + m * D;
