@@ -133,6 +133,12 @@ ENGRAM_ROW_INLINE void multiply_add_impl(T* __restrict__ acc, const T* __restric
   for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i];
 }
 
+template <typename T>
+ENGRAM_ROW_INLINE void multiply_add_scaled_impl(T* __restrict__ acc, const T* __restrict__ a, const T* __restrict__ b,
+                                                T scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i] * scale;
+}
+
 }  // namespace
 
 ENGRAM_CPU_CLONES float sum_sq(const float* a, int64_t n) { return dot_impl(a, a, n); }
@@ -162,6 +168,13 @@ ENGRAM_CPU_CLONES void multiply_add(float* acc, const float* a, const float* b, 
   multiply_add_impl(acc, a, b, n);
 }
 void multiply_add(double* acc, const double* a, const double* b, int64_t n) { multiply_add_impl(acc, a, b, n); }
+
+ENGRAM_CPU_CLONES void multiply_add_scaled(float* acc, const float* a, const float* b, float scale, int64_t n) {
+  multiply_add_scaled_impl(acc, a, b, scale, n);
+}
+void multiply_add_scaled(double* acc, const double* a, const double* b, double scale, int64_t n) {
+  multiply_add_scaled_impl(acc, a, b, scale, n);
+}
 
 ENGRAM_CPU_CLONES void add_silu(const float* x, const float* pre, float* out, int64_t n) {
   add_silu_impl(x, pre, out, n);

@@ -36,6 +36,10 @@ void gate_backward_row(const double* x, const double* k, const double* w, const 
 void multiply_add(float* acc, const float* a, const float* b, int64_t n);
 void multiply_add(double* acc, const double* a, const double* b, int64_t n);
 
+// acc += a * b * scale.
+void multiply_add_scaled(float* acc, const float* a, const float* b, float scale, int64_t n);
+void multiply_add_scaled(double* acc, const double* a, const double* b, double scale, int64_t n);
+
 // out = x + SiLU(pre).
 void add_silu(const float* x, const float* pre, float* out, int64_t n);
 void add_silu(const double* x, const double* pre, double* out, int64_t n);

@@ -20,62 +20,67 @@ struct ConvShape {
   int64_t B, T, M, D, C, K, dilation;
 };
 
-// Uninitialised scratch of n acc_t values from the caching allocator.
+// Uninitialised scratch of n acc_t values.
 template <typename acc_t>
 at::Tensor scratch_buffer(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// normed[b, t, m, :] = u * rstd * norm_weight[m]. The forward computes rstd into rstd_out; the
-// backward passes the forward's as rstd_in.
+// rstd[b, t, m] = 1 / sqrt(mean(u[b, t, m, :]^2) + eps).
 template <typename scalar_t, typename acc_t>
-void normalise(const scalar_t* u, const acc_t* norm_weight, const ConvShape& s, acc_t eps, acc_t* rstd_out,
-               const acc_t* rstd_in, acc_t* normed) {
-  const int64_t rows = s.B * s.T * s.M, D = s.D;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+void compute_rstd(const scalar_t* u, const ConvShape& s, acc_t eps, acc_t* rstd) {
+  const int64_t D = s.D;
+  at::parallel_for(0, s.B * s.T * s.M, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(D);
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t* x = cpu::row_as_acc(u + row * D, D, scratch.data());
-      acc_t r;
-      if (rstd_out) {
-        r = rms_reciprocal(cpu::sum_sq(x, D), D, eps);
-        rstd_out[row] = r;
-      } else {
-        r = rstd_in[row];
-      }
-      const acc_t* w = norm_weight + (row % s.M) * D;
-      acc_t* n = normed + row * D;
-      for (int64_t d = 0; d < D; ++d) n[d] = x[d] * r * w[d];
+      rstd[row] = rms_reciprocal(cpu::sum_sq(cpu::row_as_acc(u + row * D, D, scratch.data()), D), D, eps);
     }
   });
 }
 
-// Pre-activation conv output of token (b, t) into pre[C]: sum over taps i of
-// weight_t[i] * normed[b, t - shift_i] (positions before 0 read zero).
-template <typename acc_t>
-inline void conv_token(const acc_t* normed, const acc_t* weight_t, const ConvShape& s, int64_t b, int64_t t,
-                       acc_t* pre) {
+// Pre-activation conv output of token (b, t) into pre[C]:
+//   pre = sum over taps i of weight_t[i] * RMSNorm(u[b, t - shift_i]) (positions before 0 read 0),
+// with the normalised rows formed on the fly as (weight_t[i] * norm_weight) * u * rstd, so no
+// normalised copy of u is ever stored. tap_norm = weight_t[i] * norm_weight, [K, C].
+template <typename scalar_t, typename acc_t>
+void conv_token(const scalar_t* u, const acc_t* rstd, const acc_t* tap_norm, const ConvShape& s, int64_t token,
+                acc_t* pre, acc_t* scratch) {
+  const int64_t t = token % s.T;
   std::fill(pre, pre + s.C, acc_t(0));
   for (int64_t i = 0; i < s.K; ++i) {
-    const int64_t src = t - conv_tap_shift(i, s.K, s.dilation);
-    if (src < 0) continue;
-    cpu::multiply_add(pre, weight_t + i * s.C, normed + (b * s.T + src) * s.C, s.C);
+    const int64_t shift = conv_tap_shift(i, s.K, s.dilation);
+    if (t - shift < 0) continue;
+    const int64_t src = token - shift;
+    const acc_t* x = cpu::row_as_acc(u + src * s.C, s.C, scratch);
+    for (int64_t m = 0; m < s.M; ++m) {
+      cpu::multiply_add_scaled(pre + m * s.D, tap_norm + i * s.C + m * s.D, x + m * s.D, rstd[src * s.M + m], s.D);
+    }
   }
+}
+
+// weight_t[i] * norm_weight for every tap, [K, C].
+template <typename acc_t>
+std::vector<acc_t> tap_norm_weights(const acc_t* norm_weight, const acc_t* weight_t, const ConvShape& s) {
+  std::vector<acc_t> tap_norm(s.K * s.C);
+  for (int64_t i = 0; i < s.K; ++i) {
+    for (int64_t c = 0; c < s.C; ++c) tap_norm[i * s.C + c] = weight_t[i * s.C + c] * norm_weight[c];
+  }
+  return tap_norm;
 }
 
 template <typename scalar_t, typename acc_t>
 void short_conv_forward_kernel(const scalar_t* u, const acc_t* norm_weight, const acc_t* weight_t, const ConvShape& s,
                                acc_t eps, bool activation, scalar_t* out, acc_t* rstd) {
-  auto normed_buf = scratch_buffer<acc_t>(s.B * s.T * s.C);
-  acc_t* normed = normed_buf.template mutable_data_ptr<acc_t>();
-  normalise(u, norm_weight, s, eps, rstd, static_cast<const acc_t*>(nullptr), normed);
+  compute_rstd(u, s, eps, rstd);
+  const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / s.C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * s.C);
+    std::vector<acc_t> scratch(4 * s.C);
     acc_t* pre = scratch.data();
     acc_t* su = pre + s.C;
     acc_t* so = su + s.C;
+    acc_t* tap = so + s.C;
     for (int64_t token = begin; token < end; ++token) {
-      conv_token(normed, weight_t, s, token / s.T, token % s.T, pre);
+      conv_token(u, rstd, tap_norm.data(), s, token, pre, tap);
       const acc_t* x = cpu::row_as_acc(u + token * s.C, s.C, su);
       acc_t* o = cpu::row_target(out + token * s.C, so);
       if (activation) {
@@ -93,38 +98,40 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
                                 const acc_t* weight_t, const acc_t* rstd, const ConvShape& s, bool activation,
                                 scalar_t* grad_u, acc_t* grad_norm_weight, acc_t* grad_weight_t) {
   const int64_t tokens = s.B * s.T, C = s.C, D = s.D;
-  auto normed_buf = scratch_buffer<acc_t>(tokens * C);
-  acc_t* normed = normed_buf.template mutable_data_ptr<acc_t>();
-  normalise(u, norm_weight, s, acc_t(0), static_cast<acc_t*>(nullptr), rstd, normed);
-  // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed.
+  const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
+  // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed. Stored:
+  // each token's dL/dnormed below reads it at K later positions.
   auto grad_pre_buf = scratch_buffer<acc_t>(tokens * C);
   acc_t* grad_pre = grad_pre_buf.template mutable_data_ptr<acc_t>();
   at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * C);
+    std::vector<acc_t> scratch(3 * C);
     acc_t* pre = scratch.data();
     acc_t* sg = pre + C;
+    acc_t* tap = sg + C;
     for (int64_t token = begin; token < end; ++token) {
       const acc_t* g = cpu::row_as_acc(grad_out + token * C, C, sg);
       acc_t* gp = grad_pre + token * C;
       if (activation) {
-        conv_token(normed, weight_t, s, token / s.T, token % s.T, pre);
+        conv_token(u, rstd, tap_norm.data(), s, token, pre, tap);
         cpu::mul_silu_grad(g, pre, gp, C);
       } else {
-        for (int64_t c = 0; c < C; ++c) gp[c] = g[c];
+        std::copy(g, g + C, gp);
       }
     }
   });
-  // Per token: the conv's transpose gives dL/d(normed), then the RMSNorm backward; weight
-  // gradients go to per-chunk partials (norm_weight [C] then conv weight [K, C]).
+  // Per token: the conv's transpose gives dL/dnormed, then the RMSNorm backward. Weight
+  // gradients go to per-chunk partials: norm_weight [C], then conv weight [K, C] without its
+  // norm_weight factor (applied once after the reduction).
   const auto chunking = cpu::make_chunking(tokens);
   const int64_t part = C + s.K * C;
   std::vector<acc_t> partials(chunking.count * part, acc_t(0));
   at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> scratch(4 * C);
+    std::vector<acc_t> scratch(5 * C);
     acc_t* gn = scratch.data();
     acc_t* su = gn + C;
     acc_t* sg = su + C;
     acc_t* sa = sg + C;
+    acc_t* tap = sa + C;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* gnw = partials.data() + chunk * part;
       acc_t* gw = gnw + C;
@@ -139,7 +146,11 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
             cpu::multiply_add(gn, weight_t + i * C, grad_pre + (token + shift) * C, C);
           }
           if (t - shift >= 0) {  // this token's output read position t - shift through tap i
-            cpu::multiply_add(gw + i * C, gp, normed + (token - shift) * C, C);
+            const int64_t src = token - shift;
+            const acc_t* x = cpu::row_as_acc(u + src * C, C, tap);
+            for (int64_t m = 0; m < s.M; ++m) {
+              cpu::multiply_add_scaled(gw + i * C + m * D, gp + m * D, x + m * D, rstd[src * s.M + m], D);
+            }
           }
         }
         const acc_t* x = cpu::row_as_acc(u + token * C, C, su);
@@ -168,7 +179,9 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
   std::vector<acc_t> total(part);
   cpu::reduce_chunks(partials.data(), chunking.count, part, total.data());
   std::copy(total.begin(), total.begin() + C, grad_norm_weight);
-  std::copy(total.begin() + C, total.end(), grad_weight_t);
+  for (int64_t i = 0; i < s.K; ++i) {
+    for (int64_t c = 0; c < C; ++c) grad_weight_t[i * C + c] = total[C + i * C + c] * norm_weight[c];
+  }
 }
 
 ConvShape conv_shape(const at::Tensor& u, const at::Tensor& conv_weight, int64_t dilation) {
