@@ -233,8 +233,32 @@ def test_torch_compile_matches_eager():
 
 def test_torch_compile_inductor_fullgraph():
     x, k, v, w = make_inputs((3,), 2, 8, torch.float32, seed=10)
-    compiled = torch.compile(lambda *a: ops.engram_gate(*a, 1e-6) + 1, fullgraph=True)
-    torch.testing.assert_close(compiled(x, k, v, w), ops.engram_gate(x, k, v, w, 1e-6) + 1)
+
+    def f(x, k, v, w):
+        return ops.engram_gate(x.sin(), k, v, w, 1e-6) + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (x, k, v, w)]
+    comp_in = [t.clone().requires_grad_() for t in (x, k, v, w)]
+    want, got = f(*eager_in), compiled(*comp_in)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), comp_in), torch.autograd.grad(want.sum(), eager_in)):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_contiguous_and_broadcast_inputs():
+    # The demo feeds one hidden stream expanded over the M branches (stride 0).
+    base, k, v, w = make_inputs((2, 5), 1, 16, torch.float64, seed=11)
+    k = torch.randn(16, 4, 5, 2, dtype=torch.float64).permute(3, 2, 1, 0)  # [2, 5, 4, 16], non-contiguous
+    w = w.expand(4, 16).clone()
+    hidden = base.expand(2, 5, 4, 16).requires_grad_()
+    inputs = [hidden, k.requires_grad_(), v.requires_grad_(), w.requires_grad_()]
+    out = ops.engram_gate(*inputs, 1e-6)
+    want = ref.engram_gate(*inputs, 1e-6)
+    assert_close(out, want, torch.float64)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        assert_close(a, b, torch.float64)
 
 
 @pytest.mark.parametrize(

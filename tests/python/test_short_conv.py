@@ -193,8 +193,30 @@ def test_torch_compile_matches_eager():
 
 def test_torch_compile_inductor_fullgraph():
     u, nw, cw = make_inputs(1, 5, 2, 8, 3, torch.float32, seed=10)
-    compiled = torch.compile(lambda *a: ops.short_conv(*a, 2, 1e-5) + 1, fullgraph=True)
-    torch.testing.assert_close(compiled(u, nw, cw), ops.short_conv(u, nw, cw, 2, 1e-5) + 1)
+
+    def f(u, nw, cw):
+        return ops.short_conv(u.sin(), nw, cw, 2, 1e-5) + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (u, nw, cw)]
+    comp_in = [t.clone().requires_grad_() for t in (u, nw, cw)]
+    want, got = f(*eager_in), compiled(*comp_in)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), comp_in), torch.autograd.grad(want.sum(), eager_in)):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_contiguous_input():
+    u, nw, cw = make_inputs(3, 7, 2, 8, 4, torch.float64, seed=11)
+    u = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [3, 7, 2, 8], strides permuted
+    assert not u.is_contiguous()
+    inputs = [u, nw.requires_grad_(), cw.t().contiguous().t().requires_grad_()]
+    out = ops.short_conv(*inputs, 2, 1e-5)
+    want = ref.short_conv(*inputs, 2, 1e-5)
+    assert_close(out, want, torch.float64)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        assert_close(a, b, torch.float64)
 
 
 @pytest.mark.parametrize(
