@@ -34,3 +34,25 @@ def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -
     Memory grows with the number of lookups, not with the table; same summation order as the
     dense op."""
     return torch.ops.engram.multihead_gather_backward_sparse(grad_e, rows)
+
+
+def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """Context-aware gate u^(m) = sigmoid(s') * v (ENGRAM.md section 4).
+
+    hidden, key [..., M, D]; value [..., D]; weight [M, D] float32 = w_q * w_k (float64 allowed
+    with float64 inputs); eps the RMSNorm eps. Returns [..., M, D] in hidden's dtype.
+    Differentiable in all four tensors.
+    """
+    return torch.ops.engram.engram_gate(hidden, key, value, weight, eps)
+
+
+def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int, eps: float,
+               activation: bool = True) -> torch.Tensor:
+    """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (ENGRAM.md section 5).
+
+    u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight
+    without its middle dimension); both weights float32 (float64 allowed with float64 u).
+    Differentiable in u and both weights.
+    """
+    return torch.ops.engram.short_conv(u, norm_weight, conv_weight, dilation, eps, activation)
