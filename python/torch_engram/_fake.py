@@ -16,9 +16,12 @@ _GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_gather_rows(rows, op):
-    torch._check(rows.dim() >= 1, lambda: f"{op}: rows must be [..., H] (at least one dimension), got a 0-d tensor")
-    torch._check(rows.dtype in (torch.int64, torch.int32), lambda: f"{op}: rows must be int64 or int32, got {rows.dtype}")
-    torch._check(rows.shape[-1] >= 1, lambda: f"{op}: rows must be [..., H] with H >= 1 heads, got {tuple(rows.shape)}")
+    torch._check(rows.dim() >= 1,
+                 lambda: f"{op}: rows must be [..., H] (at least one dimension), got a 0-d tensor")
+    torch._check(rows.dtype in (torch.int64, torch.int32),
+                 lambda: f"{op}: rows must be int64 or int32, got {rows.dtype}")
+    torch._check(rows.shape[-1] >= 1,
+                 lambda: f"{op}: rows must be [..., H] with H >= 1 heads, got {tuple(rows.shape)}")
 
 
 def _check_gather_grad(grad_e, rows, op):
@@ -32,25 +35,30 @@ def _check_gather_grad(grad_e, rows, op):
                          f"{tuple(rows.shape[:-1])}, got {tuple(grad_e.shape)}")
     H = rows.shape[-1]
     torch._check(grad_e.shape[-1] % H == 0,
-                 lambda: f"{op}: grad_e's last dimension must be H * d_head with H = {H}, got {grad_e.shape[-1]}")
+                 lambda: f"{op}: grad_e's last dimension must be H * d_head with H = {H}, "
+                         f"got {grad_e.shape[-1]}")
     return grad_e.shape[-1] // H
 
 
 @torch.library.register_fake("engram::multihead_gather")
 def _multihead_gather_fake(table, rows, sparse_grad=False):
-    torch._check(table.dim() == 2, lambda: f"multihead_gather: table must be [num_rows, d_head], got {tuple(table.shape)}")
+    torch._check(table.dim() == 2,
+                 lambda: f"multihead_gather: table must be [num_rows, d_head], got {tuple(table.shape)}")
     torch._check(table.dtype in _GATHER_DTYPES,
-                 lambda: f"multihead_gather: table must be float32, bfloat16, float16 or float64, got {table.dtype}")
+                 lambda: f"multihead_gather: table must be float32, bfloat16, float16 or float64, "
+                         f"got {table.dtype}")
     _check_gather_rows(rows, "multihead_gather")
     torch._check(rows.device == table.device,
-                 lambda: f"multihead_gather: rows must be on table's device {table.device}, got {rows.device}")
+                 lambda: f"multihead_gather: rows must be on table's device {table.device}, "
+                         f"got {rows.device}")
     return table.new_empty((*rows.shape[:-1], rows.shape[-1] * table.shape[1]))
 
 
 @torch.library.register_fake("engram::multihead_gather_backward")
 def _multihead_gather_backward_fake(grad_e, rows, num_rows):
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_backward")
-    torch._check(num_rows >= 0, lambda: f"multihead_gather_backward: num_rows must be non-negative, got {num_rows}")
+    torch._check(num_rows >= 0,
+                 lambda: f"multihead_gather_backward: num_rows must be non-negative, got {num_rows}")
     return grad_e.new_empty((num_rows, d_head))
 
 

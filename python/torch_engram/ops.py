@@ -28,7 +28,8 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
     return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
 
 
-def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def multihead_gather_backward_sparse(grad_e: torch.Tensor,
+                                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (unique_rows [U] int64 ascending, values [U, d_head]).
 
     Memory grows with the number of lookups, not with the table; same summation order as the
