@@ -31,8 +31,8 @@ def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, we
     return torch.ops.engram.engram_gate(hidden, key, value, weight, eps)
 
 
-def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int, eps: float,
-               activation: bool = True) -> torch.Tensor:
+def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
+               eps: float, activation: bool = True) -> torch.Tensor:
     """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (ENGRAM.md section 5).
 
     u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight

@@ -74,7 +74,8 @@ def test_saved_statistics(device):
 @pytest.mark.parametrize("M", [1, 4])
 def test_gradients_match_reference(device, dtype, M):
     x, k, v, w = make_inputs((3, 6), M, 33, dtype, device, seed=1)
-    grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device, dtype)
+    grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad = grad.to(device, dtype)
     inputs = [t.detach().requires_grad_() for t in (x, k, v, w)]
     out = ops.engram_gate(*inputs, 1e-6)
     got = torch.autograd.grad(out, inputs, grad)
@@ -121,7 +122,8 @@ def test_gradcheck_near_signed_sqrt_clamp():
     torch.testing.assert_close(s, targets, rtol=1e-3, atol=0)
     inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
     # Steps that move s by ~1e-9: no branch crosses the clamp edge or the sign jump at 0.
-    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6,
+                                    rtol=1e-4)
     out = ops.engram_gate(*inputs, 0.0)
     grads = torch.autograd.grad(out.sum(), inputs)
     clamped = targets.abs() < 1e-6
@@ -159,10 +161,9 @@ def test_matches_official_demo_formulation(dtype, M):
         assert_close(a, b, dtype, loosen)
     # Chain rule through w = w_q * w_k for branch 0's key gain.
     assert_close(grads_op[3][0] * demo.norm2[0].weight, grads_demo[3], dtype, loosen)
-    assert_close(
-        ref.engram_gate_separate(x, k, v, torch.stack([n.weight for n in demo.norm2]),
-                                 torch.stack([n.weight for n in demo.norm1]), demo.eps_for(dtype)), want, dtype,
-        loosen)
+    separate = ref.engram_gate_separate(x, k, v, torch.stack([n.weight for n in demo.norm2]),
+                                        torch.stack([n.weight for n in demo.norm1]), demo.eps_for(dtype))
+    assert_close(separate, want, dtype, loosen)
 
 
 def test_float64_inputs_accept_float32_weight():

@@ -81,7 +81,8 @@ def test_causality():
 @pytest.mark.parametrize("activation", [True, False])
 def test_gradients_match_reference(device, dtype, M, activation):
     u, nw, cw = make_inputs(2, 10, M, 16, 4, dtype, device, seed=3)
-    grad = torch.randn(2, 10, M, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device, dtype)
+    grad = torch.randn(2, 10, M, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grad = grad.to(device, dtype)
     inputs = [t.clone().requires_grad_() for t in (u, nw, cw)]
     got = torch.autograd.grad(ops.short_conv(*inputs, 2, 1e-5, activation), inputs, grad)
     ref_inputs = [t.detach().double().requires_grad_() for t in (u, nw, cw)]
