@@ -3,7 +3,9 @@ ENGRAM.md and readable as its executable spec. Tests compare the native kernels 
 
 from .conv import DemoShortConv, short_conv
 from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
+from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse
 from .hashing import ngram_hash
 
-__all__ = ["DemoGate", "DemoShortConv", "engram_gate", "engram_gate_separate", "ngram_hash", "short_conv",
+__all__ = ["DemoGate", "DemoShortConv", "engram_gate", "engram_gate_separate", "multihead_gather",
+           "multihead_gather_backward", "multihead_gather_backward_sparse", "ngram_hash", "short_conv",
            "signed_sqrt"]
