@@ -166,13 +166,15 @@ def test_matches_official_demo_formulation(dtype, M):
     assert_close(separate, want, dtype, loosen)
 
 
-def test_float64_inputs_accept_float32_weight():
-    x, k, v, w = make_inputs((4,), 2, 16, torch.float64, w_dtype=torch.float32)
+@pytest.mark.parametrize("dtype, w_dtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16)])
+def test_weight_in_float32_or_input_dtype(dtype, w_dtype):
+    x, k, v, w = make_inputs((4,), 2, 16, dtype, w_dtype=w_dtype)
     w.requires_grad_()
     out = ops.engram_gate(x, k, v, w, 1e-6)
-    assert_close(out, ref64(x, k, v, w, 1e-6), torch.float64)
+    assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
     (gw,) = torch.autograd.grad(out.sum(), [w])
-    assert gw.dtype == torch.float32
+    assert gw.dtype == w_dtype
 
 
 def test_weight_gradient_is_deterministic():
@@ -272,7 +274,10 @@ def test_non_contiguous_and_broadcast_inputs():
         (lambda x, k, v, w: (x, k, v, w[:1]), "weight must be \\[M=4, D=8\\]"),
         (lambda x, k, v, w: (x, k.double(), v, w), "key must have hidden's dtype"),
         (lambda x, k, v, w: (x, k, v.half(), w), "value must have hidden's dtype"),
-        (lambda x, k, v, w: (x, k, v, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32"),
+        (lambda x, k, v, w: (x, k, v, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32 or "
+         "hidden's dtype Float, got BFloat16"),
+        (lambda x, k, v, w: (x, k, v, w.double()), "weight .* must be float32 or hidden's dtype Float, "
+         "got Double"),
         (lambda x, k, v, w: (x.int(), k.int(), v.int(), w), "hidden must be float32, bfloat16"),
         (lambda x, k, v, w: (x[..., :0], k[..., :0], v[..., :0], w[:, :0]), "D >= 1"),
     ],
