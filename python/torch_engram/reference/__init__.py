@@ -5,7 +5,8 @@ from .conv import DemoShortConv, short_conv
 from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
 from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse
 from .hashing import ngram_hash
+from .layer import OfficialEngram, engram_layer, engram_module_reference
 
-__all__ = ["DemoGate", "DemoShortConv", "engram_gate", "engram_gate_separate", "multihead_gather",
-           "multihead_gather_backward", "multihead_gather_backward_sparse", "ngram_hash", "short_conv",
-           "signed_sqrt"]
+__all__ = ["DemoGate", "DemoShortConv", "OfficialEngram", "engram_gate", "engram_gate_separate", "engram_layer",
+           "engram_module_reference", "multihead_gather", "multihead_gather_backward",
+           "multihead_gather_backward_sparse", "ngram_hash", "short_conv", "signed_sqrt"]
