@@ -25,7 +25,7 @@ TORCH_LIBRARY(engram, m) {
   // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D], key k [..., M, D] (the M key
   // projections), value v [..., D], folded RMSNorm gains w = w_q * w_k [M, D] float32, RMSNorm
   // eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, k, v and w.
-  // key and value share hidden's dtype; weight is float32 (or float64 with float64 hidden).
+  // key and value share hidden's dtype; weight is float32 or hidden's dtype.
   m.def("engram_gate(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> Tensor");
   // -- gate internals (forward with saved statistics, backward) go here --
   // Forward with the statistics the backward needs, all [..., M] in the accumulation dtype
@@ -45,7 +45,7 @@ TORCH_LIBRARY(engram, m) {
   // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d; tap i reads
   // position t - (kernel_size - 1 - i) * dilation, nn.Conv1d's causal layout; t < 0 reads zero),
   // dilation, RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
-  // Weights float32 (or float64 with float64 u). Differentiable in u and both weights.
+  // Weights float32 or u's dtype. Differentiable in u and both weights.
   m.def(
       "short_conv(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
       "bool activation=True) -> Tensor");

@@ -77,11 +77,13 @@ def _acc_dtype(dtype):
 def _check_gate_shapes(op, hidden, key, value, weight):
     torch._check(hidden.dim() >= 2, lambda: f"{op}: hidden must be [..., M, D], got {tuple(hidden.shape)}")
     torch._check(key.shape == hidden.shape,
-                 lambda: f"{op}: key must have the shape of hidden {tuple(hidden.shape)}, got {tuple(key.shape)}")
+                 lambda: f"{op}: key must have the shape of hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(key.shape)}")
     torch._check(tuple(value.shape) == tuple(hidden.shape[:-2]) + (hidden.shape[-1],),
                  lambda: f"{op}: value must be [..., D], got {tuple(value.shape)}")
     torch._check(tuple(weight.shape) == tuple(hidden.shape[-2:]),
-                 lambda: f"{op}: weight must be [M, D] = {tuple(hidden.shape[-2:])}, got {tuple(weight.shape)}")
+                 lambda: f"{op}: weight must be [M, D] = {tuple(hidden.shape[-2:])}, "
+                         f"got {tuple(weight.shape)}")
 
 
 @torch.library.register_fake("engram::engram_gate")
@@ -94,7 +96,8 @@ def _engram_gate_fake(hidden, key, value, weight, eps):
 def _engram_gate_forward_fake(hidden, key, value, weight, eps):
     _check_gate_shapes("engram_gate_forward", hidden, key, value, weight)
     stat = hidden.new_empty(hidden.shape[:-1], dtype=_acc_dtype(hidden.dtype))
-    return hidden.new_empty(hidden.shape), stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
+    return (hidden.new_empty(hidden.shape), stat, torch.empty_like(stat), torch.empty_like(stat),
+            torch.empty_like(stat))
 
 
 @torch.library.register_fake("engram::engram_gate_backward")
@@ -107,7 +110,8 @@ def _engram_gate_backward_fake(grad_out, hidden, key, value, weight, alpha, r_x,
 def _check_conv_shapes(op, u, norm_weight, conv_weight):
     torch._check(u.dim() == 4, lambda: f"{op}: u must be [B, T, M, D], got {tuple(u.shape)}")
     torch._check(tuple(norm_weight.shape) == tuple(u.shape[2:]),
-                 lambda: f"{op}: norm_weight must be [M, D] = {tuple(u.shape[2:])}, got {tuple(norm_weight.shape)}")
+                 lambda: f"{op}: norm_weight must be [M, D] = {tuple(u.shape[2:])}, "
+                         f"got {tuple(norm_weight.shape)}")
     torch._check(conv_weight.dim() == 2 and conv_weight.shape[0] == u.shape[2] * u.shape[3],
                  lambda: f"{op}: conv_weight must be [M*D, kernel_size], got {tuple(conv_weight.shape)}")
 
@@ -127,4 +131,5 @@ def _short_conv_forward_fake(u, norm_weight, conv_weight, dilation, eps, activat
 @torch.library.register_fake("engram::short_conv_backward")
 def _short_conv_backward_fake(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation):
     _check_conv_shapes("short_conv_backward", u, norm_weight, conv_weight)
-    return u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape), conv_weight.new_empty(conv_weight.shape)
+    return (u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape),
+            conv_weight.new_empty(conv_weight.shape))
