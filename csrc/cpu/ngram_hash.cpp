@@ -1,39 +1,74 @@
 // CPU kernel of ngram_hash: one task per token, all layers and heads of that token at once.
+// Picks the kernel per call: the AVX-512 or AVX2 ones of ngram_hash_x86.cpp (double-quotient
+// modulo, every prime in [2^14, 2^31)) or the portable one below (Barrett, any prime).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "engram/hash.h"
 #include "engram/ngram_hash_check.h"
+#include "ngram_hash_kernels.h"
 
 namespace engram {
+namespace cpu {
+
+HashIsa ngram_hash_isa() {
+  HashIsa best = HashIsa::kPortable;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = HashIsa::kAvx2;
+  if (best == HashIsa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+    best = HashIsa::kAvx512;
+  }
+#endif
+  const char* env = std::getenv("ENGRAM_NGRAM_HASH_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+  HashIsa cap;
+  if (std::strcmp(env, "portable") == 0) {
+    cap = HashIsa::kPortable;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    cap = HashIsa::kAvx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    cap = HashIsa::kAvx512;
+  } else {
+    TORCH_CHECK(false, "ngram_hash: ENGRAM_NGRAM_HASH_ISA must be auto, portable, avx2 or avx512, got '", env, "'");
+  }
+  return std::min(best, cap);
+}
+
+const char* isa_name(HashIsa isa) {
+  switch (isa) {
+    case HashIsa::kAvx512:
+      return "avx512";
+    case HashIsa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+}  // namespace cpu
+
 namespace {
 
-// The token loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so
-// the per-head reductions (one SIMD lane per prime, fastmod_split) vectorise wherever possible.
+using cpu::HashArgs;
+using cpu::HashIsa;
+using cpu::SimdPlan;
+
+// The portable token loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time, so the per-head reductions (one SIMD lane per prime, fastmod_split) vectorise.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ENGRAM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ENGRAM_TARGET_CLONES
 #endif
-
-struct HashArgs {
-  const int64_t* x;  // raw ids [B, T] (int32 ids are widened first)
-  int64_t B, T, L, N, H;
-  const int64_t* lut;  // nullptr: ids are already compressed
-  int64_t num_ids;
-  const uint64_t* m;      // [L, N]
-  const uint64_t* p;      // [L, H]
-  const uint64_t* magic;  // [L, H]
-  const int64_t* off;     // [L, H]
-  int64_t pad_id;
-  const bool* doc_start;  // nullptr: no document boundaries
-  bool oov_to_pad;
-};
 
 // Output row of (layer l, token i = b * T + t) is l * B * T + i in [L, B, T, H]. Tokens are
 // processed one sequence segment at a time: the segment's ids (and the N - 1 before it) are
@@ -49,20 +84,9 @@ __attribute__((always_inline)) inline int64_t hash_range_impl(const HashArgs& a,
     const int64_t b = seg / a.T, t0 = seg % a.T;
     const int64_t t1 = std::min(a.T, t0 + (end - seg));
     const int64_t first = std::max<int64_t>(0, t0 - (N - 1));
-    const int64_t* x = a.x + b * a.T;
     const bool* ds = a.doc_start ? a.doc_start + b * a.T : nullptr;
     xc.resize(t1 - first);
-    for (int64_t s = first; s < t1; ++s) {
-      const int64_t raw = x[s];
-      int64_t c;
-      if (raw < 0 || raw >= a.num_ids) {
-        if (!a.oov_to_pad && bad < 0) bad = b * a.T + s;
-        c = a.pad_id;
-      } else {
-        c = a.lut ? a.lut[raw] : raw;
-      }
-      xc[s - first] = static_cast<uint64_t>(c);
-    }
+    cpu::compress_ids(a, b, first, t1, [dst = xc.data(), first](int64_t s, uint64_t c) { dst[s - first] = c; }, bad);
     for (int64_t t = t0; t < t1; ++t) {
       // Window t, t-1, ..., t-N+1: pad before the sequence start and, with doc_start, from the
       // first shift that crosses a document start onwards.
@@ -110,6 +134,16 @@ ENGRAM_TARGET_CLONES int64_t hash_range_i64(const HashArgs& a, int64_t begin, in
                               : hash_range_impl<int64_t, 0>(a, begin, end, o);
 }
 
+// The kernel for this call: a SIMD one when the CPU (and ENGRAM_NGRAM_HASH_ISA) allows it and
+// every prime lies in dmod's exact range; the portable one otherwise.
+HashIsa pick_kernel(int64_t N, int64_t K, bool dmod_ok) {
+  const HashIsa isa = cpu::ngram_hash_isa();
+  if (!dmod_ok) return HashIsa::kPortable;
+  if (isa >= HashIsa::kAvx512 && N <= 8) return HashIsa::kAvx512;
+  if (isa >= HashIsa::kAvx2 && K % 4 == 0) return HashIsa::kAvx2;
+  return HashIsa::kPortable;
+}
+
 at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
                           const at::Tensor& multipliers, const at::Tensor& primes, const at::Tensor& offsets,
                           int64_t pad_id, const std::optional<at::Tensor>& doc_start, at::ScalarType out_dtype,
@@ -127,6 +161,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
 
   // Table layout checks need the values; on the CPU they are free.
   std::vector<uint64_t> mod_p(L * H), mod_magic(L * H);
+  bool dmod_ok = true;
   const int64_t* p = primes_c.data_ptr<int64_t>();
   const int64_t* o = off_c.data_ptr<int64_t>();
   for (int64_t c = 0; c < L * H; ++c) {
@@ -135,6 +170,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     const FastMod f = make_fastmod(static_cast<uint64_t>(p[c]));
     mod_p[c] = f.p;
     mod_magic[c] = f.magic;
+    dmod_ok = dmod_ok && dmod_exact(f.p);
     if (out_dtype == at::kInt) {
       TORCH_CHECK(o[c] + p[c] <= (int64_t{1} << 31),
                   "ngram_hash: out_dtype=int32 needs fewer than 2^31 rows per layer, but table ", c,
@@ -151,10 +187,22 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
              lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
              pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
+  const HashIsa isa = pick_kernel(a.N, H / (a.N - 1), dmod_ok);
+  const SimdPlan plan = isa == HashIsa::kPortable ? SimdPlan{} : cpu::make_simd_plan(a);
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, a.B * a.T, 2048, [&](int64_t begin, int64_t end) {
-    const int64_t bad = out_dtype == at::kInt ? hash_range_i32(a, begin, end, out.data_ptr<int32_t>())
-                                              : hash_range_i64(a, begin, end, out.data_ptr<int64_t>());
+    int64_t bad;
+    if (out_dtype == at::kInt) {
+      int32_t* o32 = out.data_ptr<int32_t>();
+      bad = isa == HashIsa::kAvx512 ? cpu::hash_range_avx512(a, plan, begin, end, o32)
+            : isa == HashIsa::kAvx2 ? cpu::hash_range_avx2(a, plan, begin, end, o32)
+                                    : hash_range_i32(a, begin, end, o32);
+    } else {
+      int64_t* o64 = out.data_ptr<int64_t>();
+      bad = isa == HashIsa::kAvx512 ? cpu::hash_range_avx512(a, plan, begin, end, o64)
+            : isa == HashIsa::kAvx2 ? cpu::hash_range_avx2(a, plan, begin, end, o64)
+                                    : hash_range_i64(a, begin, end, o64);
+    }
     if (bad >= 0) {
       int64_t expected = -1;
       bad_index.compare_exchange_strong(expected, bad);
