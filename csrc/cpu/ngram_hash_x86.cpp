@@ -65,7 +65,7 @@ struct Win512<4> {
     h = _mm256_xor_si256(h, _mm256_alignr_epi64(h, z, 3));
     return _mm256_xor_si256(h, _mm256_alignr_epi64(h, z, 2));
   }
-  ENGRAM_AVX512 static V mul(V a, const uint64_t* m) { return _mm256_mullo_epi64(a, load(m)); }
+  ENGRAM_AVX512 static V mul(V a, V m) { return _mm256_mullo_epi64(a, m); }
   ENGRAM_AVX512 static __m512i wide(V h) { return _mm512_castsi256_si512(h); }
   ENGRAM_AVX512 static __m512d to_double(V h) { return _mm512_castpd256_pd512(_mm256_cvtepu64_pd(h)); }
 };
@@ -84,84 +84,159 @@ struct Win512<8> {
     h = _mm512_xor_si512(h, _mm512_alignr_epi64(h, z, 6));
     return _mm512_xor_si512(h, _mm512_alignr_epi64(h, z, 4));
   }
-  ENGRAM_AVX512 static V mul(V a, const uint64_t* m) { return _mm512_mullo_epi64(a, load(m)); }
+  ENGRAM_AVX512 static V mul(V a, V m) { return _mm512_mullo_epi64(a, m); }
   ENGRAM_AVX512 static __m512i wide(V h) { return h; }
   ENGRAM_AVX512 static __m512d to_double(V h) { return _mm512_cvtepu64_pd(h); }
 };
 
-template <int W, typename out_t, bool DOC>
-ENGRAM_AVX512 int64_t avx512_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end,
-                                  out_t* __restrict o) {
+// One chunk of 16 heads of one layer: constants loaded once per layer and segment, then kept in
+// registers across the token loop.
+struct Chunk512 {
+  __m512i lane_a, lane_b;  // order lane of heads 0-7 and 8-15 (64-bit indices into the hashes)
+  __m512i dword;           // 2 * order lane: the low 32 bits of that hash, as int32 lanes
+  __m512d inv_a, inv_b;    // 1 / p
+  __m512i p;               // 16 x int32
+  __m512i off_a, off_b;    // int32 output: 16 x int32 offsets in off_a; int64: heads 0-7, 8-15
+  __mmask16 keep;          // heads that exist
+};
+
+template <typename out_t>
+ENGRAM_AVX512 inline Chunk512 load_chunk(const HashArgs& a, const SimdPlan& s, int64_t l, int64_t h0) {
+  const int64_t HP = s.chunks * SimdPlan::kChunk, left = a.H - h0;
+  Chunk512 c;
+  c.lane_a = _mm512_loadu_si512(s.order_lane.data() + h0);
+  c.lane_b = _mm512_loadu_si512(s.order_lane.data() + h0 + 8);
+  c.dword = _mm512_loadu_si512(s.order_dword.data() + h0);
+  c.inv_a = _mm512_loadu_pd(s.inv.data() + l * HP + h0);
+  c.inv_b = _mm512_loadu_pd(s.inv.data() + l * HP + h0 + 8);
+  c.p = _mm512_loadu_si512(s.p.data() + l * HP + h0);
+  c.keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  if constexpr (std::is_same_v<out_t, int32_t>) {
+    c.off_a = _mm512_loadu_si512(s.off32.data() + l * HP + h0);
+    c.off_b = _mm512_setzero_si512();
+  } else {
+    const int64_t* off = a.off + l * a.H + h0;
+    c.off_a = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(c.keep), off);
+    c.off_b = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(c.keep >> 8), off + 8);
+  }
+  return c;
+}
+
+// dmod of the 16 heads of chunk c, hashes hq (as integers) and hd (as doubles), into dst.
+template <typename out_t>
+ENGRAM_AVX512 inline __attribute__((always_inline)) void hash_chunk(const Chunk512& c, __m512i hq, __m512d hd,
+                                                                    __m512d round, __m512i pack, out_t* dst) {
+  const __m512d ta = _mm512_fmadd_pd(_mm512_permutexvar_pd(c.lane_a, hd), c.inv_a, round);
+  const __m512i hl = _mm512_permutexvar_epi32(c.dword, hq);
+  if ((c.keep >> 8) == 0) {
+    // At most 8 heads (the last chunk of H = 24, say): the int32 part in 8 lanes.
+    const __m256i p = _mm512_castsi512_si256(c.p);
+    __m256i r = _mm256_sub_epi32(_mm512_castsi512_si256(hl), _mm256_mullo_epi32(_mm512_cvtepi64_epi32(_mm512_castpd_si512(ta)), p));
+    r = _mm256_min_epu32(r, _mm256_add_epi32(r, p));
+    if constexpr (std::is_same_v<out_t, int32_t>) {
+      r = _mm256_add_epi32(r, _mm512_castsi512_si256(c.off_a));
+      if (c.keep == 0xFF) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
+      } else {
+        _mm256_mask_storeu_epi32(dst, static_cast<__mmask8>(c.keep), r);
+      }
+    } else {
+      _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep), _mm512_add_epi64(_mm512_cvtepu32_epi64(r), c.off_a));
+    }
+    return;
+  }
+  const __m512d tb = _mm512_fmadd_pd(_mm512_permutexvar_pd(c.lane_b, hd), c.inv_b, round);
+  const __m512i q = _mm512_permutex2var_epi32(_mm512_castpd_si512(ta), pack, _mm512_castpd_si512(tb));
+  __m512i r = _mm512_sub_epi32(hl, _mm512_mullo_epi32(q, c.p));
+  r = _mm512_min_epu32(r, _mm512_add_epi32(r, c.p));  // r in [-p, p) -> [0, p)
+  if constexpr (std::is_same_v<out_t, int32_t>) {
+    r = _mm512_add_epi32(r, c.off_a);
+    if (c.keep == 0xFFFF) {
+      _mm512_storeu_si512(dst, r);
+    } else {
+      _mm512_mask_storeu_epi32(dst, c.keep, r);
+    }
+  } else {
+    const __m512i lo = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(r)), c.off_a);
+    const __m512i hi = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(r, 1)), c.off_b);
+    _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep), lo);
+    _mm512_mask_storeu_epi64(dst + 8, static_cast<__mmask8>(c.keep >> 8), hi);
+  }
+}
+
+// Tokens u = 0 .. n-1 of one segment and one layer l: window of token u at xr[n - 1 - u],
+// output row of token u at row + u * H. C > 0: the layer has exactly C chunks, whose constants
+// stay in registers; C = 0: any number, reloaded per token.
+template <int W, typename out_t, bool DOC, int C>
+ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
+                                const __mmask8* real, int64_t n, out_t* __restrict row) {
   using Win = Win512<W>;
-  constexpr int64_t kC = SimdPlan::kChunk;
-  const int64_t H = a.H, HP = s.chunks * kC;
   const __m512d round = _mm512_set1_pd(kDmodRound);
   // Low dword of each 64-bit lane of two vectors: lanes 0-7 from the first, 8-15 from the second.
   const __m512i pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const typename Win::V pad = Win::set1(static_cast<uint64_t>(a.pad_id));
+  const typename Win::V m = Win::load(s.m8.data() + l * 8);
+  const int64_t H = a.H;
+  Chunk512 chunk[C > 0 ? C : 1];
+  if constexpr (C > 0) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) chunk[c] = load_chunk<out_t>(a, s, l, c * SimdPlan::kChunk);
+  }
+  const uint64_t* w = xr + (n - 1);
+  for (int64_t u = 0; u < n; ++u, --w, row += H) {
+    typename Win::V win;
+    if constexpr (DOC) {
+      win = Win::load_masked(pad, real[u], w);
+    } else {
+      win = Win::load(w);  // before the sequence start xr already holds the pad id
+    }
+    const typename Win::V hv = Win::prefix_xor(Win::mul(win, m));
+    const __m512i hq = Win::wide(hv);
+    const __m512d hd = Win::to_double(hv);
+    if constexpr (C > 0) {
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) hash_chunk<out_t>(chunk[c], hq, hd, round, pack, row + c * SimdPlan::kChunk);
+    } else {
+      for (int64_t h0 = 0; h0 < H; h0 += SimdPlan::kChunk) {
+        hash_chunk<out_t>(load_chunk<out_t>(a, s, l, h0), hq, hd, round, pack, row + h0);
+      }
+    }
+  }
+}
+
+template <int W, typename out_t, bool DOC>
+ENGRAM_AVX512 int64_t avx512_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
   std::vector<uint64_t> xr;
+  std::vector<__mmask8> real;
   int64_t bad = -1;
   for (int64_t seg = begin; seg < end;) {
     const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg));
+    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
     fill_reversed(a, b, t0, t1, xr, bad);
-    const bool* ds = DOC ? a.doc_start + b * a.T : nullptr;
-    int64_t last_start = DOC ? last_doc_start_before(ds, t0, a.N) : -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint64_t* w = xr.data() + (t1 - 1 - t);
-      typename Win::V win;
-      if constexpr (DOC) {
+    if constexpr (DOC) {
+      const bool* ds = a.doc_start + b * a.T;
+      int64_t last_start = last_doc_start_before(ds, t0, a.N);
+      real.resize(n);
+      for (int64_t t = t0; t < t1; ++t) {
         if (ds[t]) last_start = t;
         const int64_t dist = window_dist(t, last_start);
-        const __mmask8 real = dist >= W - 1 ? static_cast<__mmask8>((1u << W) - 1) : static_cast<__mmask8>((2u << dist) - 1);
-        win = Win::load_masked(pad, real, w);
-      } else {
-        win = Win::load(w);  // before the sequence start xr already holds the pad id
-      }
-      const int64_t i = b * a.T + t;
-      for (int64_t l = 0; l < a.L; ++l) {
-        const typename Win::V hv = Win::prefix_xor(Win::mul(win, s.m8.data() + l * 8));
-        const __m512i hq = Win::wide(hv);
-        const __m512d hd = Win::to_double(hv);
-        const double* inv = s.inv.data() + l * HP;
-        const int32_t* p = s.p.data() + l * HP;
-        out_t* row = o + (l * a.B * a.T + i) * H;
-        for (int64_t h0 = 0; h0 < H; h0 += kC) {
-          const __m512d ta = _mm512_fmadd_pd(_mm512_permutexvar_pd(_mm512_loadu_si512(s.order_lane.data() + h0), hd),
-                                             _mm512_loadu_pd(inv + h0), round);
-          __m512d tb = ta;
-          if (H - h0 > 8) {
-            tb = _mm512_fmadd_pd(_mm512_permutexvar_pd(_mm512_loadu_si512(s.order_lane.data() + h0 + 8), hd),
-                                 _mm512_loadu_pd(inv + h0 + 8), round);
-          }
-          const __m512i q = _mm512_permutex2var_epi32(_mm512_castpd_si512(ta), pack, _mm512_castpd_si512(tb));
-          const __m512i hl = _mm512_permutexvar_epi32(_mm512_loadu_si512(s.order_dword.data() + h0), hq);
-          const __m512i pv = _mm512_loadu_si512(p + h0);
-          __m512i r = _mm512_sub_epi32(hl, _mm512_mullo_epi32(q, pv));
-          r = _mm512_min_epu32(r, _mm512_add_epi32(r, pv));  // r in [-p, p) -> [0, p)
-          const int64_t left = H - h0;
-          if constexpr (std::is_same_v<out_t, int32_t>) {
-            r = _mm512_add_epi32(r, _mm512_loadu_si512(s.off32.data() + l * HP + h0));
-            if (left >= kC) {
-              _mm512_storeu_si512(row + h0, r);
-            } else {
-              _mm512_mask_storeu_epi32(row + h0, static_cast<__mmask16>((1u << left) - 1), r);
-            }
-          } else {
-            const int64_t* off = a.off + l * H + h0;
-            const __mmask8 k0 = left >= 8 ? 0xFF : static_cast<__mmask8>((1u << left) - 1);
-            const __mmask8 k1 = left >= 16 ? 0xFF : left <= 8 ? 0 : static_cast<__mmask8>((1u << (left - 8)) - 1);
-            const __m512i lo = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(r)),
-                                                _mm512_maskz_loadu_epi64(k0, off));
-            const __m512i hi = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(r, 1)),
-                                                _mm512_maskz_loadu_epi64(k1, off + 8));
-            _mm512_mask_storeu_epi64(row + h0, k0, lo);
-            _mm512_mask_storeu_epi64(row + h0 + 8, k1, hi);
-          }
-        }
+        real[t - t0] = dist >= W - 1 ? static_cast<__mmask8>((1u << W) - 1) : static_cast<__mmask8>((2u << dist) - 1);
       }
     }
-    seg += t1 - t0;
+    for (int64_t l = 0; l < a.L; ++l) {
+      out_t* row = o + (l * a.B * a.T + seg) * a.H;
+      switch (s.chunks) {
+        case 1:
+          avx512_layer<W, out_t, DOC, 1>(a, s, l, xr.data(), real.data(), n, row);
+          break;
+        case 2:
+          avx512_layer<W, out_t, DOC, 2>(a, s, l, xr.data(), real.data(), n, row);
+          break;
+        default:
+          avx512_layer<W, out_t, DOC, 0>(a, s, l, xr.data(), real.data(), n, row);
+      }
+    }
+    seg += n;
   }
   return bad;
 }
