@@ -252,84 +252,137 @@ ENGRAM_AVX512 int64_t avx512_dispatch(const HashArgs& a, const SimdPlan& s, int6
 }
 
 // ---- AVX2 -------------------------------------------------------------------------------------
-// Scalar mixing (no 64-bit lane multiply in AVX2), then per group of 8 heads two FMAs over 4
-// lanes each; needs K % 4 == 0 so that each group of 4 heads has one order. The packed quotient
-// halves come out in the lane order a0 a1 b0 b1 a2 a3 b2 b3 (a, b: the two groups of 4), which
+// Scalar mixing (AVX2 has no 64-bit lane multiply), then per group of 8 heads two FMAs over 4
+// lanes each; needs K % 4 == 0, so that each half group has one order. The packed quotient
+// halves come out in the lane order a0 a1 b0 b1 a2 a3 b2 b3 (a, b: the two half groups), which
 // SimdPlan::p_avx2 follows; one permute restores the head order before the offsets.
 
-template <typename out_t, bool DOC>
-ENGRAM_AVX2 int64_t avx2_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end,
-                              out_t* __restrict o) {
-  const int64_t H = a.H, HP = s.chunks * SimdPlan::kChunk, N = a.N;
+struct Group256 {
+  __m256d inv_a, inv_b;  // 1 / p of heads 0-3 and 4-7
+  __m256i p;             // in the lane order above
+  __m256i off_a, off_b;  // int32 output: 8 offsets in off_a; int64: heads 0-3, 4-7
+  int64_t oa, ob;        // order lane (n - 1) of heads 0-3 and 4-7
+  bool full;             // 8 heads (else the last 4 are padding)
+};
+
+template <typename out_t>
+ENGRAM_AVX2 inline Group256 load_group(const HashArgs& a, const SimdPlan& s, int64_t l, int64_t h0) {
+  const int64_t HP = s.chunks * SimdPlan::kChunk;
+  Group256 g;
+  g.inv_a = _mm256_loadu_pd(s.inv.data() + l * HP + h0);
+  g.inv_b = _mm256_loadu_pd(s.inv.data() + l * HP + h0 + 4);
+  g.p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p_avx2.data() + l * HP + h0));
+  g.oa = s.order_lane[h0];
+  g.ob = s.order_lane[h0 + 4];
+  g.full = a.H - h0 >= 8;
+  if constexpr (std::is_same_v<out_t, int32_t>) {
+    g.off_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.off32.data() + l * HP + h0));
+    g.off_b = _mm256_setzero_si256();
+  } else {
+    const int64_t* off = a.off + l * a.H + h0;
+    g.off_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
+    g.off_b = g.full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 4)) : _mm256_setzero_si256();
+  }
+  return g;
+}
+
+// dmod of the heads of group g given the order hashes as doubles (hd) and their low 32 bits (hlo).
+template <typename out_t>
+ENGRAM_AVX2 inline __attribute__((always_inline)) void hash_group(const Group256& g, const double* hd,
+                                                                  const uint32_t* hlo, __m256d round, out_t* dst) {
+  const __m256d ta = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.oa), g.inv_a, round);
+  const __m256d tb = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.ob), g.inv_b, round);
+  const __m256i q =
+      _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castpd_ps(ta), _mm256_castpd_ps(tb), _MM_SHUFFLE(2, 0, 2, 0)));
+  const __m256i hl = _mm256_blend_epi32(_mm256_set1_epi32(static_cast<int>(hlo[g.oa])),
+                                        _mm256_set1_epi32(static_cast<int>(hlo[g.ob])), 0xCC);
+  __m256i r = _mm256_sub_epi32(hl, _mm256_mullo_epi32(q, g.p));
+  r = _mm256_min_epu32(r, _mm256_add_epi32(r, g.p));  // r in [-p, p) -> [0, p)
+  r = _mm256_permute4x64_epi64(r, _MM_SHUFFLE(3, 1, 2, 0));
+  if constexpr (std::is_same_v<out_t, int32_t>) {
+    r = _mm256_add_epi32(r, g.off_a);
+    if (g.full) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
+    }
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(r)), g.off_a));
+    if (g.full) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
+                          _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(r, 1)), g.off_b));
+    }
+  }
+}
+
+// Tokens u = 0 .. n-1 of one segment and one layer (as avx512_layer); G > 0: exactly G groups
+// of 8 heads, constants in registers; G = 0: any number. dist[u]: window lanes k <= dist[u] are
+// real ids, the others the pad id (DOC only).
+template <typename out_t, bool DOC, int G>
+ENGRAM_AVX2 void avx2_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
+                            const int64_t* dist, int64_t n, out_t* __restrict row) {
   const __m256d round = _mm256_set1_pd(kDmodRound);
+  const int64_t H = a.H, N = a.N;
   const uint64_t pad = static_cast<uint64_t>(a.pad_id);
+  const uint64_t* m = a.m + l * N;
+  Group256 group[G > 0 ? G : 1];
+  if constexpr (G > 0) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) group[g] = load_group<out_t>(a, s, l, g * 8);
+  }
+  // The order-n hash as double and its low 32 bits at [n - 1]; [0] is read only by padding.
+  double hd[16] = {0.0};
+  uint32_t hlo[16] = {0};
+  const uint64_t* w = xr + (n - 1);
+  for (int64_t u = 0; u < n; ++u, --w, row += H) {
+    uint64_t h = w[0] * m[0];
+    for (int64_t k = 1; k < N; ++k) {
+      h = mix_step(h, (!DOC || k <= dist[u]) ? w[k] : pad, m[k]);
+      hd[k] = static_cast<double>(h);
+      hlo[k] = static_cast<uint32_t>(h);
+    }
+    if constexpr (G > 0) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) hash_group<out_t>(group[g], hd, hlo, round, row + g * 8);
+    } else {
+      for (int64_t h0 = 0; h0 < H; h0 += 8) hash_group<out_t>(load_group<out_t>(a, s, l, h0), hd, hlo, round, row + h0);
+    }
+  }
+}
+
+template <typename out_t, bool DOC>
+ENGRAM_AVX2 int64_t avx2_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
   std::vector<uint64_t> xr;
+  std::vector<int64_t> dist;
   int64_t bad = -1;
   for (int64_t seg = begin; seg < end;) {
     const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg));
+    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
     fill_reversed(a, b, t0, t1, xr, bad);
-    const bool* ds = DOC ? a.doc_start + b * a.T : nullptr;
-    int64_t last_start = DOC ? last_doc_start_before(ds, t0, N) : -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint64_t* w = xr.data() + (t1 - 1 - t);
-      int64_t dist = N;
-      if constexpr (DOC) {
+    if constexpr (DOC) {
+      const bool* ds = a.doc_start + b * a.T;
+      int64_t last_start = last_doc_start_before(ds, t0, a.N);
+      dist.resize(n);
+      for (int64_t t = t0; t < t1; ++t) {
         if (ds[t]) last_start = t;
-        dist = window_dist(t, last_start);
-      }
-      const int64_t i = b * a.T + t;
-      for (int64_t l = 0; l < a.L; ++l) {
-        const uint64_t* m = a.m + l * N;
-        // hd[n - 1], hlo[n - 1]: the order-n hash as double and its low 32 bits; [0] is read
-        // only by padding heads.
-        double hd[16] = {0.0};
-        uint32_t hlo[16] = {0};
-        uint64_t h = w[0] * m[0];
-        for (int64_t k = 1; k < N; ++k) {
-          h = mix_step(h, (!DOC || k <= dist) ? w[k] : pad, m[k]);
-          hd[k] = static_cast<double>(h);
-          hlo[k] = static_cast<uint32_t>(h);
-        }
-        const double* inv = s.inv.data() + l * HP;
-        const int32_t* p = s.p_avx2.data() + l * HP;
-        out_t* row = o + (l * a.B * a.T + i) * H;
-        for (int64_t h0 = 0; h0 < H; h0 += 8) {
-          const int64_t oa = s.order_lane[h0], ob = s.order_lane[h0 + 4];
-          const __m256d ta = _mm256_fmadd_pd(_mm256_set1_pd(hd[oa]), _mm256_loadu_pd(inv + h0), round);
-          const __m256d tb = _mm256_fmadd_pd(_mm256_set1_pd(hd[ob]), _mm256_loadu_pd(inv + h0 + 4), round);
-          const __m256i q = _mm256_castps_si256(
-              _mm256_shuffle_ps(_mm256_castpd_ps(ta), _mm256_castpd_ps(tb), _MM_SHUFFLE(2, 0, 2, 0)));
-          const __m256i hl = _mm256_blend_epi32(_mm256_set1_epi32(static_cast<int>(hlo[oa])),
-                                                _mm256_set1_epi32(static_cast<int>(hlo[ob])), 0xCC);
-          const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + h0));
-          __m256i r = _mm256_sub_epi32(hl, _mm256_mullo_epi32(q, pv));
-          r = _mm256_min_epu32(r, _mm256_add_epi32(r, pv));
-          r = _mm256_permute4x64_epi64(r, _MM_SHUFFLE(3, 1, 2, 0));
-          const int64_t left = H - h0;
-          if constexpr (std::is_same_v<out_t, int32_t>) {
-            r = _mm256_add_epi32(r, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.off32.data() + l * HP + h0)));
-            if (left >= 8) {
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + h0), r);
-            } else {  // left == 4 (H is a multiple of 4)
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(row + h0), _mm256_castsi256_si128(r));
-            }
-          } else {
-            const long long* off = reinterpret_cast<const long long*>(a.off + l * H + h0);
-            long long* dst = reinterpret_cast<long long*>(row + h0);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                                _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(r)),
-                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off))));
-            if (left >= 8) {
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
-                                  _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(r, 1)),
-                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 4))));
-            }
-          }
-        }
+        dist[t - t0] = window_dist(t, last_start);
       }
     }
-    seg += t1 - t0;
+    for (int64_t l = 0; l < a.L; ++l) {
+      out_t* row = o + (l * a.B * a.T + seg) * a.H;
+      switch ((a.H + 7) / 8) {
+        case 2:
+          avx2_layer<out_t, DOC, 2>(a, s, l, xr.data(), dist.data(), n, row);
+          break;
+        case 3:
+          avx2_layer<out_t, DOC, 3>(a, s, l, xr.data(), dist.data(), n, row);
+          break;
+        default:
+          avx2_layer<out_t, DOC, 0>(a, s, l, xr.data(), dist.data(), n, row);
+      }
+    }
+    seg += n;
   }
   return bad;
 }
