@@ -1,6 +1,7 @@
 // CPU kernel of ngram_hash: one task per token, all layers and heads of that token at once.
 // Picks the kernel per call: the AVX-512 or AVX2 ones of ngram_hash_x86.cpp (double-quotient
-// modulo, every prime in [2^14, 2^31)) or the portable one below (Barrett, any prime).
+// modulo; every prime in [2^14, 2^31), K a multiple of 8 or 4) or the portable one below
+// (Barrett reduction, any table).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -134,12 +135,13 @@ ENGRAM_TARGET_CLONES int64_t hash_range_i64(const HashArgs& a, int64_t begin, in
                               : hash_range_impl<int64_t, 0>(a, begin, end, o);
 }
 
-// The kernel for this call: a SIMD one when the CPU (and ENGRAM_NGRAM_HASH_ISA) allows it and
-// every prime lies in dmod's exact range; the portable one otherwise.
-HashIsa pick_kernel(int64_t N, int64_t K, bool dmod_ok) {
+// The kernel for this call: a SIMD one when the CPU (and ENGRAM_NGRAM_HASH_ISA) allows it, every
+// prime lies in dmod's exact range and the heads per order K fill whole SIMD half groups; the
+// portable one otherwise.
+HashIsa pick_kernel(int64_t K, bool dmod_ok) {
   const HashIsa isa = cpu::ngram_hash_isa();
   if (!dmod_ok) return HashIsa::kPortable;
-  if (isa >= HashIsa::kAvx512 && N <= 8) return HashIsa::kAvx512;
+  if (isa >= HashIsa::kAvx512 && K % 8 == 0) return HashIsa::kAvx512;
   if (isa >= HashIsa::kAvx2 && K % 4 == 0) return HashIsa::kAvx2;
   return HashIsa::kPortable;
 }
@@ -187,7 +189,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
              lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
              pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
-  const HashIsa isa = pick_kernel(a.N, H / (a.N - 1), dmod_ok);
+  const HashIsa isa = pick_kernel(H / (a.N - 1), dmod_ok);
   const SimdPlan plan = isa == HashIsa::kPortable ? SimdPlan{} : cpu::make_simd_plan(a);
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, a.B * a.T, 2048, [&](int64_t begin, int64_t end) {

@@ -33,8 +33,6 @@ struct SimdPlan {
   std::vector<int32_t> p_avx2;       // p in the AVX2 kernel's lane order (see ngram_hash_x86.cpp)
   std::vector<int32_t> off32;        // [L, chunks * kChunk] (int32 output only)
   std::vector<int64_t> order_lane;   // [chunks * kChunk] n - 1 for a head of order n
-  std::vector<int32_t> order_dword;  // 2 * order_lane: the low half of that lane as int32
-  std::vector<uint64_t> m8;          // [L, 8] multipliers, zero past N (AVX-512 kernel, N <= 8)
 };
 
 // Plan of a call whose primes all satisfy dmod_exact and whose offsets, for int32 output, end
@@ -50,14 +48,8 @@ inline SimdPlan make_simd_plan(const HashArgs& a) {
   s.p_avx2.assign(L * HP, 1);
   s.off32.assign(L * HP, 0);
   s.order_lane.assign(HP, 0);
-  s.order_dword.assign(HP, 0);
-  s.m8.assign(L * 8, 0);
-  for (int64_t c = 0; c < H; ++c) {
-    s.order_lane[c] = c / K + 1;
-    s.order_dword[c] = static_cast<int32_t>(2 * s.order_lane[c]);
-  }
+  for (int64_t c = 0; c < H; ++c) s.order_lane[c] = c / K + 1;
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t k = 0; k < std::min<int64_t>(a.N, 8); ++k) s.m8[l * 8 + k] = a.m[l * a.N + k];
     for (int64_t c = 0; c < H; ++c) {
       const uint64_t p = a.p[l * H + c];
       s.inv[l * HP + c] = 1.0 / static_cast<double>(p);

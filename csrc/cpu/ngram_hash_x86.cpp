@@ -1,11 +1,10 @@
 // AVX-512 and AVX2 kernels of the CPU ngram_hash op: the double-quotient modulo of engram/hash.h
 // (dmod) with one SIMD lane per head. Each function carries its own target attribute and
 // ngram_hash.cpp calls it only on a CPU that has the instructions, so the library loads anywhere.
-#include "ngram_hash_kernels.h"
-
 #include <type_traits>
 
 #include "engram/hash.h"
+#include "ngram_hash_kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -26,90 +25,85 @@ namespace {
 
 #define ENGRAM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
 #define ENGRAM_AVX2 __attribute__((target("avx2,fma")))
+#define ENGRAM_INLINE inline __attribute__((always_inline))
+
+// Both kernels: one layer at a time over a segment of tokens (so the layer's constants stay in
+// registers), the order hashes of each token mixed in scalar registers (AVX2 has no 64-bit lane
+// multiply, and with AVX-512 the lane shuffles that a vector mix needs cost more than they save),
+// then each group of heads of one order takes its hash by a broadcast load. The quotient
+// estimates are doubles (one FMA per 4 or 8 heads); their low 32 bits are packed into int32
+// lanes, where the rest of dmod runs.
 
 // Compressed ids of segment [t0, t1) of sequence b in reverse, xr[j] = x'[t1 - 1 - j], so that
-// the window x'[t], x'[t-1], ... of token t is the contiguous xr[t1 - 1 - t ..]. Positions before
-// the sequence start hold the pad id, as do 8 slots past the window of t0 (no load leaves xr).
+// the window x'[t], x'[t-1], ..., x'[t-N+1] of token t is the contiguous xr[t1 - 1 - t ..].
+// Positions before the sequence start hold the pad id.
 void fill_reversed(const HashArgs& a, int64_t b, int64_t t0, int64_t t1, std::vector<uint64_t>& xr, int64_t& bad) {
-  xr.assign(t1 - t0 + (a.N - 1) + 8, static_cast<uint64_t>(a.pad_id));
-  uint64_t* dst = xr.data() + (t1 - 1);
-  compress_ids(a, b, std::max<int64_t>(0, t0 - (a.N - 1)), t1, [dst](int64_t s, uint64_t c) { *(dst - s) = c; },
+  xr.assign(t1 - t0 + (a.N - 1), static_cast<uint64_t>(a.pad_id));
+  uint64_t* last = xr.data() + (t1 - 1);  // last - s is the slot of position s
+  compress_ids(a, b, std::max<int64_t>(0, t0 - (a.N - 1)), t1, [last](int64_t s, uint64_t c) { *(last - s) = c; },
                bad);
-  // dst - s indexes xr at t1 - 1 - s; positions before t0 - N + 1 are never read as real ids.
 }
 
-// Document boundaries: lane k of token t's window is real iff k <= dist, the distance back to the
-// latest document start at or before t (or to the sequence start).
-inline int64_t window_dist(int64_t t, int64_t last_start) { return t - std::max<int64_t>(last_start, 0); }
-
-// ---- AVX-512 ----------------------------------------------------------------------------------
-// Per token and layer: the window (W = 4 or 8 lanes of ids, lane k = x'[t-k]) times the
-// multipliers, a prefix XOR over lanes (lane n - 1 = hash of order n), one conversion to double;
-// per chunk of 16 heads: two FMAs give the quotient estimates, their low halves are packed into
-// 16 int32 lanes where the rest of dmod runs.
-
-template <int W>
-struct Win512;
-
-template <>
-struct Win512<4> {
-  using V = __m256i;
-  ENGRAM_AVX512 static V load(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
-  ENGRAM_AVX512 static V load_masked(V src, __mmask8 k, const uint64_t* p) {
-    return _mm256_mask_loadu_epi64(src, k, p);
+// Runs layer(l, xr, dist, n, row0) over the segments of tokens [begin, end): xr as above, n
+// tokens, row0 the flat index of the segment's first token. With document starts, dist[u] is
+// the distance from token u back to the latest document start at or before it (or to the
+// sequence start): window lane k is a real id iff k <= dist[u], the pad id otherwise.
+template <typename Layer>
+int64_t for_each_segment(const HashArgs& a, int64_t begin, int64_t end, Layer layer) {
+  std::vector<uint64_t> xr;
+  std::vector<int64_t> dist;
+  int64_t bad = -1;
+  for (int64_t seg = begin; seg < end;) {
+    const int64_t b = seg / a.T, t0 = seg % a.T;
+    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
+    fill_reversed(a, b, t0, t1, xr, bad);
+    if (a.doc_start) {
+      const bool* ds = a.doc_start + b * a.T;
+      int64_t last_start = last_doc_start_before(ds, t0, a.N);
+      dist.resize(n);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (ds[t]) last_start = t;
+        dist[t - t0] = t - std::max<int64_t>(last_start, 0);
+      }
+    }
+    for (int64_t l = 0; l < a.L; ++l) layer(l, xr.data(), dist.data(), n, seg);
+    seg += n;
   }
-  ENGRAM_AVX512 static V set1(uint64_t v) { return _mm256_set1_epi64x(static_cast<long long>(v)); }
-  // Lane k becomes the XOR of lanes 0..k.
-  ENGRAM_AVX512 static V prefix_xor(V h) {
-    const V z = _mm256_setzero_si256();
-    h = _mm256_xor_si256(h, _mm256_alignr_epi64(h, z, 3));
-    return _mm256_xor_si256(h, _mm256_alignr_epi64(h, z, 2));
-  }
-  ENGRAM_AVX512 static V mul(V a, V m) { return _mm256_mullo_epi64(a, m); }
-  ENGRAM_AVX512 static __m512i wide(V h) { return _mm512_castsi256_si512(h); }
-  ENGRAM_AVX512 static __m512d to_double(V h) { return _mm512_castpd256_pd512(_mm256_cvtepu64_pd(h)); }
-};
+  return bad;
+}
 
-template <>
-struct Win512<8> {
-  using V = __m512i;
-  ENGRAM_AVX512 static V load(const uint64_t* p) { return _mm512_loadu_si512(p); }
-  ENGRAM_AVX512 static V load_masked(V src, __mmask8 k, const uint64_t* p) {
-    return _mm512_mask_loadu_epi64(src, k, p);
+// The order hashes of one token: hd[n - 1] = double(h_n), hlo[n - 1] = low 32 bits of h_n, for
+// orders n = 2..N (w: the token's window, m: the layer's multipliers).
+template <bool DOC>
+ENGRAM_INLINE void mix_orders(const uint64_t* w, const uint64_t* m, int64_t N, int64_t dist, uint64_t pad,
+                              double* hd, uint32_t* hlo) {
+  uint64_t h = w[0] * m[0];
+  for (int64_t k = 1; k < N; ++k) {
+    h = mix_step(h, (!DOC || k <= dist) ? w[k] : pad, m[k]);
+    hd[k] = static_cast<double>(h);
+    hlo[k] = static_cast<uint32_t>(h);
   }
-  ENGRAM_AVX512 static V set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
-  ENGRAM_AVX512 static V prefix_xor(V h) {
-    const V z = _mm512_setzero_si512();
-    h = _mm512_xor_si512(h, _mm512_alignr_epi64(h, z, 7));
-    h = _mm512_xor_si512(h, _mm512_alignr_epi64(h, z, 6));
-    return _mm512_xor_si512(h, _mm512_alignr_epi64(h, z, 4));
-  }
-  ENGRAM_AVX512 static V mul(V a, V m) { return _mm512_mullo_epi64(a, m); }
-  ENGRAM_AVX512 static __m512i wide(V h) { return h; }
-  ENGRAM_AVX512 static __m512d to_double(V h) { return _mm512_cvtepu64_pd(h); }
-};
+}
 
-// One chunk of 16 heads of one layer: constants loaded once per layer and segment, then kept in
-// registers across the token loop.
+// ---- AVX-512: chunks of 16 heads, needs K % 8 == 0 (each half chunk has one order) ----------
+
 struct Chunk512 {
-  __m512i lane_a, lane_b;  // order lane of heads 0-7 and 8-15 (64-bit indices into the hashes)
-  __m512i dword;           // 2 * order lane: the low 32 bits of that hash, as int32 lanes
-  __m512d inv_a, inv_b;    // 1 / p
-  __m512i p;               // 16 x int32
-  __m512i off_a, off_b;    // int32 output: 16 x int32 offsets in off_a; int64: heads 0-7, 8-15
-  __mmask16 keep;          // heads that exist
+  __m512d inv_a, inv_b;  // 1 / p of heads 0-7 and 8-15
+  __m512i p;             // 16 x int32
+  __m512i off_a, off_b;  // int32 output: 16 offsets in off_a; int64: heads 0-7 and 8-15
+  int64_t oa, ob;        // order lane (n - 1) of heads 0-7 and 8-15
+  __mmask16 keep;        // heads that exist
 };
 
 template <typename out_t>
 ENGRAM_AVX512 inline Chunk512 load_chunk(const HashArgs& a, const SimdPlan& s, int64_t l, int64_t h0) {
   const int64_t HP = s.chunks * SimdPlan::kChunk, left = a.H - h0;
   Chunk512 c;
-  c.lane_a = _mm512_loadu_si512(s.order_lane.data() + h0);
-  c.lane_b = _mm512_loadu_si512(s.order_lane.data() + h0 + 8);
-  c.dword = _mm512_loadu_si512(s.order_dword.data() + h0);
   c.inv_a = _mm512_loadu_pd(s.inv.data() + l * HP + h0);
   c.inv_b = _mm512_loadu_pd(s.inv.data() + l * HP + h0 + 8);
   c.p = _mm512_loadu_si512(s.p.data() + l * HP + h0);
+  c.oa = s.order_lane[h0];
+  c.ob = s.order_lane[h0 + 8];
   c.keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
   if constexpr (std::is_same_v<out_t, int32_t>) {
     c.off_a = _mm512_loadu_si512(s.off32.data() + l * HP + h0);
@@ -122,17 +116,16 @@ ENGRAM_AVX512 inline Chunk512 load_chunk(const HashArgs& a, const SimdPlan& s, i
   return c;
 }
 
-// dmod of the 16 heads of chunk c, hashes hq (as integers) and hd (as doubles), into dst.
 template <typename out_t>
-ENGRAM_AVX512 inline __attribute__((always_inline)) void hash_chunk(const Chunk512& c, __m512i hq, __m512d hd,
-                                                                    __m512d round, __m512i pack, out_t* dst) {
-  const __m512d ta = _mm512_fmadd_pd(_mm512_permutexvar_pd(c.lane_a, hd), c.inv_a, round);
-  const __m512i hl = _mm512_permutexvar_epi32(c.dword, hq);
+ENGRAM_AVX512 ENGRAM_INLINE void hash_chunk(const Chunk512& c, const double* hd, const uint32_t* hlo, out_t* dst) {
+  const __m512d round = _mm512_set1_pd(kDmodRound);
+  const __m512d ta = _mm512_fmadd_pd(_mm512_set1_pd(hd[c.oa]), c.inv_a, round);
   if ((c.keep >> 8) == 0) {
     // At most 8 heads (the last chunk of H = 24, say): the int32 part in 8 lanes.
     const __m256i p = _mm512_castsi512_si256(c.p);
-    __m256i r = _mm256_sub_epi32(_mm512_castsi512_si256(hl), _mm256_mullo_epi32(_mm512_cvtepi64_epi32(_mm512_castpd_si512(ta)), p));
-    r = _mm256_min_epu32(r, _mm256_add_epi32(r, p));
+    const __m256i q = _mm512_cvtepi64_epi32(_mm512_castpd_si512(ta));
+    __m256i r = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hlo[c.oa])), _mm256_mullo_epi32(q, p));
+    r = _mm256_min_epu32(r, _mm256_add_epi32(r, p));  // r in [-p, p) -> [0, p)
     if constexpr (std::is_same_v<out_t, int32_t>) {
       r = _mm256_add_epi32(r, _mm512_castsi512_si256(c.off_a));
       if (c.keep == 0xFF) {
@@ -141,14 +134,19 @@ ENGRAM_AVX512 inline __attribute__((always_inline)) void hash_chunk(const Chunk5
         _mm256_mask_storeu_epi32(dst, static_cast<__mmask8>(c.keep), r);
       }
     } else {
-      _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep), _mm512_add_epi64(_mm512_cvtepu32_epi64(r), c.off_a));
+      _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep),
+                               _mm512_add_epi64(_mm512_cvtepu32_epi64(r), c.off_a));
     }
     return;
   }
-  const __m512d tb = _mm512_fmadd_pd(_mm512_permutexvar_pd(c.lane_b, hd), c.inv_b, round);
+  // Low dword of each 64-bit lane of ta (lanes 0-7) and tb (lanes 8-15).
+  const __m512i pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512d tb = _mm512_fmadd_pd(_mm512_set1_pd(hd[c.ob]), c.inv_b, round);
   const __m512i q = _mm512_permutex2var_epi32(_mm512_castpd_si512(ta), pack, _mm512_castpd_si512(tb));
+  const __m512i hl = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(hlo[c.oa])), 0xFF00,
+                                            static_cast<int>(hlo[c.ob]));
   __m512i r = _mm512_sub_epi32(hl, _mm512_mullo_epi32(q, c.p));
-  r = _mm512_min_epu32(r, _mm512_add_epi32(r, c.p));  // r in [-p, p) -> [0, p)
+  r = _mm512_min_epu32(r, _mm512_add_epi32(r, c.p));
   if constexpr (std::is_same_v<out_t, int32_t>) {
     r = _mm512_add_epi32(r, c.off_a);
     if (c.keep == 0xFFFF) {
@@ -164,105 +162,61 @@ ENGRAM_AVX512 inline __attribute__((always_inline)) void hash_chunk(const Chunk5
   }
 }
 
-// Tokens u = 0 .. n-1 of one segment and one layer l: window of token u at xr[n - 1 - u],
-// output row of token u at row + u * H. C > 0: the layer has exactly C chunks, whose constants
-// stay in registers; C = 0: any number, reloaded per token.
-template <int W, typename out_t, bool DOC, int C>
+// Tokens u = 0 .. n-1 of one segment and layer l: window of token u at xr[n - 1 - u], output
+// row of token u at row + u * H. C > 0: the layer has exactly C chunks, whose constants stay in
+// registers; C = 0: any number, reloaded per token.
+template <typename out_t, bool DOC, int C>
 ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
-                                const __mmask8* real, int64_t n, out_t* __restrict row) {
-  using Win = Win512<W>;
-  const __m512d round = _mm512_set1_pd(kDmodRound);
-  // Low dword of each 64-bit lane of two vectors: lanes 0-7 from the first, 8-15 from the second.
-  const __m512i pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const typename Win::V pad = Win::set1(static_cast<uint64_t>(a.pad_id));
-  const typename Win::V m = Win::load(s.m8.data() + l * 8);
-  const int64_t H = a.H;
+                                const int64_t* dist, int64_t n, out_t* __restrict row) {
+  constexpr int64_t kC = SimdPlan::kChunk;
+  const int64_t H = a.H, N = a.N;
+  const uint64_t pad = static_cast<uint64_t>(a.pad_id);
+  const uint64_t* m = a.m + l * N;
   Chunk512 chunk[C > 0 ? C : 1];
   if constexpr (C > 0) {
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) chunk[c] = load_chunk<out_t>(a, s, l, c * SimdPlan::kChunk);
+    for (int c = 0; c < C; ++c) chunk[c] = load_chunk<out_t>(a, s, l, c * kC);
   }
+  // [0] is read only by padding heads.
+  double hd[16] = {0.0};
+  uint32_t hlo[16] = {0};
   const uint64_t* w = xr + (n - 1);
   for (int64_t u = 0; u < n; ++u, --w, row += H) {
-    typename Win::V win;
-    if constexpr (DOC) {
-      win = Win::load_masked(pad, real[u], w);
-    } else {
-      win = Win::load(w);  // before the sequence start xr already holds the pad id
-    }
-    const typename Win::V hv = Win::prefix_xor(Win::mul(win, m));
-    const __m512i hq = Win::wide(hv);
-    const __m512d hd = Win::to_double(hv);
+    mix_orders<DOC>(w, m, N, DOC ? dist[u] : 0, pad, hd, hlo);
     if constexpr (C > 0) {
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) hash_chunk<out_t>(chunk[c], hq, hd, round, pack, row + c * SimdPlan::kChunk);
+      for (int c = 0; c < C; ++c) hash_chunk<out_t>(chunk[c], hd, hlo, row + c * kC);
     } else {
-      for (int64_t h0 = 0; h0 < H; h0 += SimdPlan::kChunk) {
-        hash_chunk<out_t>(load_chunk<out_t>(a, s, l, h0), hq, hd, round, pack, row + h0);
-      }
+      for (int64_t h0 = 0; h0 < H; h0 += kC) hash_chunk<out_t>(load_chunk<out_t>(a, s, l, h0), hd, hlo, row + h0);
     }
   }
 }
 
-template <int W, typename out_t, bool DOC>
-ENGRAM_AVX512 int64_t avx512_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  std::vector<uint64_t> xr;
-  std::vector<__mmask8> real;
-  int64_t bad = -1;
-  for (int64_t seg = begin; seg < end;) {
-    const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
-    fill_reversed(a, b, t0, t1, xr, bad);
-    if constexpr (DOC) {
-      const bool* ds = a.doc_start + b * a.T;
-      int64_t last_start = last_doc_start_before(ds, t0, a.N);
-      real.resize(n);
-      for (int64_t t = t0; t < t1; ++t) {
-        if (ds[t]) last_start = t;
-        const int64_t dist = window_dist(t, last_start);
-        real[t - t0] = dist >= W - 1 ? static_cast<__mmask8>((1u << W) - 1) : static_cast<__mmask8>((2u << dist) - 1);
-      }
+template <typename out_t, bool DOC>
+int64_t avx512_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
+  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) {
+    out_t* row = o + (l * a.B * a.T + seg) * a.H;
+    switch (s.chunks) {
+      case 1:
+        return avx512_layer<out_t, DOC, 1>(a, s, l, xr, dist, n, row);
+      case 2:
+        return avx512_layer<out_t, DOC, 2>(a, s, l, xr, dist, n, row);
+      default:
+        return avx512_layer<out_t, DOC, 0>(a, s, l, xr, dist, n, row);
     }
-    for (int64_t l = 0; l < a.L; ++l) {
-      out_t* row = o + (l * a.B * a.T + seg) * a.H;
-      switch (s.chunks) {
-        case 1:
-          avx512_layer<W, out_t, DOC, 1>(a, s, l, xr.data(), real.data(), n, row);
-          break;
-        case 2:
-          avx512_layer<W, out_t, DOC, 2>(a, s, l, xr.data(), real.data(), n, row);
-          break;
-        default:
-          avx512_layer<W, out_t, DOC, 0>(a, s, l, xr.data(), real.data(), n, row);
-      }
-    }
-    seg += n;
-  }
-  return bad;
+  });
 }
 
-template <typename out_t>
-ENGRAM_AVX512 int64_t avx512_dispatch(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  if (a.N <= 4) {
-    return a.doc_start ? avx512_impl<4, out_t, true>(a, s, begin, end, o)
-                       : avx512_impl<4, out_t, false>(a, s, begin, end, o);
-  }
-  return a.doc_start ? avx512_impl<8, out_t, true>(a, s, begin, end, o)
-                     : avx512_impl<8, out_t, false>(a, s, begin, end, o);
-}
-
-// ---- AVX2 -------------------------------------------------------------------------------------
-// Scalar mixing (AVX2 has no 64-bit lane multiply), then per group of 8 heads two FMAs over 4
-// lanes each; needs K % 4 == 0, so that each half group has one order. The packed quotient
-// halves come out in the lane order a0 a1 b0 b1 a2 a3 b2 b3 (a, b: the two half groups), which
-// SimdPlan::p_avx2 follows; one permute restores the head order before the offsets.
+// ---- AVX2: groups of 8 heads, needs K % 4 == 0 (each half group has one order) ---------------
+// The packed quotient halves come out in the lane order a0 a1 b0 b1 a2 a3 b2 b3 (a, b: the two
+// half groups), which SimdPlan::p_avx2 follows; one permute restores the head order.
 
 struct Group256 {
   __m256d inv_a, inv_b;  // 1 / p of heads 0-3 and 4-7
   __m256i p;             // in the lane order above
-  __m256i off_a, off_b;  // int32 output: 8 offsets in off_a; int64: heads 0-3, 4-7
+  __m256i off_a, off_b;  // int32 output: 8 offsets in off_a; int64: heads 0-3 and 4-7
   int64_t oa, ob;        // order lane (n - 1) of heads 0-3 and 4-7
-  bool full;             // 8 heads (else the last 4 are padding)
+  bool full;             // 8 heads (else 4: H is a multiple of 4)
 };
 
 template <typename out_t>
@@ -286,10 +240,9 @@ ENGRAM_AVX2 inline Group256 load_group(const HashArgs& a, const SimdPlan& s, int
   return g;
 }
 
-// dmod of the heads of group g given the order hashes as doubles (hd) and their low 32 bits (hlo).
 template <typename out_t>
-ENGRAM_AVX2 inline __attribute__((always_inline)) void hash_group(const Group256& g, const double* hd,
-                                                                  const uint32_t* hlo, __m256d round, out_t* dst) {
+ENGRAM_AVX2 ENGRAM_INLINE void hash_group(const Group256& g, const double* hd, const uint32_t* hlo, out_t* dst) {
+  const __m256d round = _mm256_set1_pd(kDmodRound);
   const __m256d ta = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.oa), g.inv_a, round);
   const __m256d tb = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.ob), g.inv_b, round);
   const __m256i q =
@@ -316,13 +269,10 @@ ENGRAM_AVX2 inline __attribute__((always_inline)) void hash_group(const Group256
   }
 }
 
-// Tokens u = 0 .. n-1 of one segment and one layer (as avx512_layer); G > 0: exactly G groups
-// of 8 heads, constants in registers; G = 0: any number. dist[u]: window lanes k <= dist[u] are
-// real ids, the others the pad id (DOC only).
+// As avx512_layer, with G groups of 8 heads (G = 0: any number).
 template <typename out_t, bool DOC, int G>
 ENGRAM_AVX2 void avx2_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
                             const int64_t* dist, int64_t n, out_t* __restrict row) {
-  const __m256d round = _mm256_set1_pd(kDmodRound);
   const int64_t H = a.H, N = a.N;
   const uint64_t pad = static_cast<uint64_t>(a.pad_id);
   const uint64_t* m = a.m + l * N;
@@ -331,75 +281,48 @@ ENGRAM_AVX2 void avx2_layer(const HashArgs& a, const SimdPlan& s, int64_t l, con
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) group[g] = load_group<out_t>(a, s, l, g * 8);
   }
-  // The order-n hash as double and its low 32 bits at [n - 1]; [0] is read only by padding.
   double hd[16] = {0.0};
   uint32_t hlo[16] = {0};
   const uint64_t* w = xr + (n - 1);
   for (int64_t u = 0; u < n; ++u, --w, row += H) {
-    uint64_t h = w[0] * m[0];
-    for (int64_t k = 1; k < N; ++k) {
-      h = mix_step(h, (!DOC || k <= dist[u]) ? w[k] : pad, m[k]);
-      hd[k] = static_cast<double>(h);
-      hlo[k] = static_cast<uint32_t>(h);
-    }
+    mix_orders<DOC>(w, m, N, DOC ? dist[u] : 0, pad, hd, hlo);
     if constexpr (G > 0) {
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) hash_group<out_t>(group[g], hd, hlo, round, row + g * 8);
+      for (int g = 0; g < G; ++g) hash_group<out_t>(group[g], hd, hlo, row + g * 8);
     } else {
-      for (int64_t h0 = 0; h0 < H; h0 += 8) hash_group<out_t>(load_group<out_t>(a, s, l, h0), hd, hlo, round, row + h0);
+      for (int64_t h0 = 0; h0 < H; h0 += 8) hash_group<out_t>(load_group<out_t>(a, s, l, h0), hd, hlo, row + h0);
     }
   }
 }
 
 template <typename out_t, bool DOC>
-ENGRAM_AVX2 int64_t avx2_impl(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  std::vector<uint64_t> xr;
-  std::vector<int64_t> dist;
-  int64_t bad = -1;
-  for (int64_t seg = begin; seg < end;) {
-    const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
-    fill_reversed(a, b, t0, t1, xr, bad);
-    if constexpr (DOC) {
-      const bool* ds = a.doc_start + b * a.T;
-      int64_t last_start = last_doc_start_before(ds, t0, a.N);
-      dist.resize(n);
-      for (int64_t t = t0; t < t1; ++t) {
-        if (ds[t]) last_start = t;
-        dist[t - t0] = window_dist(t, last_start);
-      }
+int64_t avx2_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
+  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) {
+    out_t* row = o + (l * a.B * a.T + seg) * a.H;
+    switch ((a.H + 7) / 8) {
+      case 2:
+        return avx2_layer<out_t, DOC, 2>(a, s, l, xr, dist, n, row);
+      case 3:
+        return avx2_layer<out_t, DOC, 3>(a, s, l, xr, dist, n, row);
+      default:
+        return avx2_layer<out_t, DOC, 0>(a, s, l, xr, dist, n, row);
     }
-    for (int64_t l = 0; l < a.L; ++l) {
-      out_t* row = o + (l * a.B * a.T + seg) * a.H;
-      switch ((a.H + 7) / 8) {
-        case 2:
-          avx2_layer<out_t, DOC, 2>(a, s, l, xr.data(), dist.data(), n, row);
-          break;
-        case 3:
-          avx2_layer<out_t, DOC, 3>(a, s, l, xr.data(), dist.data(), n, row);
-          break;
-        default:
-          avx2_layer<out_t, DOC, 0>(a, s, l, xr.data(), dist.data(), n, row);
-      }
-    }
-    seg += n;
-  }
-  return bad;
+  });
 }
 
 }  // namespace
 
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return avx512_dispatch(a, s, begin, end, out);
+  return a.doc_start ? avx512_run<int32_t, true>(a, s, begin, end, out) : avx512_run<int32_t, false>(a, s, begin, end, out);
 }
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return avx512_dispatch(a, s, begin, end, out);
+  return a.doc_start ? avx512_run<int64_t, true>(a, s, begin, end, out) : avx512_run<int64_t, false>(a, s, begin, end, out);
 }
 int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return a.doc_start ? avx2_impl<int32_t, true>(a, s, begin, end, out) : avx2_impl<int32_t, false>(a, s, begin, end, out);
+  return a.doc_start ? avx2_run<int32_t, true>(a, s, begin, end, out) : avx2_run<int32_t, false>(a, s, begin, end, out);
 }
 int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return a.doc_start ? avx2_impl<int64_t, true>(a, s, begin, end, out) : avx2_impl<int64_t, false>(a, s, begin, end, out);
+  return a.doc_start ? avx2_run<int64_t, true>(a, s, begin, end, out) : avx2_run<int64_t, false>(a, s, begin, end, out);
 }
 
 #else  // not x86-64: ngram_hash_isa() never selects these
