@@ -194,7 +194,8 @@ ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l,
 
 template <typename out_t, bool DOC>
 int64_t avx512_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) {
+  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n,
+                                             int64_t seg) {
     out_t* row = o + (l * a.B * a.T + seg) * a.H;
     switch (s.chunks) {
       case 1:
@@ -297,7 +298,8 @@ ENGRAM_AVX2 void avx2_layer(const HashArgs& a, const SimdPlan& s, int64_t l, con
 
 template <typename out_t, bool DOC>
 int64_t avx2_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) {
+  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n,
+                                             int64_t seg) {
     out_t* row = o + (l * a.B * a.T + seg) * a.H;
     switch ((a.H + 7) / 8) {
       case 2:
@@ -310,19 +312,28 @@ int64_t avx2_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t en
   });
 }
 
+template <typename out_t>
+int64_t hash_range(HashIsa isa, const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* out) {
+  if (isa == HashIsa::kAvx512) {
+    return a.doc_start ? avx512_run<out_t, true>(a, s, begin, end, out)
+                       : avx512_run<out_t, false>(a, s, begin, end, out);
+  }
+  return a.doc_start ? avx2_run<out_t, true>(a, s, begin, end, out) : avx2_run<out_t, false>(a, s, begin, end, out);
+}
+
 }  // namespace
 
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return a.doc_start ? avx512_run<int32_t, true>(a, s, begin, end, out) : avx512_run<int32_t, false>(a, s, begin, end, out);
+  return hash_range(HashIsa::kAvx512, a, s, begin, end, out);
 }
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return a.doc_start ? avx512_run<int64_t, true>(a, s, begin, end, out) : avx512_run<int64_t, false>(a, s, begin, end, out);
+  return hash_range(HashIsa::kAvx512, a, s, begin, end, out);
 }
 int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return a.doc_start ? avx2_run<int32_t, true>(a, s, begin, end, out) : avx2_run<int32_t, false>(a, s, begin, end, out);
+  return hash_range(HashIsa::kAvx2, a, s, begin, end, out);
 }
 int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return a.doc_start ? avx2_run<int64_t, true>(a, s, begin, end, out) : avx2_run<int64_t, false>(a, s, begin, end, out);
+  return hash_range(HashIsa::kAvx2, a, s, begin, end, out);
 }
 
 #else  // not x86-64: ngram_hash_isa() never selects these

@@ -114,6 +114,71 @@ def test_matches_numpy_official(name, T, device):
     assert torch.equal(hasher(ids.to(device).int(), out_dtype=torch.int64).cpu(), torch.from_numpy(expected))
 
 
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def cpu_kernel(request, monkeypatch):
+    """One CPU ngram_hash kernel, forced through ENGRAM_NGRAM_HASH_ISA (a cap, read at each call);
+    kernels this CPU lacks are skipped."""
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", request.param)
+    if te._C.ngram_hash_isa() != request.param:
+        pytest.skip(f"this CPU has no {request.param} ngram_hash kernel")
+    return request.param
+
+
+def assert_simd_eligible(hasher):
+    """The SIMD kernels take tables whose primes lie in [2^14, 2^31) and whose heads per order are a
+    multiple of 8 (AVX-512) or 4 (AVX2); anything else silently uses the portable kernel."""
+    assert hasher.config.n_head_per_ngram % 8 == 0
+    assert int(hasher.primes.min()) >= 2**14 and int(hasher.primes.max()) < 2**31
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("B, T", [(3, 1), (3, 2), (2, 5), (3, 64), (3, 1500)])
+def test_cpu_kernels_match_numpy_official(name, B, T, cpu_kernel):
+    # 4500 tokens exceed the parallel grain, so with several threads a range starts mid-sequence.
+    cfg = CONFIGS[name]
+    hasher = te.NgramHasher(cfg)
+    assert_simd_eligible(hasher)
+    v_comp = cfg.compressed_vocab_size
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, v_comp, (B, T), generator=g)
+    ids[0, 0] = v_comp - 1
+    expected = numpy_official_rows(ids.numpy(), cfg, v_comp, te.layer_primes(cfg.engram_vocab_size,
+                                   len(cfg.layer_ids), cfg.n_head_per_ngram), cfg.pad_id)
+    assert np.array_equal(hasher(ids).numpy().astype(np.int64), expected)
+    assert np.array_equal(hasher(ids, out_dtype=torch.int64).numpy(), expected)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64])
+def test_cpu_kernels_lut_doc_start_oov_match_reference(out_dtype, cpu_kernel):
+    g = torch.Generator().manual_seed(1)
+    lut = torch.randint(0, 9000, (12000,), generator=g)
+    lut[:9000] = torch.randperm(9000, generator=g)
+    configs = (te.EngramConfig.official_demo(), te.EngramConfig.v41_flash(compressed_vocab_size=None),
+               te.EngramConfig.official_demo(n_head_per_ngram=16, n_embed_per_ngram=1024, layer_ids=(0, 3, 9)))
+    for cfg in configs:
+        hasher = te.NgramHasher(cfg, lut=lut)
+        assert_simd_eligible(hasher)
+        ids = torch.randint(0, 12000, (4, 300), generator=g)
+        ids[1, ::13] = -100
+        ids[2, 5::17] = 12000
+        doc = torch.rand(4, 300, generator=g) < 0.1
+        out = hasher(ids, doc_start=doc, out_dtype=out_dtype, oov_to_pad=True)
+        ref = reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
+                                   hasher.offsets, hasher._pad_id, doc_start=doc, oov_to_pad=True)
+        assert out.dtype == out_dtype
+        assert torch.equal(out.long(), ref)
+
+
+def test_cpu_kernel_env_rejects_unknown_name(monkeypatch):
+    hasher = te.NgramHasher(CONFIGS["demo"])
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="ENGRAM_NGRAM_HASH_ISA must be auto, portable, avx2 or avx512, "
+                                           "got 'sse9'"):
+        hasher(torch.tensor([[1, 2, 3]]))
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "portable")
+    assert te._C.ngram_hash_isa() == "portable"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_lut_fused_equals_precompressed(device):
     g = torch.Generator().manual_seed(0)
