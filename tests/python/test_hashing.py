@@ -60,7 +60,7 @@ def test_v41_layout_golden_and_fast():
     assert elapsed < 1.0, f"building the V4.1 layout took {elapsed:.3f}s"
 
 
-def test_golden_file_matches_op():
+def test_golden_file_matches_op(cpu_kernel):
     lines = GOLDEN.read_text().splitlines()
     cases = 0
     i = 0
