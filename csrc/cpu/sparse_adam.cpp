@@ -29,6 +29,53 @@ void check_rows_cpu(const index_t* rows, int64_t U, int64_t num_rows) {
   }
 }
 
+// Rows are scattered over a table far larger than the caches (and than the TLB's reach), so each
+// row costs a few DRAM round trips; their addresses are known in advance, so fetch them early.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 1, 3);
+#endif
+}
+
+template <bool kSmallWeight, typename table_t, typename mom_t, typename grad_t, typename index_t>
+void sparse_adam_rows(table_t* w, mom_t* m, mom_t* v, int32_t* step, const index_t* rows, const grad_t* g, int64_t U,
+                      int64_t D, double lr, double beta1, double beta2, const AdamElemParams<at::opmath_type<table_t>>& p) {
+  using acc_t = at::opmath_type<table_t>;
+  // About 32k element updates per task: rows are short (d_head 64..256), so a grain of one row
+  // would spend more time scheduling than updating.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
+  at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kPrefetchRows < end) {
+        const int64_t ahead = rows[i + kPrefetchRows];
+        prefetch_bytes(w + ahead * D, D * static_cast<int64_t>(sizeof(table_t)));
+        prefetch_bytes(m + ahead * D, D * static_cast<int64_t>(sizeof(mom_t)));
+        prefetch_bytes(v + ahead * D, D * static_cast<int64_t>(sizeof(mom_t)));
+      }
+      const int64_t r = rows[i];
+      const int32_t s = ++step[r];
+      const AdamRowCoeffs c = adam_row_coeffs(s, lr, beta1, beta2);
+      const acc_t step_size = static_cast<acc_t>(c.step_size);
+      const acc_t bc2_sqrt = static_cast<acc_t>(c.bias_corr2_sqrt);
+      table_t* __restrict__ wr = w + r * D;
+      mom_t* __restrict__ mr = m + r * D;
+      mom_t* __restrict__ vr = v + r * D;
+      const grad_t* __restrict__ gr = g + i * D;
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t wi = static_cast<acc_t>(wr[d]);
+        acc_t mi = static_cast<acc_t>(mr[d]);
+        acc_t vi = static_cast<acc_t>(vr[d]);
+        adam_elem<acc_t, kSmallWeight>(wi, mi, vi, static_cast<acc_t>(gr[d]), p, step_size, bc2_sqrt);
+        wr[d] = static_cast<table_t>(wi);
+        mr[d] = static_cast<mom_t>(mi);
+        vr[d] = static_cast<mom_t>(vi);
+      }
+    }
+  });
+}
+
 template <typename table_t, typename mom_t, typename grad_t, typename index_t>
 void sparse_adam_kernel(table_t* w, mom_t* m, mom_t* v, int32_t* step, const index_t* rows, const grad_t* g,
                         int64_t U, int64_t D, double lr, double beta1, double beta2, double eps,
@@ -41,31 +88,11 @@ void sparse_adam_kernel(table_t* w, mom_t* m, mom_t* v, int32_t* step, const ind
   p.one_minus_beta2 = static_cast<acc_t>(1.0 - beta2);
   p.eps = static_cast<acc_t>(eps);
   p.decay = static_cast<acc_t>(1.0 - lr * weight_decay);
-  // About 32k element updates per task: rows are short (d_head 64..256), so a grain of one row
-  // would spend more time scheduling than updating.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
-  at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = rows[i];
-      const int32_t s = ++step[r];
-      const AdamRowCoeffs c = adam_row_coeffs(s, lr, beta1, beta2);
-      const acc_t step_size = static_cast<acc_t>(c.step_size);
-      const acc_t bc2_sqrt = static_cast<acc_t>(c.bias_corr2_sqrt);
-      table_t* wr = w + r * D;
-      mom_t* mr = m + r * D;
-      mom_t* vr = v + r * D;
-      const grad_t* gr = g + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        acc_t wi = static_cast<acc_t>(wr[d]);
-        acc_t mi = static_cast<acc_t>(mr[d]);
-        acc_t vi = static_cast<acc_t>(vr[d]);
-        adam_elem<acc_t>(wi, mi, vi, static_cast<acc_t>(gr[d]), p, step_size, bc2_sqrt);
-        wr[d] = static_cast<table_t>(wi);
-        mr[d] = static_cast<mom_t>(mi);
-        vr[d] = static_cast<mom_t>(vi);
-      }
-    }
-  });
+  if (p.one_minus_beta1 < acc_t(0.5)) {
+    sparse_adam_rows<true>(w, m, v, step, rows, g, U, D, lr, beta1, beta2, p);
+  } else {
+    sparse_adam_rows<false>(w, m, v, step, rows, g, U, D, lr, beta1, beta2, p);
+  }
 }
 
 void sparse_adam_step_cpu(const at::Tensor& table, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,

@@ -54,7 +54,12 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     acc_t wi = static_cast<acc_t>(wr[d]);
     acc_t mi = static_cast<acc_t>(mr[d]);
     acc_t vi = static_cast<acc_t>(vr[d]);
-    adam_elem<acc_t>(wi, mi, vi, static_cast<acc_t>(gr[d]), p, ss, bc);
+    const acc_t gi = static_cast<acc_t>(gr[d]);
+    if (p.one_minus_beta1 < acc_t(0.5)) {  // uniform across the grid: no divergence
+      adam_elem<acc_t, true>(wi, mi, vi, gi, p, ss, bc);
+    } else {
+      adam_elem<acc_t, false>(wi, mi, vi, gi, p, ss, bc);
+    }
     wr[d] = static_cast<table_t>(wi);
     mr[d] = static_cast<mom_t>(mi);
     vr[d] = static_cast<mom_t>(vi);

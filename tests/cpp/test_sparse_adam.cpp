@@ -33,7 +33,7 @@ TEST(SparseAdam, FirstUpdateIsLrTimesSign) {
   for (double g : {3.0, -0.25, 1e-3}) {
     double w = 1.0, m = 0.0, v = 0.0;
     const auto c = engram::adam_row_coeffs(1, 0.01, 0.9, 0.999);
-    engram::adam_elem<double>(w, m, v, g, params(0.9, 0.999, 1e-12, 0.01, 0.0), c.step_size, c.bias_corr2_sqrt);
+    engram::adam_elem<double, true>(w, m, v, g, params(0.9, 0.999, 1e-12, 0.01, 0.0), c.step_size, c.bias_corr2_sqrt);
     EXPECT_NEAR(1.0 - w, 0.01 * (g > 0 ? 1.0 : -1.0), 1e-9) << g;
   }
 }
@@ -47,7 +47,7 @@ TEST(SparseAdam, MatchesTextbookAdamW) {
   for (double g : grads) {
     ++t;
     const auto c = engram::adam_row_coeffs(t, lr, b1, b2);
-    engram::adam_elem<double>(w, m, v, g, params(b1, b2, eps, lr, wd), c.step_size, c.bias_corr2_sqrt);
+    engram::adam_elem<double, true>(w, m, v, g, params(b1, b2, eps, lr, wd), c.step_size, c.bias_corr2_sqrt);
     tw *= 1.0 - lr * wd;
     tm = b1 * tm + (1.0 - b1) * g;
     tv = b2 * tv + (1.0 - b2) * g * g;
@@ -63,7 +63,7 @@ TEST(SparseAdam, LerpBranchForSmallBeta1) {
   // beta1 < 0.5 takes torch's other lerp branch; both are m + (1 - beta1) * (g - m).
   double w = 0.0, m = 2.0, v = 1.0;
   const auto c = engram::adam_row_coeffs(3, 0.1, 0.3, 0.9);
-  engram::adam_elem<double>(w, m, v, 5.0, params(0.3, 0.9, 1e-8, 0.1, 0.0), c.step_size, c.bias_corr2_sqrt);
+  engram::adam_elem<double, false>(w, m, v, 5.0, params(0.3, 0.9, 1e-8, 0.1, 0.0), c.step_size, c.bias_corr2_sqrt);
   EXPECT_NEAR(m, 2.0 + 0.7 * 3.0, 1e-15);
 }
 

@@ -42,11 +42,17 @@ struct AdamElemParams {
   acc_t decay;  // 1 - lr * weight_decay
 };
 
-template <typename acc_t>
+// kSmallWeight: 1 - beta1 < 0.5 (the usual case), which picks torch's lerp branch; callers choose
+// it once per call so the element loop has no branch and vectorises.
+template <typename acc_t, bool kSmallWeight>
 ENGRAM_HOST_DEVICE void adam_elem(acc_t& w, acc_t& m, acc_t& v, acc_t g, const AdamElemParams<acc_t>& p,
                                   acc_t step_size, acc_t bias_corr2_sqrt) {
   w = w * p.decay;
-  m = p.one_minus_beta1 < acc_t(0.5) ? m + p.one_minus_beta1 * (g - m) : g - (g - m) * p.beta1;
+  if constexpr (kSmallWeight) {
+    m = m + p.one_minus_beta1 * (g - m);
+  } else {
+    m = g - (g - m) * p.beta1;
+  }
   v = p.beta2 * v + p.one_minus_beta2 * g * g;
   const acc_t denom = std::sqrt(v) / bias_corr2_sqrt + p.eps;
   w = w - step_size * m / denom;
