@@ -283,12 +283,16 @@ class _FusedTableGather(torch.autograd.Function):
         return None, None, None
 
 
+# The backward mutates a parameter through a Python object, which graph capture cannot express:
+# under torch.compile the fused gather runs eagerly (a graph break) and the rest is compiled.
+@torch.compiler.disable
 def fused_multihead_gather(table: torch.Tensor, rows: torch.Tensor,
                            optimizer_state: SparseTableAdam | None = None) -> torch.Tensor:
     """multihead_gather(table, rows) whose backward applies `optimizer_state`'s lazy Adam update to
     the touched rows of `table` at once (FusedTableAdam; any SparseTableAdam holding the table
     works). None: the optimizer that holds `table`. Without grad mode, or for a table that does not
-    require grad, this is a plain gather. See FusedTableAdam for gradient accumulation.
+    require grad, this is a plain gather. See FusedTableAdam for gradient accumulation. Not
+    capturable by torch.compile(fullgraph=True); ordinary torch.compile runs it eagerly.
     """
     if not (torch.is_grad_enabled() and table.requires_grad):
         return _gather(table, rows)

@@ -553,3 +553,16 @@ def test_fused_gather_needs_an_optimizer_holding_the_table():
     opt = optim.FusedTableAdam([table], lr=0.1)  # found through the table when not passed
     optim.fused_multihead_gather(table, torch.tensor([[1], [3]])).sum().backward()
     assert opt.state[table]["row_step"].tolist() == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+
+
+@needs_gather
+def test_fused_mode_under_torch_compile():
+    eager, compiled = _Tiny("fused"), _Tiny("fused")
+    opts = [optim.FusedTableAdam([m.table], lr=0.05) for m in (eager, compiled)]
+    step = torch.compile(lambda m, ids: m(ids).square().sum(), backend="aot_eager")
+    for s in range(2):
+        ids, _ = _batch(s)
+        eager(ids).square().sum().backward()
+        step(compiled, ids).backward()
+    torch.testing.assert_close(compiled.table, eager.table, rtol=1e-6, atol=1e-7)
+    assert torch.equal(opts[1].state[compiled.table]["row_step"], opts[0].state[eager.table]["row_step"])
