@@ -43,13 +43,18 @@ def _mem_available() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def estimate_bytes(mode: str, rows: int, d: int, elem: int, lookups: int) -> int:
+def estimate_bytes(mode: str, rows: int, d: int, elem: int, lookups: int, steps: int, state_alloc: str) -> int:
     """Peak bytes of a mode: the table plus what the step adds (rough, for the skip decision)."""
     table = rows * d * elem
     touched = lookups * d * 16 + (64 << 20)  # gathered rows, their gradients, sort buffers, slack
-    extra = {"dense": table + rows * 1,       # dense .grad + the chunked non-zero scan
-             "sparse": 2 * touched,          # COO gradient + its coalesced copy
-             "fused": touched,
+    # Lazy Adam state is committed a 4 KiB page at a time as rows are first updated: at most one
+    # page per distinct row per moment and step, at most the whole state (float32 moments).
+    state = min(2 * rows * d * 4, 2 * 4096 * lookups * steps) + rows * 4
+    if state_alloc == "eager":
+        state = 2 * rows * d * 4 + rows * 4
+    extra = {"dense": table + state,         # dense .grad (+ its scan, chunked)
+             "sparse": 2 * touched + state,  # COO gradient (+ coalescing)
+             "fused": touched + state,
              "adam": 3 * table}[mode]        # dense .grad + exp_avg + exp_avg_sq (fused Adam: no temps)
     return table + extra + touched + (400 << 20)  # + torch and Python themselves
 
@@ -96,7 +101,7 @@ def worker(args) -> None:
         table_opt = torch.optim.Adam([model.table], lr=2e-3, fused=True)
         rest_opt = torch.optim.AdamW(model.head.parameters(), lr=4e-4, weight_decay=0.1)
     else:
-        table_opt, rest_opt = optim.make_optimizers(model, base_lr=4e-4, weight_decay=0.1)
+        table_opt, rest_opt = optim.make_optimizers(model, base_lr=4e-4, weight_decay=0.1, state_alloc=args.state)
 
     # Zipfian n-gram popularity scattered over the table by a multiplicative hash, as hashed
     # n-gram rows are.
@@ -151,6 +156,9 @@ def main() -> None:
     ap.add_argument("--modes", default="dense,sparse,fused,adam")
     ap.add_argument("--mem-gib", type=float, default=None,
                     help="memory a mode may use (default: MemAvailable minus 2 GiB, at most 20 GiB)")
+    ap.add_argument("--state", choices=["auto", "eager", "on_touch"], default="auto",
+                    help="Adam state allocation: eager (steady-state step times) or on_touch (only touched pages "
+                         "take memory, first touches fault); auto: eager when the whole state fits")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -162,19 +170,22 @@ def main() -> None:
     elem = DTYPES[args.dtype][1]
     limit = args.mem_gib * GIB if args.mem_gib else min(_mem_available() - 2 * GIB, 20 * GIB)
     lookups = args.tokens * args.heads
+    if args.state == "auto":
+        full = args.rows * args.d_head * elem + 2 * args.rows * args.d_head * 4 + args.rows * 4
+        args.state = "eager" if full + args.rows * args.d_head * elem + (2 << 30) <= limit else "on_touch"
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; table {args.rows:,} x {args.d_head} {args.dtype} "
           f"({args.rows * args.d_head * elem / GIB:.2f} GiB), {args.tokens} tokens x {args.heads} heads per step, "
-          f"memory limit {limit / GIB:.1f} GiB")
+          f"memory limit {limit / GIB:.1f} GiB; table Adam state {args.state}")
     results = {}
     for mode in args.modes.split(","):
-        need = estimate_bytes(mode, args.rows, args.d_head, elem, lookups)
+        need = estimate_bytes(mode, args.rows, args.d_head, elem, lookups, args.steps + 1, args.state)
         if need > limit:
             results[mode] = dict(mode=mode, skipped=f"needs ~{need / GIB:.1f} GiB > {limit / GIB:.1f} GiB")
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--rows", str(args.rows), "--d-head",
                str(args.d_head), "--dtype", args.dtype, "--tokens", str(args.tokens), "--heads", str(args.heads),
-               "--steps", str(args.steps), "--zipf", str(args.zipf)]
+               "--steps", str(args.steps), "--zipf", str(args.zipf), "--state", args.state]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             results[mode] = dict(mode=mode, skipped=f"failed (exit {proc.returncode}): "
@@ -182,8 +193,8 @@ def main() -> None:
             continue
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    print(f"{'mode':<7} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'optim':>8} {'peak GiB':>9} {'+table GiB':>10} "
-          f"{'uniq rows':>10} {'vs dense':>9}")
+    print(f"{'mode':<7} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'optim':>8} {'peak GiB':>9} {'+table':>7} "
+          f"{'state':>6} {'uniq rows':>10} {'vs dense':>9}")
     dense = results.get("dense", {}).get("step_s")
     for mode, r in results.items():
         if "skipped" in r:
@@ -191,10 +202,12 @@ def main() -> None:
             continue
         ratio = f"{dense / r['step_s']:.1f}x" if dense else "-"
         print(f"{mode:<7} {r['step_s'] * 1e3:>9.1f} {r['fwd_s'] * 1e3:>8.1f} {r['bwd_s'] * 1e3:>8.1f} "
-              f"{r['opt_s'] * 1e3:>8.1f} {r['peak_gib']:>9.2f} {r['extra_peak_gib']:>10.2f} {r['unique_rows']:>10,} "
-              f"{ratio:>9}")
-    print("# peak GiB: process peak RSS; +table GiB: peak above the RSS with the table built (gradient, "
-          "committed optimizer state, temporaries)")
+              f"{r['opt_s'] * 1e3:>8.1f} {r['peak_gib']:>9.2f} {r['extra_peak_gib']:>7.2f} "
+              f"{r['rss_end_gib'] - r['rss_table_gib']:>6.2f} {r['unique_rows']:>10,} {ratio:>9}")
+    print("# times: medians of the timed steps. peak GiB: process peak RSS; +table: peak above the RSS with "
+          "the table built (gradient, optimizer state, temporaries); state: RSS still held after the last "
+          "step above the table (optimizer state committed so far: lazy moments take memory a page at a "
+          "time as rows are first updated, so it grows over a run towards 2 x 4 B x rows x d_head)")
 
 
 if __name__ == "__main__":

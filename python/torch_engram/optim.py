@@ -84,6 +84,10 @@ def _zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class _KeepAsIs:
     """Shields a state tensor from Optimizer.load_state_dict, which casts floating state to the
     parameter's dtype (it would turn float32 moments of a bfloat16 table into bfloat16)."""
@@ -119,10 +123,21 @@ def row_gradient(grad: torch.Tensor, chunk_rows: int = 1 << 20) -> tuple[torch.T
         raise ValueError(f"SparseTableAdam: table gradients must be dense or sparse COO, got layout {grad.layout}")
     if grad.dim() != 2:
         raise ValueError(f"SparseTableAdam: a table gradient must be [num_rows, d_head], got {tuple(grad.shape)}")
-    parts = [torch.nonzero(grad[s:s + chunk_rows].ne(0).any(dim=1)).squeeze(1).add_(s)
-             for s in range(0, grad.shape[0], chunk_rows)]
+    # The scan reads the whole table-sized gradient: read it as int64 words where the layout allows
+    # (several times faster than a floating-point compare), which flags every row with a non-zero
+    # bit; the few candidates are then checked numerically, so rows of -0.0 do not count.
+    wide = grad.is_contiguous() and (grad.shape[1] * grad.element_size()) % 8 == 0 and grad.data_ptr() % 8 == 0
+    parts = []
+    for s in range(0, grad.shape[0], chunk_rows):
+        chunk = grad[s:s + chunk_rows]
+        hit = chunk.view(torch.int64).any(dim=1) if wide else chunk.ne(0).any(dim=1)
+        parts.append(torch.nonzero(hit).squeeze(1).add_(s))
     rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=grad.device)
-    return rows, grad.index_select(0, rows)
+    values = grad.index_select(0, rows)
+    if wide:
+        keep = values.ne(0).any(dim=1)
+        rows, values = rows[keep], values[keep]
+    return rows, values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,17 +158,21 @@ class SparseTableAdam(torch.optim.Optimizer):
             torch.bfloat16 halves the state; note that round-to-nearest bfloat16 cannot represent a
             (1 - beta2) = 0.1% change of exp_avg_sq, which then moves only when g^2 differs from it
             by more than ~0.4%.
+        state_alloc: "on_touch" (default): CPU state is zero-on-touch, so only pages holding updated
+            rows take memory, and each first touch of a page costs a page fault (a few us) during
+            the update; state larger than memory works as long as the touched part fits. "eager":
+            torch.zeros, the whole state committed (and faulted in) at the first step.
 
     State per table: exp_avg, exp_avg_sq [num_rows, d_head]; row_step int32 [num_rows] (each row's
-    update count, which sets its bias correction); step (updates applied to the table). On the CPU
-    the state is allocated zero-on-touch: only pages holding updated rows take memory.
+    update count, which sets its bias correction); step (updates applied to the table).
 
     Gradients may be dense or sparse COO (see `row_gradient`). A table can also be updated inside
     backward by `fused_multihead_gather`; such a table has no .grad and `step()` skips it.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, moment_dtype: torch.dtype | None = None):
+                 eps: float = 1e-8, weight_decay: float = 0.0, moment_dtype: torch.dtype | None = None,
+                 state_alloc: str = "on_touch"):
         if not 0.0 <= lr:
             raise ValueError(f"SparseTableAdam: lr must be >= 0, got {lr}")
         if not 0.0 <= eps:
@@ -165,7 +184,10 @@ class SparseTableAdam(torch.optim.Optimizer):
         if moment_dtype not in (None, torch.float32, torch.float64, torch.bfloat16):
             raise ValueError(f"SparseTableAdam: moment_dtype must be None, float32, float64 or bfloat16, "
                              f"got {moment_dtype}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype)
+        if state_alloc not in ("on_touch", "eager"):
+            raise ValueError(f"SparseTableAdam: state_alloc must be 'on_touch' or 'eager', got {state_alloc!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype,
+                        state_alloc=state_alloc)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -188,10 +210,11 @@ class SparseTableAdam(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             mdt = group["moment_dtype"] or (torch.float64 if p.dtype == torch.float64 else torch.float32)
+            zeros = _zeros_on_touch if group.get("state_alloc", "on_touch") == "on_touch" else _zeros
             state["step"] = torch.tensor(0, dtype=torch.int64)
-            state["exp_avg"] = _zeros_on_touch(tuple(p.shape), mdt, p.device)
-            state["exp_avg_sq"] = _zeros_on_touch(tuple(p.shape), mdt, p.device)
-            state["row_step"] = _zeros_on_touch((p.shape[0],), torch.int32, p.device)
+            state["exp_avg"] = zeros(tuple(p.shape), mdt, p.device)
+            state["exp_avg_sq"] = zeros(tuple(p.shape), mdt, p.device)
+            state["row_step"] = zeros((p.shape[0],), torch.int32, p.device)
         return state
 
     @torch.no_grad()
@@ -345,7 +368,7 @@ def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0,
                     optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                     table_betas: tuple[float, float] | None = None, table_eps: float | None = None,
-                    moment_dtype: torch.dtype | None = None,
+                    moment_dtype: torch.dtype | None = None, state_alloc: str = "on_touch",
                     ) -> tuple[SparseTableAdam | None, torch.optim.Optimizer | None]:
     """(table optimizer, optimizer of the rest) for the Engram recipe (ENGRAM.md section 7).
 
@@ -360,7 +383,7 @@ def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0,
     if table_groups:
         table_opt = FusedTableAdam(table_groups, lr=base_lr * table_lr_mult, betas=table_betas or betas,
                                    eps=eps if table_eps is None else table_eps, weight_decay=0.0,
-                                   moment_dtype=moment_dtype)
+                                   moment_dtype=moment_dtype, state_alloc=state_alloc)
         attach_fused_adam(model, table_opt)
     rest_opt = None
     if rest_groups:

@@ -317,10 +317,12 @@ def test_dense_and_sparse_grads_give_the_same_update():
 
 
 def test_row_gradient_forms():
-    dense = torch.zeros(10, 3)
-    dense[[2, 7]] = torch.tensor([[1.0, 0, 0], [0, 0, -2.0]])
-    rows, vals = optim.row_gradient(dense, chunk_rows=3)
-    assert rows.tolist() == [2, 7] and torch.equal(vals, dense[[2, 7]])
+    dense = torch.zeros(10, 4)
+    dense[[2, 7]] = torch.tensor([[1.0, 0, 0, 0], [0, 0, -2.0, 0]])
+    dense[4, 1] = -0.0  # numerically zero, non-zero bits
+    for g in (dense, dense.to(torch.bfloat16), dense[:, :3]):  # int64-word scans, and the plain one
+        rows, vals = optim.row_gradient(g, chunk_rows=3)
+        assert rows.tolist() == [2, 7] and torch.equal(vals, g[[2, 7]])
     sparse = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), torch.ones(3, 3), (10, 3), check_invariants=True)  # uncoalesced
     rows, vals = optim.row_gradient(sparse)
     assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [2, 2, 2]]
@@ -355,6 +357,8 @@ def test_optimizer_rejects_bad_settings():
         optim.SparseTableAdam([p], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="moment_dtype must be"):
         optim.SparseTableAdam([p], moment_dtype=torch.float16)
+    with pytest.raises(ValueError, match="state_alloc must be 'on_touch' or 'eager'"):
+        optim.SparseTableAdam([p], state_alloc="lazy")
     with pytest.raises(ValueError, match=r"tables must be \[num_rows, d_head\]"):
         optim.SparseTableAdam([nn.Parameter(torch.randn(4))])
     opt = optim.SparseTableAdam([p])
@@ -383,6 +387,13 @@ def test_state_memory_is_committed_only_for_touched_rows():
     assert opt.state[table]["exp_avg"].shape == (rows, d)
     assert grown < 32 << 20, f"state committed {grown / 2**20:.1f} MiB for 200 rows"
     assert opt.state[table]["exp_avg"][idx].ne(0).all() and opt.state[table]["exp_avg"].sum() != 0
+    eager_table = nn.Parameter(torch.zeros(rows, d))
+    eager = optim.SparseTableAdam([eager_table], lr=0.1, state_alloc="eager")
+    with torch.no_grad():
+        eager.apply_rows(eager_table, idx, torch.ones(idx.numel(), d))
+    assert torch.equal(eager_table, table)
+    for k, v in opt.state[table].items():
+        assert torch.equal(eager.state[eager_table][k], v)
 
 
 # ---------------------------------------------------------------------------------------------
