@@ -43,7 +43,8 @@ def _mem_available() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def estimate_bytes(mode: str, rows: int, d: int, elem: int, lookups: int, steps: int, state_alloc: str) -> int:
+def estimate_bytes(mode: str, rows: int, d: int, elem: int, lookups: int, steps: int,
+                   state_alloc: str) -> int:
     """Peak bytes of a mode: the table plus what the step adds (rough, for the skip decision)."""
     table = rows * d * elem
     touched = lookups * d * 16 + (64 << 20)  # gathered rows, their gradients, sort buffers, slack
@@ -101,7 +102,8 @@ def worker(args) -> None:
         table_opt = torch.optim.Adam([model.table], lr=2e-3, fused=True)
         rest_opt = torch.optim.AdamW(model.head.parameters(), lr=4e-4, weight_decay=0.1)
     else:
-        table_opt, rest_opt = optim.make_optimizers(model, base_lr=4e-4, weight_decay=0.1, state_alloc=args.state)
+        table_opt, rest_opt = optim.make_optimizers(model, base_lr=4e-4, weight_decay=0.1,
+                                                    state_alloc=args.state)
 
     # Zipfian n-gram popularity scattered over the table by a multiplicative hash, as hashed
     # n-gram rows are.
@@ -131,11 +133,12 @@ def worker(args) -> None:
             times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
     med = [sorted(col)[len(col) // 2] for col in zip(*times)]
     peak = _status_kib("VmHWM") * 1024
-    print(json.dumps(dict(mode=mode, fwd_s=med[0], bwd_s=med[1], opt_s=med[2], step_s=med[3],
-                          table_gib=R * d * DTYPES[args.dtype][1] / GIB, rss_start_gib=rss_start / GIB,
-                          rss_table_gib=rss_table / GIB, peak_gib=peak / GIB, extra_peak_gib=(peak - rss_table) / GIB,
-                          rss_end_gib=_status_kib("VmRSS") * 1024 / GIB, unique_rows=sum(unique) // len(unique),
-                          lookups=T * H)), flush=True)
+    print(json.dumps(dict(
+        mode=mode, fwd_s=med[0], bwd_s=med[1], opt_s=med[2], step_s=med[3],
+        table_gib=R * d * DTYPES[args.dtype][1] / GIB, rss_start_gib=rss_start / GIB,
+        rss_table_gib=rss_table / GIB, peak_gib=peak / GIB, extra_peak_gib=(peak - rss_table) / GIB,
+        rss_end_gib=_status_kib("VmRSS") * 1024 / GIB, unique_rows=sum(unique) // len(unique),
+        lookups=T * H)), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +154,14 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16, help="H lookups per token")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--zipf", type=float, default=1.05,
-                    help="Zipf exponent of row popularity (1.05: ~60%% of lookups are distinct rows, about the "
-                         "type/token ratio of bigrams and trigrams in a batch)")
+                    help="Zipf exponent of row popularity (1.05: ~60%% of lookups are distinct rows, about "
+                         "the type/token ratio of bigrams and trigrams in a batch)")
     ap.add_argument("--modes", default="dense,sparse,fused,adam")
     ap.add_argument("--mem-gib", type=float, default=None,
                     help="memory a mode may use (default: MemAvailable minus 2 GiB, at most 20 GiB)")
     ap.add_argument("--state", choices=["auto", "eager", "on_touch"], default="auto",
-                    help="Adam state allocation: eager (steady-state step times) or on_touch (only touched pages "
-                         "take memory, first touches fault); auto: eager when the whole state fits")
+                    help="Adam state allocation: eager (steady-state step times) or on_touch (only touched "
+                         "pages take memory, first touches fault); auto: eager when the whole state fits")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -174,18 +177,19 @@ def main() -> None:
         full = args.rows * args.d_head * elem + 2 * args.rows * args.d_head * 4 + args.rows * 4
         args.state = "eager" if full + args.rows * args.d_head * elem + (2 << 30) <= limit else "on_touch"
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; table {args.rows:,} x {args.d_head} {args.dtype} "
-          f"({args.rows * args.d_head * elem / GIB:.2f} GiB), {args.tokens} tokens x {args.heads} heads per step, "
-          f"memory limit {limit / GIB:.1f} GiB; table Adam state {args.state}")
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; table {args.rows:,} x {args.d_head} "
+          f"{args.dtype} ({args.rows * args.d_head * elem / GIB:.2f} GiB), {args.tokens} tokens x "
+          f"{args.heads} heads per step, memory limit {limit / GIB:.1f} GiB; table Adam state {args.state}")
     results = {}
     for mode in args.modes.split(","):
         need = estimate_bytes(mode, args.rows, args.d_head, elem, lookups, args.steps + 1, args.state)
         if need > limit:
             results[mode] = dict(mode=mode, skipped=f"needs ~{need / GIB:.1f} GiB > {limit / GIB:.1f} GiB")
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--rows", str(args.rows), "--d-head",
-               str(args.d_head), "--dtype", args.dtype, "--tokens", str(args.tokens), "--heads", str(args.heads),
-               "--steps", str(args.steps), "--zipf", str(args.zipf), "--state", args.state]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--rows", str(args.rows),
+               "--d-head", str(args.d_head), "--dtype", args.dtype, "--tokens", str(args.tokens),
+               "--heads", str(args.heads), "--steps", str(args.steps), "--zipf", str(args.zipf),
+               "--state", args.state]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             results[mode] = dict(mode=mode, skipped=f"failed (exit {proc.returncode}): "

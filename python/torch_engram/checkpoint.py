@@ -14,7 +14,8 @@ from torch import nn
 FORMAT = "torch_engram.checkpoint"
 VERSION = 1
 
-Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer | None] | Mapping[str, torch.optim.Optimizer | None]
+_Opt = torch.optim.Optimizer
+Optimizers = _Opt | Sequence[_Opt | None] | Mapping[str, _Opt | None]
 
 
 def _optimizer_states(optimizers: Optimizers | None):
@@ -106,15 +107,17 @@ def _load_optimizers(optimizers: Optimizers | None, states) -> None:
         pairs = [(o, s, i) for i, (o, s) in enumerate(zip(optimizers, states))]
     for opt, state, key in pairs:
         if (opt is None) != (state is None):
-            raise ValueError(f"load_checkpoint: optimizer {key!r} is {'None' if opt is None else 'given'} but the "
-                             f"checkpoint has {'none' if state is None else 'a state'} for it")
+            given = "None" if opt is None else "given"
+            saved = "none" if state is None else "a state"
+            raise ValueError(f"load_checkpoint: optimizer {key!r} is {given} but the checkpoint has {saved} "
+                             "for it")
         if opt is not None:
             opt.load_state_dict(state)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None, *,
-                    map_location: str | torch.device | None = "cpu", strict: bool = True, restore_rng: bool = True,
-                    weights_only: bool = True) -> Any:
+                    map_location: str | torch.device | None = "cpu", strict: bool = True,
+                    restore_rng: bool = True, weights_only: bool = True) -> Any:
     """Load a save_checkpoint file into `model` and `optimizers` (same structure as saved; None
     skips them) and return its `extra`. Tensors are read to `map_location` (default CPU) and then
     copied to where the parameters live; optimizer state keeps its saved dtypes. `restore_rng`

@@ -113,20 +113,23 @@ def row_gradient(grad: torch.Tensor, chunk_rows: int = 1 << 20) -> tuple[torch.T
     """
     if grad.layout == torch.sparse_coo:
         if grad.sparse_dim() != 1 or grad.dense_dim() != 1:
-            raise ValueError("SparseTableAdam: a sparse table gradient must have sparse_dim=1 and dense_dim=1 "
-                             f"([num_rows] sparse x [d_head] dense), got sparse_dim={grad.sparse_dim()}, "
-                             f"dense_dim={grad.dense_dim()}")
+            raise ValueError("SparseTableAdam: a sparse table gradient must have sparse_dim=1 and "
+                             "dense_dim=1 ([num_rows] sparse x [d_head] dense), got "
+                             f"sparse_dim={grad.sparse_dim()}, dense_dim={grad.dense_dim()}")
         if not grad.is_coalesced():
             grad = grad.coalesce()
         return grad._indices()[0], grad._values()
     if grad.layout != torch.strided:
-        raise ValueError(f"SparseTableAdam: table gradients must be dense or sparse COO, got layout {grad.layout}")
+        raise ValueError("SparseTableAdam: table gradients must be dense or sparse COO, got layout "
+                         f"{grad.layout}")
     if grad.dim() != 2:
-        raise ValueError(f"SparseTableAdam: a table gradient must be [num_rows, d_head], got {tuple(grad.shape)}")
+        raise ValueError("SparseTableAdam: a table gradient must be [num_rows, d_head], got "
+                         f"{tuple(grad.shape)}")
     # The scan reads the whole table-sized gradient: read it as int64 words where the layout allows
     # (several times faster than a floating-point compare), which flags every row with a non-zero
     # bit; the few candidates are then checked numerically, so rows of -0.0 do not count.
-    wide = grad.is_contiguous() and (grad.shape[1] * grad.element_size()) % 8 == 0 and grad.data_ptr() % 8 == 0
+    row_bytes = grad.shape[1] * grad.element_size()
+    wide = grad.is_contiguous() and row_bytes % 8 == 0 and grad.data_ptr() % 8 == 0
     parts = []
     for s in range(0, grad.shape[0], chunk_rows):
         chunk = grad[s:s + chunk_rows]
@@ -185,17 +188,18 @@ class SparseTableAdam(torch.optim.Optimizer):
             raise ValueError(f"SparseTableAdam: moment_dtype must be None, float32, float64 or bfloat16, "
                              f"got {moment_dtype}")
         if state_alloc not in ("on_touch", "eager"):
-            raise ValueError(f"SparseTableAdam: state_alloc must be 'on_touch' or 'eager', got {state_alloc!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype,
-                        state_alloc=state_alloc)
+            raise ValueError(f"SparseTableAdam: state_alloc must be 'on_touch' or 'eager', "
+                             f"got {state_alloc!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        moment_dtype=moment_dtype, state_alloc=state_alloc)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             if p.dim() != 2:
-                raise ValueError(f"SparseTableAdam: tables must be [num_rows, d_head], got a parameter of shape "
-                                 f"{tuple(p.shape)}")
+                raise ValueError("SparseTableAdam: tables must be [num_rows, d_head], got a parameter of "
+                                 f"shape {tuple(p.shape)}")
             _TABLE_OWNER[p] = weakref.ref(self)
 
     def _group_of(self, table: torch.Tensor) -> dict:
@@ -203,8 +207,9 @@ class SparseTableAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p is table:
                     return group
-        raise ValueError(f"{type(self).__name__}: the table [{', '.join(map(str, table.shape))}] is not one of "
-                         "this optimizer's parameters")
+        shape = ", ".join(map(str, table.shape))
+        raise ValueError(f"{type(self).__name__}: the table [{shape}] is not one of this optimizer's "
+                         "parameters")
 
     def _state_of(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -333,7 +338,10 @@ def fused_multihead_gather(table: torch.Tensor, rows: torch.Tensor,
 # Parameter split and the Engram recipe
 
 
-def split_table_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+def split_table_parameters(model: nn.Module) -> tuple[NamedParams, NamedParams]:
     """(tables, rest) as (qualified name, parameter) lists; each parameter appears once."""
     tables, rest, seen = [], [], set()
     for mod_name, module in model.named_modules():
@@ -364,7 +372,8 @@ def _table_grad_mode(module: nn.Module, param: nn.Parameter) -> str:
     return mode if mode is not None else getattr(module, "table_grad", "dense")
 
 
-def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0, table_lr_mult: float = 5.0, *,
+def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0, table_lr_mult: float = 5.0,
+                    *,
                     optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                     table_betas: tuple[float, float] | None = None, table_eps: float | None = None,
@@ -388,18 +397,20 @@ def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0,
     rest_opt = None
     if rest_groups:
         if optimizer_factory is None:
-            rest_opt = torch.optim.AdamW(rest_groups, lr=base_lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            rest_opt = torch.optim.AdamW(rest_groups, lr=base_lr, betas=betas, eps=eps,
+                                         weight_decay=weight_decay)
         else:
             rest_opt = optimizer_factory(rest_groups)
     return table_opt, rest_opt
 
 
-def attach_fused_adam(model: nn.Module, optimizer: SparseTableAdam | None = None, **adam_kwargs) -> SparseTableAdam:
+def attach_fused_adam(model: nn.Module, optimizer: SparseTableAdam | None = None,
+                      **adam_kwargs) -> SparseTableAdam:
     """Make `optimizer` (default: a new FusedTableAdam(**adam_kwargs)) the fused state of every
     module in `model` whose table_grad is "fused" (its `_fused_state`, read by Engram.gather).
     Tables it does not hold yet are added as a new param group. Returns the optimizer."""
-    fused = [m for m in model.modules()
-             if isinstance(getattr(m, "table", None), nn.Parameter) and _table_grad_mode(m, m.table) == "fused"]
+    fused = [m for m in model.modules() if isinstance(getattr(m, "table", None), nn.Parameter)
+             and _table_grad_mode(m, m.table) == "fused"]
     if optimizer is None:
         if not fused:
             raise ValueError("attach_fused_adam: the model has no module with table_grad='fused'")

@@ -166,11 +166,12 @@ def test_bias_correction_counts_each_rows_own_updates(device):
     before = table.clone()
     g = torch.Generator().manual_seed(0)
     for _ in range(500):
-        ops.sparse_adam_step(table, m, v, step, torch.tensor([0], device=device),
-                             torch.randn(1, D, generator=g, dtype=torch.float64).to(device), lr, 0.9, 0.999, 1e-12, 0.0)
+        g0 = torch.randn(1, D, generator=g, dtype=torch.float64).to(device)
+        ops.sparse_adam_step(table, m, v, step, torch.tensor([0], device=device), g0, lr, 0.9, 0.999, 1e-12,
+                             0.0)
     grad = torch.randn(1, D, generator=g, dtype=torch.float64).to(device)
-    ops.sparse_adam_step(table, m, v, step, torch.tensor([0, 2], device=device), torch.cat([grad, grad]), lr, 0.9,
-                         0.999, 1e-12, 0.0)
+    ops.sparse_adam_step(table, m, v, step, torch.tensor([0, 2], device=device), torch.cat([grad, grad]), lr,
+                         0.9, 0.999, 1e-12, 0.0)
     torch.testing.assert_close(before[2] - table[2], lr * grad[0].sign(), rtol=1e-9, atol=0)
     assert step.tolist() == [501, 0, 1, 0]
     # What per-row counting avoids: with a global count t the first update of a new row is
@@ -182,11 +183,12 @@ def test_bias_correction_counts_each_rows_own_updates(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_untouched_rows_bitwise_unchanged_and_empty_update(device):
     table, m, v, step = _state(32, 5, torch.float32, torch.float32, device)
-    ops.sparse_adam_step(table, m, v, step, torch.tensor([1, 2, 30], device=device), torch.ones(3, 5, device=device),
-                         0.1, 0.9, 0.999, 1e-8, 0.5)
+    ops.sparse_adam_step(table, m, v, step, torch.tensor([1, 2, 30], device=device),
+                         torch.ones(3, 5, device=device), 0.1, 0.9, 0.999, 1e-8, 0.5)
     snap = [t.clone() for t in (table, m, v, step)]
     rows = torch.tensor([2, 7], device=device)
-    ops.sparse_adam_step(table, m, v, step, rows, torch.randn(2, 5, device=device), 0.1, 0.9, 0.999, 1e-8, 0.5)
+    ops.sparse_adam_step(table, m, v, step, rows, torch.randn(2, 5, device=device), 0.1, 0.9, 0.999, 1e-8,
+                         0.5)
     keep = torch.ones(32, dtype=torch.bool, device=device)
     keep[rows] = False
     for a, b in zip((table, m, v, step), snap):
@@ -247,8 +249,8 @@ def test_fake_tensor_propagation():
         assert torch.ops.engram.sparse_adam_step(table, m, v, step, torch.tensor([1]), torch.randn(1, 8), 0.1,
                                                  0.9, 0.999, 1e-8, 0.0) is None
         with pytest.raises(Exception, match="grads must be"):
-            torch.ops.engram.sparse_adam_step(table, m, v, step, torch.tensor([1]), torch.randn(2, 8), 0.1, 0.9,
-                                              0.999, 1e-8, 0.0)
+            torch.ops.engram.sparse_adam_step(table, m, v, step, torch.tensor([1]), torch.randn(2, 8), 0.1,
+                                              0.9, 0.999, 1e-8, 0.0)
 
 
 BAD = [
@@ -281,13 +283,13 @@ BAD = [
 @pytest.mark.parametrize("mutate,match", BAD)
 def test_bad_inputs_raise_and_leave_state_alone(mutate, match):
     table, m, v, step = _state(16, 8, torch.float32, torch.float32, "cpu")
-    a = dict(table=table, m=m, v=v, step=step, rows=torch.tensor([1, 4]), grads=torch.ones(2, 8), lr=0.1, beta1=0.9,
-             beta2=0.999, eps=1e-8, wd=0.0)
+    a = dict(table=table, m=m, v=v, step=step, rows=torch.tensor([1, 4]), grads=torch.ones(2, 8), lr=0.1,
+             beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0)
     mutate(a)
     snap = [t.clone() for t in (table, m, v, step)]
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.engram.sparse_adam_step(a["table"], a["m"], a["v"], a["step"], a["rows"], a["grads"], a["lr"],
-                                          a["beta1"], a["beta2"], a["eps"], a["wd"])
+        torch.ops.engram.sparse_adam_step(a["table"], a["m"], a["v"], a["step"], a["rows"], a["grads"],
+                                          a["lr"], a["beta1"], a["beta2"], a["eps"], a["wd"])
     for x, y in zip((table, m, v, step), snap):
         assert torch.equal(x, y)
 
@@ -313,7 +315,8 @@ def test_dense_and_sparse_grads_give_the_same_update():
     # torch sums repeated ids in a different order for dense and sparse embedding gradients.
     torch.testing.assert_close(emb_d.weight, emb_s.weight, rtol=1e-6, atol=1e-7)
     for k in ("exp_avg", "exp_avg_sq", "row_step", "step"):
-        torch.testing.assert_close(opt_d.state[emb_d.weight][k], opt_s.state[emb_s.weight][k], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(opt_d.state[emb_d.weight][k], opt_s.state[emb_s.weight][k], rtol=1e-6,
+                                   atol=1e-9)
 
 
 def test_row_gradient_forms():
@@ -323,7 +326,9 @@ def test_row_gradient_forms():
     for g in (dense, dense.to(torch.bfloat16), dense[:, :3]):  # int64-word scans, and the plain one
         rows, vals = optim.row_gradient(g, chunk_rows=3)
         assert rows.tolist() == [2, 7] and torch.equal(vals, g[[2, 7]])
-    sparse = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), torch.ones(3, 3), (10, 3), check_invariants=True)  # uncoalesced
+    # Uncoalesced: row 7 twice, rows out of order.
+    sparse = torch.sparse_coo_tensor(torch.tensor([[7, 2, 7]]), torch.ones(3, 3), (10, 3),
+                                     check_invariants=True)
     rows, vals = optim.row_gradient(sparse)
     assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [2, 2, 2]]
     with pytest.raises(ValueError, match="sparse_dim=1 and dense_dim=1"):
@@ -542,8 +547,9 @@ def test_fused_applies_one_update_per_backward():
     ids, _ = _batch(0)
     for _ in range(3):  # gradient accumulation: three micro-batches, three updates
         model(ids).sum().backward()
-    assert torch.equal(opt.state[model.table]["row_step"][ids.unique()], torch.full((ids.unique().numel(),), 3,
-                                                                                     dtype=torch.int32))
+    touched = ids.unique()
+    assert torch.equal(opt.state[model.table]["row_step"][touched],
+                       torch.full((touched.numel(),), 3, dtype=torch.int32))
     assert model.table.grad is None
     before = model.table.detach().clone()
     opt.step()  # nothing left to do for a fused table
@@ -577,3 +583,38 @@ def test_fused_mode_under_torch_compile():
         step(compiled, ids).backward()
     torch.testing.assert_close(compiled.table, eager.table, rtol=1e-6, atol=1e-7)
     assert torch.equal(opts[1].state[compiled.table]["row_step"], opts[0].state[eager.table]["row_step"])
+
+
+@needs_gather
+def test_engram_modules_train_alike_in_all_three_modes():
+    import torch_engram as te
+
+    cfg = te.EngramConfig(engram_vocab_size=(211, 307), max_ngram_size=3, n_embed_per_ngram=8,
+                          n_head_per_ngram=2, layer_ids=(1, 3), pad_id=0, compressed_vocab_size=50)
+
+    def train(mode):
+        torch.manual_seed(0)
+        hasher = te.NgramHasher(cfg)
+        model = nn.ModuleList([te.Engram(cfg, layer, 16, hasher=hasher, table_grad=mode, dtype=torch.float64)
+                               for layer in cfg.layer_ids])
+        table_opt, rest_opt = optim.make_optimizers(model, base_lr=1e-2, weight_decay=0.1)
+        assert len(table_opt.param_groups[0]["params"]) == 2
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            ids = torch.randint(0, 50, (2, 9), generator=g)
+            hidden = torch.randn(2, 9, 16, generator=g, dtype=torch.float64)
+            for o in (table_opt, rest_opt):
+                o.zero_grad()
+            sum((m(hidden, input_ids=ids) * hidden).sum() for m in model).backward()
+            for o in (table_opt, rest_opt):
+                o.step()
+        return model
+
+    dense = train("dense")
+    for mode in ("sparse", "fused"):
+        other = train(mode)
+        for (name, a), (_, b) in zip(dense.named_parameters(), other.named_parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"{mode}: {name}")
+    torch.manual_seed(0)
+    untrained = te.Engram(cfg, 1, 16, hasher=te.NgramHasher(cfg), dtype=torch.float64)
+    assert not torch.equal(untrained.table, dense[0].table)  # the comparison above compared trained tables

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 
-def sparse_adam_step(table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_step: torch.Tensor,
-                     rows: torch.Tensor, grads: torch.Tensor, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                     eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+def sparse_adam_step(table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     row_step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, lr: float,
+                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                     weight_decay: float = 0.0) -> None:
     """In place, for each r = rows[i] (strictly increasing), with s = ++row_step[r]:
 
         table[r] *= 1 - lr * weight_decay
