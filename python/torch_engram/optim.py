@@ -23,6 +23,8 @@ optimizer for the rest) is `make_optimizers`.
 from __future__ import annotations
 
 import mmap
+import platform
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -61,6 +63,11 @@ def is_table(param: torch.Tensor, module: nn.Module | None = None, name: str | N
 # State allocation
 
 
+# Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and platform.machine() in (
+    "x86_64", "AMD64", "i686", "aarch64", "arm64", "armv7l", "riscv64") else 0)
+
+
 def _zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros whose host memory is only committed when written.
 
@@ -69,6 +76,7 @@ def _zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     the kernel page by page on first write: the moments of untouched rows cost address space, not
     memory (page granularity, 4 KiB = 16 rows of 64 float32). Huge pages are refused for the
     mapping, since one touched row would commit 2 MiB. Elsewhere (CUDA, small states) torch.zeros.
+    Touching more state than memory holds ends in the OOM killer, not in an allocation error.
     """
     device = torch.device(device)
     numel = 1
@@ -77,7 +85,10 @@ def _zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < (1 << 20) or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # No swap reservation: the state may be larger than memory (that is the point); the kernel's
+    # heuristic overcommit check would refuse a mapping larger than RAM + swap outright.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    buf = mmap.mmap(-1, nbytes, flags=flags)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     # frombuffer keeps `buf` alive for as long as the tensor's storage lives.

@@ -392,6 +392,13 @@ def test_state_memory_is_committed_only_for_touched_rows():
     assert opt.state[table]["exp_avg"].shape == (rows, d)
     assert grown < 32 << 20, f"state committed {grown / 2**20:.1f} MiB for 200 rows"
     assert opt.state[table]["exp_avg"][idx].ne(0).all() and opt.state[table]["exp_avg"].sum() != 0
+    # State larger than the machine's memory is only address space until touched.
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    huge = optim._zeros_on_touch((total // 128, 64), torch.float32, torch.device("cpu"))  # 2x MemTotal
+    huge[12345] = 1.0
+    assert huge[12345].sum() == 64 and huge[-1].sum() == 0
+    del huge
     eager_table = nn.Parameter(torch.zeros(rows, d))
     eager = optim.SparseTableAdam([eager_table], lr=0.1, state_alloc="eager")
     with torch.no_grad():
