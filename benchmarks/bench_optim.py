@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -131,7 +132,7 @@ def worker(args) -> None:
         t3 = time.perf_counter()
         if step:
             times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-    med = [sorted(col)[len(col) // 2] for col in zip(*times)]
+    med = [statistics.median(col) for col in zip(*times)]
     peak = _status_kib("VmHWM") * 1024
     print(json.dumps(dict(
         mode=mode, fwd_s=med[0], bwd_s=med[1], opt_s=med[2], step_s=med[3],

@@ -117,7 +117,8 @@ def row_gradient(grad: torch.Tensor, chunk_rows: int = 1 << 20) -> tuple[torch.T
     """(rows [U] int64 strictly increasing, values [U, d_head]) of a table gradient.
 
     A sparse COO gradient must have one sparse and one dense dimension (as from an embedding or
-    multihead_gather with sparse_grad=True); it is coalesced if it is not. A dense gradient gives
+    multihead_gather with sparse_grad=True); it is coalesced unless its rows are already strictly
+    increasing. A dense gradient gives
     the rows with any non-zero entry: a touched row whose gradient is exactly zero is then
     indistinguishable from an untouched one and is skipped (the sparse paths would decay its
     moments). Dense rows are scanned in chunks to bound the temporaries.
@@ -127,9 +128,14 @@ def row_gradient(grad: torch.Tensor, chunk_rows: int = 1 << 20) -> tuple[torch.T
             raise ValueError("SparseTableAdam: a sparse table gradient must have sparse_dim=1 and "
                              "dense_dim=1 ([num_rows] sparse x [d_head] dense), got "
                              f"sparse_dim={grad.sparse_dim()}, dense_dim={grad.dense_dim()}")
-        if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        # torch's AccumulateGrad rebuilds a sparse .grad without its is_coalesced flag, so the
+        # sorted unique rows of multihead_gather arrive flagged uncoalesced; coalesce() would sort
+        # and sum again (0.2 s for 80k bfloat16 rows). Strictly increasing rows are coalesced.
+        if not grad.is_coalesced() and rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
             grad = grad.coalesce()
-        return grad._indices()[0], grad._values()
+            rows = grad._indices()[0]
+        return rows, grad._values()
     if grad.layout != torch.strided:
         raise ValueError("SparseTableAdam: table gradients must be dense or sparse COO, got layout "
                          f"{grad.layout}")

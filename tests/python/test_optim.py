@@ -331,6 +331,10 @@ def test_row_gradient_forms():
                                      check_invariants=True)
     rows, vals = optim.row_gradient(sparse)
     assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [2, 2, 2]]
+    sorted_unflagged = torch.sparse_coo_tensor(torch.tensor([[2, 7]]), torch.ones(2, 3), (10, 3))
+    assert not sorted_unflagged.is_coalesced()  # as AccumulateGrad hands over multihead_gather's gradient
+    rows, vals = optim.row_gradient(sorted_unflagged)
+    assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="sparse_dim=1 and dense_dim=1"):
         optim.row_gradient(torch.zeros(10, 3).to_sparse())
     with pytest.raises(ValueError, match=r"must be \[num_rows, d_head\]"):
