@@ -331,7 +331,8 @@ def test_row_gradient_forms():
                                      check_invariants=True)
     rows, vals = optim.row_gradient(sparse)
     assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [2, 2, 2]]
-    sorted_unflagged = torch.sparse_coo_tensor(torch.tensor([[2, 7]]), torch.ones(2, 3), (10, 3))
+    sorted_unflagged = torch.sparse_coo_tensor(torch.tensor([[2, 7]]), torch.ones(2, 3), (10, 3),
+                                               check_invariants=True)
     assert not sorted_unflagged.is_coalesced()  # as AccumulateGrad hands over multihead_gather's gradient
     rows, vals = optim.row_gradient(sorted_unflagged)
     assert rows.tolist() == [2, 7] and vals.tolist() == [[1, 1, 1], [1, 1, 1]]
