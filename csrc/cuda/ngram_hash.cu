@@ -10,34 +10,31 @@
 // when its host-side layout (rows_per_layer) is below 2^31 rows, so the int32 assertion never
 // fires through it.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/macros/Macros.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda_utils.cuh"
 #include "engram/hash.h"
 #include "engram/ngram_hash_check.h"
-
-#ifndef CUDA_KERNEL_ASSERT_MSG
-#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
-#endif
+#include "engram/ngram_window.h"
 
 namespace engram {
 namespace {
 
 constexpr int kTokensPerBlock = 128;
-// Static shared memory is limited to 48 KiB without opting in per kernel.
+// Dynamic shared memory beyond 48 KiB would need a per-kernel opt-in; the layout never needs it.
 constexpr size_t kSharedLimit = 48 * 1024;
 
 struct HashParams {
-  const void* ids;  // [B, T], id_t
-  const int64_t* lut;        // [num_ids] or nullptr
-  const bool* doc_start;     // [B, T] or nullptr
-  const uint64_t* mult;      // [L, N]
-  const int64_t* primes;     // [L, H]
-  const int64_t* offsets;    // [L, H]
-  void* out;                 // [L, B, T, H], out_t
+  const void* ids;         // [B, T], id_t
+  const int64_t* lut;      // [num_ids] or nullptr
+  const bool* doc_start;   // [B, T] or nullptr
+  const uint64_t* mult;    // [L, N]
+  const int64_t* primes;   // [L, H]
+  const int64_t* offsets;  // [L, H]
+  void* out;               // [L, B, T, H], out_t
   int64_t num_ids, pad_id, B, T;
   int L, N, H, K;
   bool oov_to_pad;
@@ -75,48 +72,23 @@ __global__ void __launch_bounds__(kTokensPerBlock) ngram_hash_kernel(HashParams 
   const bool active = i < BT;
   const id_t* x = static_cast<const id_t*>(p.ids);
 
-  // Compressed ids of the window t, t-1, ..., t-N+1 (same rule as the CPU kernel): pads before
-  // the sequence start and from the first shift that crosses a document start onwards. N is
-  // small; the window stays in registers/local memory.
+  // The window of compressed ids (engram/ngram_window.h, shared with GoogleTest); N is small and
+  // the window stays in registers or local memory.
   constexpr int kMaxN = 16;
   uint64_t xs[kMaxN];
   if (active) {
     const int64_t b = i / p.T, t = i - b * p.T;
-    bool crossed = false;
-    for (int k = 0; k < p.N; ++k) {
-      const int64_t s = t - k;
-      if (s < 0 || crossed) {
-        xs[k] = static_cast<uint64_t>(p.pad_id);
-        continue;
-      }
-      const int64_t raw = static_cast<int64_t>(x[b * p.T + s]);
-      int64_t c;
-      if (raw < 0 || raw >= p.num_ids) {
-        CUDA_KERNEL_ASSERT_MSG(p.oov_to_pad,
-                               "ngram_hash: ids must lie in [0, num_ids); pass oov_to_pad=True to map them to pad_id");
-        c = p.pad_id;
-      } else {
-        c = p.lut ? p.lut[raw] : raw;
-      }
-      xs[k] = static_cast<uint64_t>(c);
-      if (p.doc_start && p.doc_start[b * p.T + s]) crossed = true;
-    }
+    const int64_t bad = ngram_window<id_t>(x + b * p.T, p.doc_start ? p.doc_start + b * p.T : nullptr, t, p.N, p.lut,
+                                           p.num_ids, p.pad_id, xs);
+    CUDA_KERNEL_ASSERT_MSG(bad < 0 || p.oov_to_pad,
+                           "ngram_hash: ids must lie in [0, num_ids); pass oov_to_pad=True to map them to pad_id");
   }
 
   out_t* out = static_cast<out_t*>(p.out);
   const int64_t n_tok = min(static_cast<int64_t>(kTokensPerBlock), BT - first);
   for (int l = 0; l < p.L; ++l) {
     out_t* dst = kStage ? stage + threadIdx.x * p.H : out + (static_cast<int64_t>(l) * BT + i) * p.H;
-    if (active) {
-      uint64_t h = xs[0] * mult[l * p.N];
-      for (int k = 1; k < p.N; ++k) {
-        h = mix_step(h, xs[k], mult[l * p.N + k]);
-        for (int j = 0; j < p.K; ++j) {
-          const int c = l * p.H + (k - 1) * p.K + j;
-          dst[(k - 1) * p.K + j] = static_cast<out_t>(static_cast<int64_t>(fastmod(h, mods[c])) + offs[c]);
-        }
-      }
-    }
+    if (active) ngram_rows<out_t>(xs, p.N, p.K, mult + l * p.N, mods + l * p.H, offs + l * p.H, dst);
     if constexpr (kStage) {
       __syncthreads();
       // The block's tokens of layer l are one contiguous run of n_tok * H outputs.
