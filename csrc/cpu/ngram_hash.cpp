@@ -183,9 +183,10 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
-  // Widening int32 ids once keeps one kernel per output type.
-  auto ids_l = ids_c.to(at::kLong);
-  HashArgs a{ids_l.data_ptr<int64_t>(), ids.size(0), ids.size(1), L, multipliers.size(1), H,
+  // int32 ids are read as they are (no widened copy to allocate and fault in).
+  const bool ids32 = ids_c.scalar_type() == at::kInt;
+  HashArgs a{ids32 ? nullptr : ids_c.data_ptr<int64_t>(), ids32 ? ids_c.data_ptr<int32_t>() : nullptr,
+             ids.size(0), ids.size(1), L, multipliers.size(1), H,
              lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
              pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
@@ -212,7 +213,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   });
   const int64_t bad = bad_index.load();
   TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",
-              a.x[bad], " at [", bad / a.T, ", ", bad % a.T, "]; pass oov_to_pad=True to map such ids to the pad id");
+              cpu::raw_id(a, bad), " at [", bad / a.T, ", ", bad % a.T, "]; pass oov_to_pad=True to map such ids to the pad id");
   return out;
 }
 

@@ -9,7 +9,8 @@
 namespace engram::cpu {
 
 struct HashArgs {
-  const int64_t* x;  // raw ids [B, T] (int32 ids are widened first)
+  const int64_t* x;    // raw ids [B, T] when int64, else nullptr
+  const int32_t* x32;  // raw ids [B, T] when int32, else nullptr
   int64_t B, T, L, N, H;
   const int64_t* lut;  // nullptr: ids are already compressed
   int64_t num_ids;
@@ -81,13 +82,14 @@ int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out);
 int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out);
 
+inline int64_t raw_id(const HashArgs& a, int64_t i) { return a.x ? a.x[i] : a.x32[i]; }
+
 // Compressed ids of positions [first, t1) of sequence b, each LUT entry read once:
 // store(s, x'[s]). Out-of-range ids become the pad id; the first one (flat index) is kept in bad.
 template <typename Store>
 inline void compress_ids(const HashArgs& a, int64_t b, int64_t first, int64_t t1, Store store, int64_t& bad) {
-  const int64_t* x = a.x + b * a.T;
   for (int64_t s = first; s < t1; ++s) {
-    const int64_t raw = x[s];
+    const int64_t raw = raw_id(a, b * a.T + s);
     int64_t c;
     if (raw < 0 || raw >= a.num_ids) {
       if (!a.oov_to_pad && bad < 0) bad = b * a.T + s;

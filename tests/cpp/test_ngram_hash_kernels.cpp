@@ -99,7 +99,7 @@ struct Problem {
 
   int64_t H() const { return (N - 1) * K; }
   HashArgs args() const {
-    return HashArgs{ids.data(), B, T, L, N, H(), lut.empty() ? nullptr : lut.data(), num_ids, m.data(), p.data(),
+    return HashArgs{ids.data(), nullptr, B, T, L, N, H(), lut.empty() ? nullptr : lut.data(), num_ids, m.data(), p.data(),
                     magic.data(), off.data(), pad,
                     doc.empty() ? nullptr : reinterpret_cast<const bool*>(doc.data()), oov_to_pad};
   }

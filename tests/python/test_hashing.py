@@ -146,6 +146,7 @@ def test_cpu_kernels_match_numpy_official(name, B, T, cpu_kernel):
                                    len(cfg.layer_ids), cfg.n_head_per_ngram), cfg.pad_id)
     assert np.array_equal(hasher(ids).numpy().astype(np.int64), expected)
     assert np.array_equal(hasher(ids, out_dtype=torch.int64).numpy(), expected)
+    assert np.array_equal(hasher(ids.int()).numpy().astype(np.int64), expected)  # int32 ids read as is
 
 
 @pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64])
@@ -240,6 +241,8 @@ def test_bad_input_errors():
         hasher(torch.tensor([[1, -100, 3]]))
     with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 100\).*got 100 at \[0, 2\]"):
         hasher(torch.tensor([[1, 2, 100]]))
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 100\).*got -7 at \[1, 0\]"):
+        hasher(torch.tensor([[1, 2, 3], [-7, 4, 5]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="ids must be \\[batch, seq\\]"):
         hasher(torch.tensor([1, 2, 3]))
     with pytest.raises(RuntimeError, match="ids must be int64 or int32"):
