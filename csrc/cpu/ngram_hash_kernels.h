@@ -86,10 +86,12 @@ inline int64_t raw_id(const HashArgs& a, int64_t i) { return a.x ? a.x[i] : a.x3
 
 // Compressed ids of positions [first, t1) of sequence b, each LUT entry read once:
 // store(s, x'[s]). Out-of-range ids become the pad id; the first one (flat index) is kept in bad.
-template <typename Store>
-inline void compress_ids(const HashArgs& a, int64_t b, int64_t first, int64_t t1, Store store, int64_t& bad) {
+template <typename id_t, typename Store>
+inline void compress_ids(const HashArgs& a, const id_t* x, int64_t b, int64_t first, int64_t t1, Store store,
+                         int64_t& bad) {
+  x += b * a.T;
   for (int64_t s = first; s < t1; ++s) {
-    const int64_t raw = raw_id(a, b * a.T + s);
+    const int64_t raw = x[s];
     int64_t c;
     if (raw < 0 || raw >= a.num_ids) {
       if (!a.oov_to_pad && bad < 0) bad = b * a.T + s;
@@ -98,6 +100,15 @@ inline void compress_ids(const HashArgs& a, int64_t b, int64_t first, int64_t t1
       c = a.lut ? a.lut[raw] : raw;
     }
     store(s, static_cast<uint64_t>(c));
+  }
+}
+
+template <typename Store>
+inline void compress_ids(const HashArgs& a, int64_t b, int64_t first, int64_t t1, Store store, int64_t& bad) {
+  if (a.x) {
+    compress_ids(a, a.x, b, first, t1, store, bad);
+  } else {
+    compress_ids(a, a.x32, b, first, t1, store, bad);
   }
 }
 
