@@ -1,6 +1,6 @@
-// AVX-512 and AVX2 kernels of the CPU ngram_hash op: the double-quotient modulo of engram/hash.h
-// (dmod) with one SIMD lane per head. Each function carries its own target attribute and
-// ngram_hash.cpp calls it only on a CPU that has the instructions, so the library loads anywhere.
+// AVX-512 kernel of the CPU ngram_hash op: the double-quotient modulo of engram/hash.h (dmod)
+// with one SIMD lane per head, in intrinsics. Its functions carry their own target attribute and
+// ngram_hash.cpp calls them only on a CPU that has the instructions, so the library loads anywhere.
 #include <type_traits>
 
 #include "engram/hash.h"
@@ -24,66 +24,12 @@ namespace engram::cpu {
 namespace {
 
 #define ENGRAM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
-#define ENGRAM_AVX2 __attribute__((target("avx2,fma")))
-#define ENGRAM_INLINE inline __attribute__((always_inline))
 
-// Both kernels: one layer at a time over a segment of tokens (so the layer's constants stay in
-// registers), the order hashes of each token mixed in scalar registers (AVX2 has no 64-bit lane
-// multiply, and with AVX-512 the lane shuffles that a vector mix needs cost more than they save),
-// then each group of heads of one order takes its hash by a broadcast load. The quotient
-// estimates are doubles (one FMA per 4 or 8 heads); their low 32 bits are packed into int32
-// lanes, where the rest of dmod runs.
-
-// Compressed ids of segment [t0, t1) of sequence b in reverse, xr[j] = x'[t1 - 1 - j], so that
-// the window x'[t], x'[t-1], ..., x'[t-N+1] of token t is the contiguous xr[t1 - 1 - t ..].
-// Positions before the sequence start hold the pad id.
-void fill_reversed(const HashArgs& a, int64_t b, int64_t t0, int64_t t1, std::vector<uint64_t>& xr, int64_t& bad) {
-  xr.assign(t1 - t0 + (a.N - 1), static_cast<uint64_t>(a.pad_id));
-  uint64_t* last = xr.data() + (t1 - 1);  // last - s is the slot of position s
-  compress_ids(a, b, std::max<int64_t>(0, t0 - (a.N - 1)), t1, [last](int64_t s, uint64_t c) { *(last - s) = c; },
-               bad);
-}
-
-// Runs layer(l, xr, dist, n, row0) over the segments of tokens [begin, end): xr as above, n
-// tokens, row0 the flat index of the segment's first token. With document starts, dist[u] is
-// the distance from token u back to the latest document start at or before it (or to the
-// sequence start): window lane k is a real id iff k <= dist[u], the pad id otherwise.
-template <typename Layer>
-int64_t for_each_segment(const HashArgs& a, int64_t begin, int64_t end, Layer layer) {
-  std::vector<uint64_t> xr;
-  std::vector<int64_t> dist;
-  int64_t bad = -1;
-  for (int64_t seg = begin; seg < end;) {
-    const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg)), n = t1 - t0;
-    fill_reversed(a, b, t0, t1, xr, bad);
-    if (a.doc_start) {
-      const bool* ds = a.doc_start + b * a.T;
-      int64_t last_start = last_doc_start_before(ds, t0, a.N);
-      dist.resize(n);
-      for (int64_t t = t0; t < t1; ++t) {
-        if (ds[t]) last_start = t;
-        dist[t - t0] = t - std::max<int64_t>(last_start, 0);
-      }
-    }
-    for (int64_t l = 0; l < a.L; ++l) layer(l, xr.data(), dist.data(), n, seg);
-    seg += n;
-  }
-  return bad;
-}
-
-// The order hashes of one token: hd[n - 1] = double(h_n), hlo[n - 1] = low 32 bits of h_n, for
-// orders n = 2..N (w: the token's window, m: the layer's multipliers).
-template <bool DOC>
-ENGRAM_INLINE void mix_orders(const uint64_t* w, const uint64_t* m, int64_t N, int64_t dist, uint64_t pad,
-                              double* hd, uint32_t* hlo) {
-  uint64_t h = w[0] * m[0];
-  for (int64_t k = 1; k < N; ++k) {
-    h = mix_step(h, (!DOC || k <= dist) ? w[k] : pad, m[k]);
-    hd[k] = static_cast<double>(h);
-    hlo[k] = static_cast<uint32_t>(h);
-  }
-}
+// One layer at a time over a segment of tokens (so the layer's constants stay in registers), the
+// order hashes of each token mixed in scalar registers (a vector mix needs lane shuffles that
+// cost more than they save), then each half chunk of 8 heads of one order takes its hash by a
+// broadcast load. The quotient estimates are doubles (one FMA per 8 heads); their low 32 bits
+// are packed into 16 int32 lanes, where the rest of dmod runs.
 
 // ---- AVX-512: chunks of 16 heads, needs K % 8 == 0 (each half chunk has one order) ----------
 
@@ -96,8 +42,8 @@ struct Chunk512 {
 };
 
 template <typename out_t>
-ENGRAM_AVX512 inline Chunk512 load_chunk(const HashArgs& a, const SimdPlan& s, int64_t l, int64_t h0) {
-  const int64_t HP = s.chunks * SimdPlan::kChunk, left = a.H - h0;
+ENGRAM_AVX512 inline Chunk512 load_chunk(const HashArgs& a, const DmodPlan& s, int64_t l, int64_t h0) {
+  const int64_t HP = s.stride(), left = a.H - h0;
   Chunk512 c;
   c.inv_a = _mm512_loadu_pd(s.inv.data() + l * HP + h0);
   c.inv_b = _mm512_loadu_pd(s.inv.data() + l * HP + h0 + 8);
@@ -166,9 +112,9 @@ ENGRAM_AVX512 ENGRAM_INLINE void hash_chunk(const Chunk512& c, const double* hd,
 // row of token u at row + u * H. C > 0: the layer has exactly C chunks, whose constants stay in
 // registers; C = 0: any number, reloaded per token.
 template <typename out_t, bool DOC, int C>
-ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
+ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const DmodPlan& s, int64_t l, const uint64_t* xr,
                                 const int64_t* dist, int64_t n, out_t* __restrict row) {
-  constexpr int64_t kC = SimdPlan::kChunk;
+  constexpr int64_t kC = DmodPlan::kChunk;
   const int64_t H = a.H, N = a.N;
   const uint64_t pad = static_cast<uint64_t>(a.pad_id);
   const uint64_t* m = a.m + l * N;
@@ -177,12 +123,17 @@ ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l,
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) chunk[c] = load_chunk<out_t>(a, s, l, c * kC);
   }
-  // [0] is read only by padding heads.
+  // hd[n - 1] = double(h_n), hlo[n - 1] = its low 32 bits; [0] is read only by padding heads.
   double hd[16] = {0.0};
   uint32_t hlo[16] = {0};
   const uint64_t* w = xr + (n - 1);
   for (int64_t u = 0; u < n; ++u, --w, row += H) {
-    mix_orders<DOC>(w, m, N, DOC ? dist[u] : 0, pad, hd, hlo);
+    uint64_t h = w[0] * m[0];
+    for (int64_t k = 1; k < N; ++k) {
+      h = mix_step(h, (!DOC || k <= dist[u]) ? w[k] : pad, m[k]);
+      hd[k] = static_cast<double>(h);
+      hlo[k] = static_cast<uint32_t>(h);
+    }
     if constexpr (C > 0) {
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) hash_chunk<out_t>(chunk[c], hd, hlo, row + c * kC);
@@ -193,9 +144,9 @@ ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const SimdPlan& s, int64_t l,
 }
 
 template <typename out_t, bool DOC>
-int64_t avx512_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
+int64_t avx512_run(const HashArgs& a, const DmodPlan& s, int64_t begin, int64_t end, out_t* o) {
   return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n,
-                                             int64_t seg) {
+                                             int64_t seg) ENGRAM_INLINE_LAMBDA {
     out_t* row = o + (l * a.B * a.T + seg) * a.H;
     switch (s.chunks) {
       case 1:
@@ -208,140 +159,24 @@ int64_t avx512_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t 
   });
 }
 
-// ---- AVX2: groups of 8 heads, needs K % 4 == 0 (each half group has one order) ---------------
-// The packed quotient halves come out in the lane order a0 a1 b0 b1 a2 a3 b2 b3 (a, b: the two
-// half groups), which SimdPlan::p_avx2 follows; one permute restores the head order.
-
-struct Group256 {
-  __m256d inv_a, inv_b;  // 1 / p of heads 0-3 and 4-7
-  __m256i p;             // in the lane order above
-  __m256i off_a, off_b;  // int32 output: 8 offsets in off_a; int64: heads 0-3 and 4-7
-  int64_t oa, ob;        // order lane (n - 1) of heads 0-3 and 4-7
-  bool full;             // 8 heads (else 4: H is a multiple of 4)
-};
-
 template <typename out_t>
-ENGRAM_AVX2 inline Group256 load_group(const HashArgs& a, const SimdPlan& s, int64_t l, int64_t h0) {
-  const int64_t HP = s.chunks * SimdPlan::kChunk;
-  Group256 g;
-  g.inv_a = _mm256_loadu_pd(s.inv.data() + l * HP + h0);
-  g.inv_b = _mm256_loadu_pd(s.inv.data() + l * HP + h0 + 4);
-  g.p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p_avx2.data() + l * HP + h0));
-  g.oa = s.order_lane[h0];
-  g.ob = s.order_lane[h0 + 4];
-  g.full = a.H - h0 >= 8;
-  if constexpr (std::is_same_v<out_t, int32_t>) {
-    g.off_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.off32.data() + l * HP + h0));
-    g.off_b = _mm256_setzero_si256();
-  } else {
-    const int64_t* off = a.off + l * a.H + h0;
-    g.off_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
-    g.off_b = g.full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 4)) : _mm256_setzero_si256();
-  }
-  return g;
-}
-
-template <typename out_t>
-ENGRAM_AVX2 ENGRAM_INLINE void hash_group(const Group256& g, const double* hd, const uint32_t* hlo, out_t* dst) {
-  const __m256d round = _mm256_set1_pd(kDmodRound);
-  const __m256d ta = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.oa), g.inv_a, round);
-  const __m256d tb = _mm256_fmadd_pd(_mm256_broadcast_sd(hd + g.ob), g.inv_b, round);
-  const __m256i q =
-      _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castpd_ps(ta), _mm256_castpd_ps(tb), _MM_SHUFFLE(2, 0, 2, 0)));
-  const __m256i hl = _mm256_blend_epi32(_mm256_set1_epi32(static_cast<int>(hlo[g.oa])),
-                                        _mm256_set1_epi32(static_cast<int>(hlo[g.ob])), 0xCC);
-  __m256i r = _mm256_sub_epi32(hl, _mm256_mullo_epi32(q, g.p));
-  r = _mm256_min_epu32(r, _mm256_add_epi32(r, g.p));  // r in [-p, p) -> [0, p)
-  r = _mm256_permute4x64_epi64(r, _MM_SHUFFLE(3, 1, 2, 0));
-  if constexpr (std::is_same_v<out_t, int32_t>) {
-    r = _mm256_add_epi32(r, g.off_a);
-    if (g.full) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
-    }
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                        _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(r)), g.off_a));
-    if (g.full) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
-                          _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(r, 1)), g.off_b));
-    }
-  }
-}
-
-// As avx512_layer, with G groups of 8 heads (G = 0: any number).
-template <typename out_t, bool DOC, int G>
-ENGRAM_AVX2 void avx2_layer(const HashArgs& a, const SimdPlan& s, int64_t l, const uint64_t* xr,
-                            const int64_t* dist, int64_t n, out_t* __restrict row) {
-  const int64_t H = a.H, N = a.N;
-  const uint64_t pad = static_cast<uint64_t>(a.pad_id);
-  const uint64_t* m = a.m + l * N;
-  Group256 group[G > 0 ? G : 1];
-  if constexpr (G > 0) {
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) group[g] = load_group<out_t>(a, s, l, g * 8);
-  }
-  double hd[16] = {0.0};
-  uint32_t hlo[16] = {0};
-  const uint64_t* w = xr + (n - 1);
-  for (int64_t u = 0; u < n; ++u, --w, row += H) {
-    mix_orders<DOC>(w, m, N, DOC ? dist[u] : 0, pad, hd, hlo);
-    if constexpr (G > 0) {
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) hash_group<out_t>(group[g], hd, hlo, row + g * 8);
-    } else {
-      for (int64_t h0 = 0; h0 < H; h0 += 8) hash_group<out_t>(load_group<out_t>(a, s, l, h0), hd, hlo, row + h0);
-    }
-  }
-}
-
-template <typename out_t, bool DOC>
-int64_t avx2_run(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* o) {
-  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n,
-                                             int64_t seg) {
-    out_t* row = o + (l * a.B * a.T + seg) * a.H;
-    switch ((a.H + 7) / 8) {
-      case 2:
-        return avx2_layer<out_t, DOC, 2>(a, s, l, xr, dist, n, row);
-      case 3:
-        return avx2_layer<out_t, DOC, 3>(a, s, l, xr, dist, n, row);
-      default:
-        return avx2_layer<out_t, DOC, 0>(a, s, l, xr, dist, n, row);
-    }
-  });
-}
-
-template <typename out_t>
-int64_t hash_range(HashIsa isa, const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, out_t* out) {
-  if (isa == HashIsa::kAvx512) {
-    return a.doc_start ? avx512_run<out_t, true>(a, s, begin, end, out)
-                       : avx512_run<out_t, false>(a, s, begin, end, out);
-  }
-  return a.doc_start ? avx2_run<out_t, true>(a, s, begin, end, out) : avx2_run<out_t, false>(a, s, begin, end, out);
+int64_t avx512_range(const HashArgs& a, const DmodPlan& s, int64_t begin, int64_t end, out_t* out) {
+  return a.doc_start ? avx512_run<out_t, true>(a, s, begin, end, out) : avx512_run<out_t, false>(a, s, begin, end, out);
 }
 
 }  // namespace
 
-int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return hash_range(HashIsa::kAvx512, a, s, begin, end, out);
+int64_t hash_range_avx512(const HashArgs& a, const DmodPlan& s, int64_t begin, int64_t end, int32_t* out) {
+  return avx512_range(a, s, begin, end, out);
 }
-int64_t hash_range_avx512(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return hash_range(HashIsa::kAvx512, a, s, begin, end, out);
-}
-int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int32_t* out) {
-  return hash_range(HashIsa::kAvx2, a, s, begin, end, out);
-}
-int64_t hash_range_avx2(const HashArgs& a, const SimdPlan& s, int64_t begin, int64_t end, int64_t* out) {
-  return hash_range(HashIsa::kAvx2, a, s, begin, end, out);
+int64_t hash_range_avx512(const HashArgs& a, const DmodPlan& s, int64_t begin, int64_t end, int64_t* out) {
+  return avx512_range(a, s, begin, end, out);
 }
 
 #else  // not x86-64: ngram_hash_isa() never selects these
 
-int64_t hash_range_avx512(const HashArgs&, const SimdPlan&, int64_t, int64_t, int32_t*) { return -1; }
-int64_t hash_range_avx512(const HashArgs&, const SimdPlan&, int64_t, int64_t, int64_t*) { return -1; }
-int64_t hash_range_avx2(const HashArgs&, const SimdPlan&, int64_t, int64_t, int32_t*) { return -1; }
-int64_t hash_range_avx2(const HashArgs&, const SimdPlan&, int64_t, int64_t, int64_t*) { return -1; }
+int64_t hash_range_avx512(const HashArgs&, const DmodPlan&, int64_t, int64_t, int32_t*) { return -1; }
+int64_t hash_range_avx512(const HashArgs&, const DmodPlan&, int64_t, int64_t, int64_t*) { return -1; }
 
 #endif
 

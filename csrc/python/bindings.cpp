@@ -17,9 +17,9 @@ PYBIND11_MODULE(_C, m) {
         "Table sizes primes[layer][order-2][head] of the official layout: one pool of used primes "
         "across layers, each order restarting at vocab_size_per_ngram[order-2] - 1.");
   m.def("ngram_hash_isa", []() { return std::string(engram::cpu::isa_name(engram::cpu::ngram_hash_isa())); },
-        "Instruction set of the CPU ngram_hash kernel (avx512, avx2 or portable) for tables whose "
-        "primes all lie in [2^14, 2^31) and whose heads per order are a multiple of 8 (avx2: of 4); "
-        "other tables use the portable kernel. The environment variable ENGRAM_NGRAM_HASH_ISA caps it.");
+        "CPU ngram_hash kernel for tables whose primes all lie in [2^14, 2^31) and whose heads per "
+        "order are a multiple of 8: avx512 or portable (other tables always use the portable one). "
+        "The environment variable ENGRAM_NGRAM_HASH_ISA caps it.");
   m.def("cuda_built", []() {
 #ifdef ENGRAM_WITH_CUDA
     return true;
