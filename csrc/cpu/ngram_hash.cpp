@@ -198,7 +198,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   // The AVX-512 kernel takes half chunks of 8 heads of one order; the dmod constants serve it and
   // the portable kernel alike.
   const bool use_dmod = dmod_ok && has_fast_fma();
-  const HashIsa isa = use_dmod && (H / (a.N - 1)) % 8 == 0 ? cpu::ngram_hash_isa() : HashIsa::kPortable;
+  const HashIsa best = cpu::ngram_hash_isa();  // read (and checked) at every call
+  const HashIsa isa = use_dmod && (H / (a.N - 1)) % 8 == 0 ? best : HashIsa::kPortable;
   const DmodPlan plan = use_dmod ? cpu::make_dmod_plan(a) : DmodPlan{};
   const DmodPlan* dplan = use_dmod ? &plan : nullptr;
   std::atomic<int64_t> bad_index{-1};
