@@ -12,20 +12,30 @@
 namespace engram {
 namespace {
 
+// Per-head reduction of one order's hash: lanes over heads, so the loop vectorises (one SIMD
+// lane per prime). target_clones picks an AVX-512 / AVX2 build at load time on x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ENGRAM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ENGRAM_TARGET_CLONES
+#endif
+
+template <typename out_t>
+ENGRAM_TARGET_CLONES void reduce_heads(uint64_t h, const uint64_t* __restrict p, const uint64_t* __restrict magic,
+                                       const int64_t* __restrict off, int64_t K, out_t* __restrict row) {
+  for (int64_t j = 0; j < K; ++j) {
+    row[j] = static_cast<out_t>(static_cast<int64_t>(fastmod_split(h, p[j], magic[j])) + off[j]);
+  }
+}
+
 template <typename id_t, typename out_t>
-void hash_kernel(const at::Tensor& ids, const int64_t* lut, int64_t num_ids, const at::Tensor& mult,
-                 const std::vector<FastMod>& mods, const at::Tensor& offsets, int64_t pad_id,
-                 const bool* doc_start, bool oov_to_pad, at::Tensor& out) {
-  const int64_t B = ids.size(0), T = ids.size(1);
-  const int64_t L = mult.size(0), N = mult.size(1), H = offsets.size(1);
+void hash_kernel(const id_t* x, int64_t B, int64_t T, const int64_t* lut, int64_t num_ids, const uint64_t* m,
+                 int64_t L, int64_t N, int64_t H, const uint64_t* p, const uint64_t* magic, const int64_t* off,
+                 int64_t pad_id, const bool* doc_start, bool oov_to_pad, out_t* o) {
   const int64_t K = H / (N - 1);
-  const id_t* x = ids.data_ptr<id_t>();
-  const uint64_t* m = reinterpret_cast<const uint64_t*>(mult.data_ptr<int64_t>());
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  out_t* o = out.data_ptr<out_t>();
   std::atomic<int64_t> bad_index{-1};
 
-  at::parallel_for(0, B * T, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * T, 2048, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> xs(N);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / T, t = i % T;
@@ -57,10 +67,8 @@ void hash_kernel(const at::Tensor& ids, const int64_t* lut, int64_t num_ids, con
         out_t* row = o + ((l * B + b) * T + t) * H;
         for (int64_t k = 1; k < N; ++k) {
           h = mix_step(h, xs[k], m[l * N + k]);
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t c = l * H + (k - 1) * K + j;
-            row[(k - 1) * K + j] = static_cast<out_t>(static_cast<int64_t>(fastmod(h, mods[c])) + off[c]);
-          }
+          const int64_t c = l * H + (k - 1) * K;
+          reduce_heads<out_t>(h, p + c, magic + c, off + c, K, row + (k - 1) * K);
         }
       }
     }
@@ -87,13 +95,15 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   if (doc_start.has_value()) doc_c = doc_start->contiguous();
 
   // Table layout checks need the values; on the CPU they are free.
-  std::vector<FastMod> mods(L * H);
+  std::vector<uint64_t> mod_p(L * H), mod_magic(L * H);
   const int64_t* p = primes_c.data_ptr<int64_t>();
   const int64_t* o = off_c.data_ptr<int64_t>();
   for (int64_t c = 0; c < L * H; ++c) {
     TORCH_CHECK(p[c] >= 1, "ngram_hash: primes must be positive, got ", p[c], " at flat index ", c);
     TORCH_CHECK(o[c] >= 0, "ngram_hash: offsets must be non-negative, got ", o[c], " at flat index ", c);
-    mods[c] = make_fastmod(static_cast<uint64_t>(p[c]));
+    const FastMod f = make_fastmod(static_cast<uint64_t>(p[c]));
+    mod_p[c] = f.p;
+    mod_magic[c] = f.magic;
     if (out_dtype == at::kInt) {
       TORCH_CHECK(o[c] + p[c] <= (int64_t{1} << 31),
                   "ngram_hash: out_dtype=int32 needs fewer than 2^31 rows per layer, but table ", c,
@@ -108,7 +118,10 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "ngram_hash_ids", [&] {
     using id_t = index_t;
     AT_DISPATCH_INDEX_TYPES(out_dtype, "ngram_hash_out", [&] {
-      hash_kernel<id_t, index_t>(ids_c, lut_ptr, num_ids, mult_c, mods, off_c, pad_id, doc_ptr, oov_to_pad, out);
+      hash_kernel<id_t, index_t>(ids_c.data_ptr<id_t>(), ids.size(0), ids.size(1), lut_ptr, num_ids,
+                                 reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), L,
+                                 multipliers.size(1), H, mod_p.data(), mod_magic.data(), o, pad_id, doc_ptr,
+                                 oov_to_pad, out.data_ptr<index_t>());
     });
   });
   return out;

@@ -95,6 +95,12 @@ class NgramHasher(nn.Module):
         # Python-side copy so forward never reads a device scalar (no host sync).
         self._pad_id = pad
 
+    @classmethod
+    def from_tokenizer(cls, config: EngramConfig, tokenizer, device=None) -> "NgramHasher":
+        """Hasher whose LUT compresses `tokenizer` (any vocabulary tokenizer.build_compression takes)."""
+        from .tokenizer import build_compression
+        return cls(config, lut=build_compression(tokenizer).lut, device=device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pad_id = int(self.pad_id)

@@ -1,0 +1,153 @@
+"""Engram: the drop-in nn.Module (hashing -> multi-head gather -> gate -> short conv).
+
+The module returns the update to add to the residual stream(s); the caller adds it before the
+block's attention (ENGRAM.md section 6).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import EngramConfig
+from .hashing import NgramHasher, TableLayout
+
+TABLE_GRAD_MODES = ("dense", "sparse", "fused")
+
+
+class Engram(nn.Module):
+    """One Engram layer (ENGRAM.md sections 3-5).
+
+    Args:
+        config: the model's EngramConfig; `layer_id` must be one of `config.layer_ids`.
+        hidden_size: D. hc_mult: M, the number of residual branches (hidden [B, T, M, D]).
+        hasher: an NgramHasher shared by all Engram layers; needed to call forward with input_ids
+            (precomputed `rows` work without one). When given it is a submodule, so its buffers
+            (LUT, multipliers, primes, offsets) are in the state_dict.
+        table_grad: "dense" (ordinary .grad), "sparse" (coalesced sparse COO .grad) or "fused"
+            (the table optimizer runs inside backward; see torch_engram.optim).
+        fold_gains: one fp32 gate gain w = w_q * w_k per branch (TileKernels/V4.1) instead of
+            separate query and key RMSNorm gains (official demo).
+        table_init_std: tables start as N(0, std^2); 1.0 matches nn.Embedding in the official demo.
+
+    Parameters: `table` [rows, d_head]; `kv_proj` one fused GEMM producing M keys and the value
+    ([(M + 1) * D, d_mem], keys first); gate gains; conv RMSNorm gains and depthwise conv weight
+    [M * D, kernel_size] (zero-initialised, so the conv branch starts as the identity).
+    """
+
+    def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
+                 hasher: NgramHasher | None = None, table_grad: str = "dense", fold_gains: bool = False,
+                 table_init_std: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        if layer_id not in config.layer_ids:
+            raise ValueError(f"Engram: layer_id must be one of config.layer_ids={config.layer_ids}, got {layer_id}")
+        if hidden_size < 1:
+            raise ValueError(f"Engram: hidden_size must be >= 1, got {hidden_size}")
+        if hc_mult < 1:
+            raise ValueError(f"Engram: hc_mult must be >= 1, got {hc_mult}")
+        if table_grad not in TABLE_GRAD_MODES:
+            raise ValueError(f"Engram: table_grad must be one of {TABLE_GRAD_MODES}, got {table_grad!r}")
+        if hasher is not None and hasher.config != config:
+            raise ValueError("Engram: hasher.config must equal config")
+        self.config = config
+        self.layer_id = layer_id
+        self.layer_index = config.layer_ids.index(layer_id)
+        self.hidden_size = hidden_size
+        self.hc_mult = hc_mult
+        self.table_grad = table_grad
+        self.fold_gains = fold_gains
+        self.table_init_std = table_init_std
+        self.hasher = hasher
+        rows = (hasher.rows_per_layer if hasher is not None else TableLayout.from_config(config).rows_per_layer)
+        self.num_rows = rows[self.layer_index]
+        factory = dict(device=device, dtype=dtype)
+        D, M = hidden_size, hc_mult
+        self.table = nn.Parameter(torch.empty(self.num_rows, config.d_head, **factory))
+        self.table._engram_table = True  # lets optimizer helpers find tables
+        self.kv_proj = nn.Linear(config.d_mem, (M + 1) * D, bias=config.proj_bias, **factory)
+        gain = dict(device=device, dtype=torch.float32 if dtype in (None, torch.float32, torch.bfloat16,
+                                                                     torch.float16) else dtype)
+        if fold_gains:
+            self.gate_weight = nn.Parameter(torch.empty(M, D, **gain))
+        else:
+            self.norm_q_weight = nn.Parameter(torch.empty(M, D, **gain))
+            self.norm_k_weight = nn.Parameter(torch.empty(M, D, **gain))
+        if config.use_conv:
+            self.conv_norm_weight = nn.Parameter(torch.empty(M, D, **gain))
+            self.conv_weight = nn.Parameter(torch.empty(M * D, config.kernel_size, **factory))
+        self._fused_state = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table, mean=0.0, std=self.table_init_std)
+        self.kv_proj.reset_parameters()
+        for name in ("gate_weight", "norm_q_weight", "norm_k_weight", "conv_norm_weight"):
+            if hasattr(self, name):
+                nn.init.ones_(getattr(self, name))
+        if self.config.use_conv:
+            nn.init.zeros_(self.conv_weight)
+
+    def table_parameters(self):
+        yield self.table
+
+    def dense_parameters(self):
+        for name, p in self.named_parameters():
+            if name != "table" and not name.startswith("hasher."):
+                yield p
+
+    def gate_gain(self) -> torch.Tensor:
+        """The folded gain w = w_q * w_k [M, D] the fused gate kernel uses."""
+        return self.gate_weight if self.fold_gains else self.norm_q_weight * self.norm_k_weight
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """e [..., d_mem]: this layer's H rows per token, concatenated order-major, head-minor."""
+        if self.table_grad == "fused":
+            if self._fused_state is None:
+                raise RuntimeError("Engram: table_grad='fused' needs an optimizer attached with "
+                                   "torch_engram.optim.attach_fused_adam(module, ...)")
+            from .optim import fused_multihead_gather
+
+            return fused_multihead_gather(self.table, rows, self._fused_state)
+        return ops.multihead_gather(self.table, rows, sparse_grad=self.table_grad == "sparse")
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, D] (M = 1) or [B, T, M, D]; rows [B, T, H] of this layer, or input_ids [B, T]
+        hashed by the attached hasher. Returns the update, shaped like hidden."""
+        M, D = self.hc_mult, self.hidden_size
+        squeeze = hidden.dim() == 3
+        if squeeze:
+            if M != 1:
+                raise ValueError(f"Engram: hidden must be [B, T, M={M}, D={D}] for hc_mult={M}, "
+                                 f"got {tuple(hidden.shape)}")
+            hidden = hidden.unsqueeze(2)
+        if hidden.dim() != 4 or hidden.shape[2:] != (M, D):
+            raise ValueError(f"Engram: hidden must be [B, T, {M}, {D}] or [B, T, {D}], got {tuple(hidden.shape)}")
+        if rows is None:
+            if input_ids is None:
+                raise ValueError("Engram: pass input_ids or rows")
+            if self.hasher is None:
+                raise ValueError("Engram: input_ids need a hasher (Engram(..., hasher=NgramHasher(config)))")
+            rows = self.hasher(input_ids, doc_start=doc_start)[self.layer_index]
+        elif rows.dim() != 3 or rows.shape[-1] != self.config.num_heads:
+            raise ValueError(f"Engram: rows must be [B, T, H={self.config.num_heads}], got {tuple(rows.shape)}")
+        if rows.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"Engram: rows {tuple(rows.shape[:2])} and hidden {tuple(hidden.shape[:2])} "
+                             "must share [B, T]")
+        e = self.gather(rows).to(self.kv_proj.weight.dtype)
+        kv = self.kv_proj(e)
+        key = kv[..., : M * D].unflatten(-1, (M, D)).to(hidden.dtype)
+        value = kv[..., M * D:].to(hidden.dtype)
+        eps = self.config.gate_eps if self.config.gate_eps is not None else torch.finfo(hidden.dtype).eps
+        u = ops.engram_gate(hidden, key, value, self.gate_gain(), eps)
+        if self.config.use_conv:
+            u = ops.short_conv(u, self.conv_norm_weight, self.conv_weight, self.config.dilation, self.config.conv_eps)
+        return u.squeeze(2) if squeeze else u
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layer_id={self.layer_id}, rows={self.num_rows}, d_head={c.d_head}, heads={c.num_heads}, "
+                f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, conv={c.use_conv}, "
+                f"bias={c.proj_bias}, table_grad={self.table_grad!r}, fold_gains={self.fold_gains}")
+
