@@ -44,7 +44,8 @@ class Preset:
     seeds: tuple[int, ...]
     tokenizer_vocab: int  # BPE vocabulary trained on the training split (when no --tokenizer)
     val_fraction: float
-    max_val_tokens: int  # the validation stream is cut to this many tokens (0: no cut)
+    max_val_tokens: int  # validation keeps whole documents up to this many tokens (0: all)
+    max_bytes: int | None  # cap on the corpus size read (None: everything)
     notes: str = ""
 
 
@@ -59,7 +60,7 @@ PRESETS: dict[str, Preset] = {
         engram_layers=None,
         train=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
         rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=4096, val_fraction=0.05,
-        max_val_tokens=65536,
+        max_val_tokens=65536, max_bytes=6_000_000,
         notes="2-core CPU, ~10 min",
     ),
     # One GPU. P_tot ~ 10 x P_act as in the paper: 8 blocks of D = 512, 80 experts of width 256,
@@ -72,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         engram_layers=None,
         train=TrainConfig(steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200),
         rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4), seeds=(0, 1), tokenizer_vocab=16384, val_fraction=0.02,
-        max_val_tokens=1_000_000,
+        max_val_tokens=1_000_000, max_bytes=None,
         notes="one GPU",
     ),
 }
@@ -81,9 +82,9 @@ PRESETS: dict[str, Preset] = {
 # Data ------------------------------------------------------------------------------------------
 @dataclass
 class SweepData:
-    train: torch.Tensor  # int64 token stream, documents separated by `sep_id`
-    val: torch.Tensor  # int64 token stream, starts with `sep_id` so every text token is predicted
-    val_bytes: int  # UTF-8 bytes of the validation text the stream covers (for bits per byte)
+    train: torch.Tensor  # int64 token stream, each document followed by <eos>
+    val: torch.Tensor  # int64 token stream, starting with <eos> so that every text token is predicted
+    val_bytes: int  # UTF-8 bytes of the validation documents (for bits per byte)
     vocab_size: int  # model vocabulary = tokenizer length
     lut: torch.Tensor  # tokenizer-compression LUT (ENGRAM.md section 1)
     pad_id: int  # raw id hashed before the sequence start
@@ -92,61 +93,58 @@ class SweepData:
     info: dict = field(default_factory=dict)
 
 
-def _special_id(tok, names) -> int | None:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return int(i)
-    return None
-
-
-def encode_streams(tok, train_docs, val_docs, max_val_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """Token streams of the two splits, the validation byte count and the separator/pad ids."""
-    sep = _special_id(tok, ["<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|eos|>"])
-    pad = _special_id(tok, ["<pad>", "<|pad|>", "[PAD]"])
-    if sep is None:
-        sep = pad if pad is not None else 0
-    pad = sep if pad is None else pad
-
-    def stream(docs, limit=0):
-        ids, nbytes = [sep], 0
-        for enc, doc in zip(tok.encode_batch(list(docs)), docs):
-            if limit and len(ids) + len(enc.ids) + 1 > limit:
-                break
-            ids.extend(enc.ids)
-            ids.append(sep)
-            nbytes += len(doc.encode("utf-8"))
-        return torch.tensor(ids, dtype=torch.int64), nbytes
-
-    train_ids, _ = stream(train_docs)
-    val_ids, val_bytes = stream(val_docs, max_val_tokens)
-    return train_ids, val_ids, val_bytes, sep, pad
-
-
 def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0) -> SweepData:
-    """Documents -> train/val split -> tokenizer (trained on the training split unless given) ->
-    compression LUT -> token streams."""
+    """Documents (the built-in offline corpus, or --text-files) -> split by whole documents ->
+    tokenizer (a byte-level BPE trained on the training split, unless given) -> compression LUT ->
+    token streams. The validation stream is cut to preset.max_val_tokens whole documents."""
     from . import corpus
     from .tokenizer import build_compression
 
-    docs = corpus.load_documents(text_files) if text_files else corpus.load_documents()
+    if text_files:
+        docs = corpus.load_text_files(text_files, max_bytes=preset.max_bytes)
+        source = f"{len(text_files)} text file(s)"
+    else:
+        docs = corpus.load_documents(max_bytes=preset.max_bytes)
+        source = f"built-in corpus ({', '.join(corpus.available_sources())})"
+    if len(docs) < 2:
+        raise SystemExit(f"sweep: need at least 2 documents to split into train/val, got {len(docs)} "
+                         "(give several files, or a directory of files)")
     train_docs, val_docs = corpus.split_train_val(docs, val_fraction=preset.val_fraction, seed=seed)
     if tokenizer is None:
         tok = corpus.train_bpe_tokenizer(train_docs, vocab_size=preset.tokenizer_vocab)
-        tok_desc = f"BPE {preset.tokenizer_vocab} trained on the training split"
+        tok_desc = f"byte-level BPE trained on the training split (vocab {preset.tokenizer_vocab})"
     elif tokenizer == "default":
-        tok, tok_desc = corpus.default_tokenizer(), "default tokenizer"
+        tok, tok_desc = corpus.default_tokenizer(vocab_size=preset.tokenizer_vocab), "default tokenizer"
     else:
         from tokenizers import Tokenizer
 
         tok, tok_desc = Tokenizer.from_file(str(tokenizer)), str(tokenizer)
-    lut = torch.as_tensor(build_compression(tok).lut, dtype=torch.int64)
-    train_ids, val_ids, val_bytes, sep, pad = encode_streams(tok, train_docs, val_docs, preset.max_val_tokens)
+    eos = tok.token_to_id("<eos>")
+    pad = tok.token_to_id("<pad>")
+    if eos is None:
+        raise SystemExit("sweep: the tokenizer needs an '<eos>' token to separate documents")
+    pad = eos if pad is None else pad
+    if preset.max_val_tokens:
+        kept, total = [], 0
+        for d, n in zip(val_docs, (len(e.ids) + 1 for e in tok.encode_batch(val_docs, add_special_tokens=False))):
+            if kept and total + n > preset.max_val_tokens:
+                break
+            kept.append(d)
+            total += n
+        val_docs = kept
+    compression = build_compression(tok)
+    train_stream = corpus.encode_documents(tok, train_docs, eos_id=eos)
+    val_stream = corpus.encode_documents(tok, val_docs, eos_id=eos)
+    val_ids = torch.cat([torch.tensor([eos], dtype=torch.int64), val_stream.ids])
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    return SweepData(train=train_ids, val=val_ids, val_bytes=val_bytes, vocab_size=vocab, lut=lut, pad_id=pad,
-                     sep_id=sep, description=f"{len(train_docs)} train / {len(val_docs)} val documents; {tok_desc}",
-                     info={"train_tokens": train_ids.numel(), "val_tokens": val_ids.numel(), "val_bytes": val_bytes,
-                           "vocab_size": vocab, "compressed_vocab_size": int(lut.max()) + 1})
+    return SweepData(
+        train=train_stream.ids, val=val_ids, val_bytes=val_stream.num_bytes, vocab_size=vocab, lut=compression.lut,
+        pad_id=pad, sep_id=eos, description=f"{source}: {len(train_docs)} train / {len(val_docs)} val documents; "
+                                           f"{tok_desc}",
+        info={"train_tokens": train_stream.ids.numel(), "val_tokens": val_ids.numel(),
+              "val_bytes": val_stream.num_bytes, "vocab_size": vocab,
+              "compressed_vocab_size": compression.num_compressed,
+              "compression_ratio": round(compression.ratio, 4)})
 
 
 # Sweep -----------------------------------------------------------------------------------------
