@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
                     proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
         engram_layers=None,
         train=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
-        rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=4096, val_fraction=0.05,
+        rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=2048, val_fraction=0.05,
         max_val_tokens=65536, max_bytes=6_000_000,
         notes="2-core CPU, ~10 min",
     ),

@@ -36,6 +36,10 @@ class ModelConfig:
     LM head reads their mean. Engram alone treats branches separately (one gate per branch).
 
     engram: the Engram layers' config (its layer_ids are block indices), or None for a pure MoE.
+    engram_table_init_std: tables start as N(0, std^2). The official demo's nn.Embedding gives
+        N(0, 1); with Adam moving a row by about the LR per update, such rows stay mostly noise
+        until touched ~100 times, which a short run never reaches for most n-grams. 0.02 (the token
+        embedding's std) lets a row's learned part dominate after a few updates.
     """
 
     vocab_size: int
@@ -56,6 +60,7 @@ class ModelConfig:
     hc_mult: int = 1
     tie_embeddings: bool = False
     engram: EngramConfig | None = None
+    engram_table_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,6 +99,8 @@ class ModelConfig:
             fail("routing", f"one of {ROUTINGS}", self.routing)
         if self.aux_loss_coef < 0:
             fail("aux_loss_coef", ">= 0", self.aux_loss_coef)
+        if not self.engram_table_init_std > 0:
+            fail("engram_table_init_std", "> 0", self.engram_table_init_std)
         if self.engram is not None:
             bad = [i for i in self.engram.layer_ids if i >= self.n_layers]
             if bad:

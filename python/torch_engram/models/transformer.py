@@ -133,12 +133,15 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(ffn.w1, std=std)
                 nn.init.normal_(ffn.w3, std=std)
                 nn.init.normal_(ffn.w2, std=out_std)
+            if block.engram is None:
+                continue
+            for table in block.engram.table_parameters():
+                nn.init.normal_(table, std=self.cfg.engram_table_init_std)
             kv = getattr(block.engram, "kv_proj", None)
             if kv is not None:
-                # Tables keep the module's N(0, 1) (the official nn.Embedding init), so e is O(1)
-                # like a normalised activation; the value rows then get the residual-output std,
-                # so Engram's update starts at the scale of attention's. Keys are RMS-normalised,
-                # their scale is irrelevant. Layout: M key blocks of D rows, then the value.
+                # The value rows get the residual-output std, like attention's output projection,
+                # so Engram's update starts small; keys are RMS-normalised, their scale is
+                # irrelevant. Layout: M key blocks of D rows, then the value.
                 M_D = self.cfg.hc_mult * self.cfg.d_model
                 with torch.no_grad():
                     nn.init.normal_(kv.weight[:M_D], std=std)
