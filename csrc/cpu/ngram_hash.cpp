@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
@@ -12,71 +13,101 @@
 namespace engram {
 namespace {
 
-// Per-head reduction of one order's hash: lanes over heads, so the loop vectorises (one SIMD
-// lane per prime). target_clones picks an AVX-512 / AVX2 build at load time on x86-64.
+// The token loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so
+// the per-head reductions (one SIMD lane per prime, fastmod_split) vectorise wherever possible.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ENGRAM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ENGRAM_TARGET_CLONES
 #endif
 
-template <typename out_t>
-ENGRAM_TARGET_CLONES void reduce_heads(uint64_t h, const uint64_t* __restrict p, const uint64_t* __restrict magic,
-                                       const int64_t* __restrict off, int64_t K, out_t* __restrict row) {
-  for (int64_t j = 0; j < K; ++j) {
-    row[j] = static_cast<out_t>(static_cast<int64_t>(fastmod_split(h, p[j], magic[j])) + off[j]);
-  }
-}
+struct HashArgs {
+  const int64_t* x;  // raw ids [B, T] (int32 ids are widened first)
+  int64_t B, T, L, N, H;
+  const int64_t* lut;  // nullptr: ids are already compressed
+  int64_t num_ids;
+  const uint64_t* m;      // [L, N]
+  const uint64_t* p;      // [L, H]
+  const uint64_t* magic;  // [L, H]
+  const int64_t* off;     // [L, H]
+  int64_t pad_id;
+  const bool* doc_start;  // nullptr: no document boundaries
+  bool oov_to_pad;
+};
 
-template <typename id_t, typename out_t>
-void hash_kernel(const id_t* x, int64_t B, int64_t T, const int64_t* lut, int64_t num_ids, const uint64_t* m,
-                 int64_t L, int64_t N, int64_t H, const uint64_t* p, const uint64_t* magic, const int64_t* off,
-                 int64_t pad_id, const bool* doc_start, bool oov_to_pad, out_t* o) {
-  const int64_t K = H / (N - 1);
-  std::atomic<int64_t> bad_index{-1};
-
-  at::parallel_for(0, B * T, 2048, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> xs(N);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / T, t = i % T;
-      // Compressed ids of the window t, t-1, ..., t-N+1; pads before the start of the sequence
-      // and, with doc_start, from the first shift that crosses a document start onwards.
+// Output row of (layer l, token i = b * T + t) is l * B * T + i in [L, B, T, H]. Tokens are
+// processed one sequence segment at a time: the segment's ids (and the N - 1 before it) are
+// compressed once into xc, so each LUT entry is read once rather than N times.
+template <typename out_t, int64_t K_FIXED>
+__attribute__((always_inline)) inline int64_t hash_range_impl(const HashArgs& a, int64_t begin, int64_t end,
+                                                              out_t* __restrict o) {
+  const int64_t K = K_FIXED > 0 ? K_FIXED : a.H / (a.N - 1);
+  const int64_t N = a.N;
+  std::vector<uint64_t> xc;
+  int64_t bad = -1;
+  for (int64_t seg = begin; seg < end;) {
+    const int64_t b = seg / a.T, t0 = seg % a.T;
+    const int64_t t1 = std::min(a.T, t0 + (end - seg));
+    const int64_t first = std::max<int64_t>(0, t0 - (N - 1));
+    const int64_t* x = a.x + b * a.T;
+    const bool* ds = a.doc_start ? a.doc_start + b * a.T : nullptr;
+    xc.resize(t1 - first);
+    for (int64_t s = first; s < t1; ++s) {
+      const int64_t raw = x[s];
+      int64_t c;
+      if (raw < 0 || raw >= a.num_ids) {
+        if (!a.oov_to_pad && bad < 0) bad = b * a.T + s;
+        c = a.pad_id;
+      } else {
+        c = a.lut ? a.lut[raw] : raw;
+      }
+      xc[s - first] = static_cast<uint64_t>(c);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      // Window t, t-1, ..., t-N+1: pad before the sequence start and, with doc_start, from the
+      // first shift that crosses a document start onwards.
+      uint64_t xs[16];
       bool crossed = false;
       for (int64_t k = 0; k < N; ++k) {
         const int64_t s = t - k;
         if (s < 0 || crossed) {
-          xs[k] = static_cast<uint64_t>(pad_id);
-          continue;
-        }
-        const int64_t raw = static_cast<int64_t>(x[b * T + s]);
-        int64_t c;
-        if (raw < 0 || raw >= num_ids) {
-          if (!oov_to_pad) {
-            int64_t expected = -1;
-            bad_index.compare_exchange_strong(expected, b * T + s);
-          }
-          c = pad_id;
+          xs[k] = static_cast<uint64_t>(a.pad_id);
         } else {
-          c = lut ? lut[raw] : raw;
+          xs[k] = xc[s - first];
+          if (ds && ds[s]) crossed = true;
         }
-        xs[k] = static_cast<uint64_t>(c);
-        if (doc_start && doc_start[b * T + s]) crossed = true;
       }
-      for (int64_t l = 0; l < L; ++l) {
-        uint64_t h = xs[0] * m[l * N];
-        out_t* row = o + ((l * B + b) * T + t) * H;
+      const int64_t i = b * a.T + t;
+      for (int64_t l = 0; l < a.L; ++l) {
+        const uint64_t* m = a.m + l * N;
+        uint64_t h = xs[0] * m[0];
+        out_t* __restrict row = o + (l * a.B * a.T + i) * a.H;
         for (int64_t k = 1; k < N; ++k) {
-          h = mix_step(h, xs[k], m[l * N + k]);
-          const int64_t c = l * H + (k - 1) * K;
-          reduce_heads<out_t>(h, p + c, magic + c, off + c, K, row + (k - 1) * K);
+          h = mix_step(h, xs[k], m[k]);
+          const int64_t c = l * a.H + (k - 1) * K;
+          const uint64_t* __restrict p = a.p + c;
+          const uint64_t* __restrict mg = a.magic + c;
+          const int64_t* __restrict off = a.off + c;
+          out_t* __restrict dst = row + (k - 1) * K;
+          for (int64_t j = 0; j < K; ++j) {
+            dst[j] = static_cast<out_t>(static_cast<int64_t>(fastmod_split(h, p[j], mg[j])) + off[j]);
+          }
         }
       }
     }
-  });
-  const int64_t bad = bad_index.load();
-  TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",
-              static_cast<int64_t>(x[bad]), " at [", bad / T, ", ", bad % T,
-              "]; pass oov_to_pad=True to map such ids to the pad id");
+    seg += t1 - t0;
+  }
+  return bad;
+}
+
+ENGRAM_TARGET_CLONES int64_t hash_range_i32(const HashArgs& a, int64_t begin, int64_t end, int32_t* o) {
+  return a.H / (a.N - 1) == 8 ? hash_range_impl<int32_t, 8>(a, begin, end, o)
+                              : hash_range_impl<int32_t, 0>(a, begin, end, o);
+}
+
+ENGRAM_TARGET_CLONES int64_t hash_range_i64(const HashArgs& a, int64_t begin, int64_t end, int64_t* o) {
+  return a.H / (a.N - 1) == 8 ? hash_range_impl<int64_t, 8>(a, begin, end, o)
+                              : hash_range_impl<int64_t, 0>(a, begin, end, o);
 }
 
 at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
@@ -113,17 +144,25 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
 
   auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
-  const int64_t* lut_ptr = lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr;
-  const bool* doc_ptr = doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr;
-  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "ngram_hash_ids", [&] {
-    using id_t = index_t;
-    AT_DISPATCH_INDEX_TYPES(out_dtype, "ngram_hash_out", [&] {
-      hash_kernel<id_t, index_t>(ids_c.data_ptr<id_t>(), ids.size(0), ids.size(1), lut_ptr, num_ids,
-                                 reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), L,
-                                 multipliers.size(1), H, mod_p.data(), mod_magic.data(), o, pad_id, doc_ptr,
-                                 oov_to_pad, out.data_ptr<index_t>());
-    });
+  TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
+  // Widening int32 ids once keeps one kernel per output type.
+  auto ids_l = ids_c.to(at::kLong);
+  HashArgs a{ids_l.data_ptr<int64_t>(), ids.size(0), ids.size(1), L, multipliers.size(1), H,
+             lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
+             reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
+             pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
+  std::atomic<int64_t> bad_index{-1};
+  at::parallel_for(0, a.B * a.T, 2048, [&](int64_t begin, int64_t end) {
+    const int64_t bad = out_dtype == at::kInt ? hash_range_i32(a, begin, end, out.data_ptr<int32_t>())
+                                              : hash_range_i64(a, begin, end, out.data_ptr<int64_t>());
+    if (bad >= 0) {
+      int64_t expected = -1;
+      bad_index.compare_exchange_strong(expected, bad);
+    }
   });
+  const int64_t bad = bad_index.load();
+  TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",
+              a.x[bad], " at [", bad / a.T, ", ", bad % a.T, "]; pass oov_to_pad=True to map such ids to the pad id");
   return out;
 }
 

@@ -18,3 +18,19 @@ def ngram_hash(ids: torch.Tensor, lut: torch.Tensor | None, num_ids: int, multip
 def multihead_gather(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
     """e[..., H * d_head]: the H rows of `table` named by rows[..., H], concatenated head-minor."""
     return torch.ops.engram.multihead_gather(table, rows, sparse_grad)
+
+
+def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Dense table gradient [num_rows, d_head] of multihead_gather for grad_e [..., H * d_head].
+
+    Deterministic: each row's gradient is summed in lookup order (fp32 accumulation, fp64 for
+    float64) and written once; rows never looked up are zero."""
+    return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
+
+
+def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-sparse table gradient: (unique_rows [U] int64 ascending, values [U, d_head]).
+
+    Memory grows with the number of lookups, not with the table; same summation order as the
+    dense op."""
+    return torch.ops.engram.multihead_gather_backward_sparse(grad_e, rows)

@@ -106,9 +106,12 @@ TEST(NgramHash, FastModEqualsModulo) {
     for (int i = 0; i < 20000; ++i) {
       uint64_t h = rng() >> (i % 3 == 0 ? 1 : 0);
       ASSERT_EQ(engram::fastmod(h, f), h % p) << h << " mod " << p;
+      ASSERT_EQ(engram::fastmod_split(h, f.p, f.magic), h % p) << h << " mod " << p;
+      ASSERT_EQ(engram::mulhi64_split(h, f.magic), engram::mulhi64(h, f.magic));
     }
     for (uint64_t h : {uint64_t{0}, p - 1, p, p + 1, ~uint64_t{0}, ~uint64_t{0} >> 1}) {
       ASSERT_EQ(engram::fastmod(h, f), h % p) << h << " mod " << p;
+      ASSERT_EQ(engram::fastmod_split(h, f.p, f.magic), h % p) << h << " mod " << p;
     }
   }
 }

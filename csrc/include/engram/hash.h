@@ -22,8 +22,11 @@ ENGRAM_HOST_DEVICE uint64_t mulhi64(uint64_t a, uint64_t b) {
 // The same product from 32-bit halves: slower as scalar code, but it auto-vectorises (vpmuludq),
 // so loops over heads run one SIMD lane per prime.
 ENGRAM_HOST_DEVICE uint64_t mulhi64_split(uint64_t a, uint64_t b) {
-  const uint64_t a_lo = a & 0xffffffffu, a_hi = a >> 32, b_lo = b & 0xffffffffu, b_hi = b >> 32;
-  const uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo, lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
+  // Explicit 32-bit operands let compilers emit 32x32->64 multiplies (vpmuludq).
+  const uint32_t a_lo = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+  const uint32_t b_lo = static_cast<uint32_t>(b), b_hi = static_cast<uint32_t>(b >> 32);
+  const uint64_t lo_lo = uint64_t{a_lo} * b_lo, hi_lo = uint64_t{a_hi} * b_lo;
+  const uint64_t lo_hi = uint64_t{a_lo} * b_hi, hi_hi = uint64_t{a_hi} * b_hi;
   const uint64_t cross = (lo_lo >> 32) + (hi_lo & 0xffffffffu) + lo_hi;
   return hi_hi + (hi_lo >> 32) + (cross >> 32);
 }
@@ -48,8 +51,9 @@ ENGRAM_HOST_DEVICE uint64_t fastmod(uint64_t h, FastMod f) {
 // fastmod with the split product, for vectorised loops (bit-identical results).
 ENGRAM_HOST_DEVICE uint64_t fastmod_split(uint64_t h, uint64_t p, uint64_t magic) {
   uint64_t r = h - mulhi64_split(h, magic) * p;
-  r -= r >= p ? p : 0;
-  r -= r >= p ? p : 0;
+  // r >= p ? r - p : r, as an unsigned min (r - p wraps when r < p): one vpminuq per step.
+  r = r - p < r ? r - p : r;
+  r = r - p < r ? r - p : r;
   return r;
 }
 

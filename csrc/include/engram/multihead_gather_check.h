@@ -1,0 +1,64 @@
+// Argument checks of multihead_gather and its backward ops shared by the CPU and CUDA adapters
+// (shapes, dtypes, devices; never tensor values, so the CUDA paths stay free of host syncs).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace engram {
+
+inline bool is_gather_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+inline void check_gather_rows(const at::Tensor& rows, const char* op) {
+  TORCH_CHECK(rows.dim() >= 1, op, ": rows must be [..., H] (at least one dimension), got a 0-d tensor");
+  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, op,
+              ": rows must be int64 or int32, got ", rows.scalar_type());
+  TORCH_CHECK(rows.size(-1) >= 1, op, ": rows must be [..., H] with H >= 1 heads, got shape ", rows.sizes());
+}
+
+inline void check_multihead_gather_args(const at::Tensor& table, const at::Tensor& rows) {
+  TORCH_CHECK(table.dim() == 2, "multihead_gather: table must be [num_rows, d_head], got shape ", table.sizes());
+  TORCH_CHECK(is_gather_dtype(table.scalar_type()),
+              "multihead_gather: table must be float32, bfloat16, float16 or float64, got ", table.scalar_type());
+  check_gather_rows(rows, "multihead_gather");
+  TORCH_CHECK(rows.device() == table.device(), "multihead_gather: rows must be on table's device ", table.device(),
+              ", got ", rows.device());
+}
+
+// Checks grad_e [..., H * d_head] against rows [..., H] and returns d_head.
+inline int64_t check_multihead_gather_backward_args(const at::Tensor& grad_e, const at::Tensor& rows,
+                                                    const char* op) {
+  check_gather_rows(rows, op);
+  TORCH_CHECK(is_gather_dtype(grad_e.scalar_type()), op,
+              ": grad_e must be float32, bfloat16, float16 or float64, got ", grad_e.scalar_type());
+  TORCH_CHECK(grad_e.device() == rows.device(), op, ": rows must be on grad_e's device ", grad_e.device(),
+              ", got ", rows.device());
+  const int64_t lead = rows.dim() - 1;
+  TORCH_CHECK(grad_e.dim() == rows.dim() && grad_e.sizes().slice(0, lead) == rows.sizes().slice(0, lead), op,
+              ": grad_e must be [..., H * d_head] with the leading shape of rows ", rows.sizes().slice(0, lead),
+              ", got shape ", grad_e.sizes());
+  const int64_t H = rows.size(-1);
+  TORCH_CHECK(grad_e.size(-1) % H == 0, op, ": grad_e's last dimension must be H * d_head with H = ", H,
+              " (rows.size(-1)), got ", grad_e.size(-1));
+  return grad_e.size(-1) / H;
+}
+
+// "[i, j, k]": the multi-index of flat element `flat` of a contiguous tensor of shape `sizes`,
+// for error messages that point at the offending lookup.
+inline std::string format_index(int64_t flat, at::IntArrayRef sizes) {
+  std::vector<int64_t> idx(sizes.size());
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    idx[d] = sizes[d] > 0 ? flat % sizes[d] : 0;
+    flat = sizes[d] > 0 ? flat / sizes[d] : 0;
+  }
+  std::ostringstream s;
+  s << at::IntArrayRef(idx);
+  return s.str();
+}
+
+}  // namespace engram
