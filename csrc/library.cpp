@@ -25,14 +25,39 @@ TORCH_LIBRARY(engram, m) {
   // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D], key k [..., M, D] (the M key
   // projections), value v [..., D], folded RMSNorm gains w = w_q * w_k [M, D] float32, RMSNorm
   // eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, k, v and w.
+  // key and value share hidden's dtype; weight is float32 or hidden's dtype.
   m.def("engram_gate(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> Tensor");
   // -- gate internals (forward with saved statistics, backward) go here --
+  // Forward with the statistics the backward needs, all [..., M] in the accumulation dtype
+  // (float64 for float64 hidden, float32 otherwise): alpha, the RMS reciprocals r_x and r_k,
+  // and raw = sum(x * w * k), so s = raw * r_x * r_k / sqrt(D).
+  m.def(
+      "engram_gate_forward(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> (Tensor out, "
+      "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw)");
+  // Gradients w.r.t. hidden, key, value (input dtype) and weight (weight's dtype); grad_weight
+  // is summed in a fixed order (bitwise reproducible).
+  m.def(
+      "engram_gate_backward(Tensor grad_out, Tensor hidden, Tensor key, Tensor value, Tensor weight, "
+      "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw) -> (Tensor grad_hidden, Tensor grad_key, "
+      "Tensor grad_value, Tensor grad_weight)");
 
   // Short causal convolution (ENGRAM.md section 5): u [B, T, M, D], per-branch RMSNorm gains
-  // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d), dilation,
-  // RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
+  // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d; tap i reads
+  // position t - (kernel_size - 1 - i) * dilation, nn.Conv1d's causal layout; t < 0 reads zero),
+  // dilation, RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
+  // Weights float32 or u's dtype. Differentiable in u and both weights.
   m.def(
       "short_conv(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
       "bool activation=True) -> Tensor");
   // -- short_conv internals go here --
+  // Forward that also returns the RMSNorm reciprocals rstd [B, T, M] (accumulation dtype); the
+  // backward recomputes the normalised input and the conv from them.
+  m.def(
+      "short_conv_forward(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
+      "bool activation=True) -> (Tensor out, Tensor rstd)");
+  // Gradients w.r.t. u (u's dtype), norm_weight and conv_weight (their dtypes), weight
+  // gradients summed in a fixed order (bitwise reproducible).
+  m.def(
+      "short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
+      "int dilation, bool activation) -> (Tensor grad_u, Tensor grad_norm_weight, Tensor grad_conv_weight)");
 }

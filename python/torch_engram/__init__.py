@@ -5,8 +5,9 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C, _fake, ops  # noqa: F401
 from .config import PRESETS, EngramConfig
 from .hashing import NgramHasher, TableLayout, layer_multipliers, layer_primes
+from .modules import Engram
 from .tokenizer import Compression, build_compression, compress
 
-__all__ = ["EngramConfig", "PRESETS", "NgramHasher", "TableLayout", "layer_multipliers", "layer_primes", "ops",
+__all__ = ["Engram", "EngramConfig", "PRESETS", "NgramHasher", "TableLayout", "layer_multipliers", "layer_primes", "ops",
            "Compression", "build_compression", "compress"]
 __version__ = "0.1.0"

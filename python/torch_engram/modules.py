@@ -75,7 +75,7 @@ class Engram(nn.Module):
             self.norm_k_weight = nn.Parameter(torch.empty(M, D, **gain))
         if config.use_conv:
             self.conv_norm_weight = nn.Parameter(torch.empty(M, D, **gain))
-            self.conv_weight = nn.Parameter(torch.empty(M * D, config.kernel_size, **factory))
+            self.conv_weight = nn.Parameter(torch.empty(M * D, config.kernel_size, **gain))
         self._fused_state = None
         self.reset_parameters()
 

@@ -28,9 +28,32 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
     return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
 
 
-def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def multihead_gather_backward_sparse(grad_e: torch.Tensor,
+                                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (unique_rows [U] int64 ascending, values [U, d_head]).
 
     Memory grows with the number of lookups, not with the table; same summation order as the
     dense op."""
     return torch.ops.engram.multihead_gather_backward_sparse(grad_e, rows)
+
+
+def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """Context-aware gate u^(m) = sigmoid(s') * v (ENGRAM.md section 4).
+
+    hidden, key [..., M, D]; value [..., D]; weight [M, D] = w_q * w_k, float32 or hidden's dtype;
+    eps the RMSNorm eps. Returns [..., M, D] in hidden's dtype.
+    Differentiable in all four tensors.
+    """
+    return torch.ops.engram.engram_gate(hidden, key, value, weight, eps)
+
+
+def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
+               eps: float, activation: bool = True) -> torch.Tensor:
+    """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (ENGRAM.md section 5).
+
+    u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight
+    without its middle dimension); both weights float32 or u's dtype.
+    Differentiable in u and both weights.
+    """
+    return torch.ops.engram.short_conv(u, norm_weight, conv_weight, dilation, eps, activation)

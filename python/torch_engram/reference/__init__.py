@@ -1,7 +1,12 @@
 """Pure-PyTorch oracle of every engram op and of the whole layer: float64-capable, written from
 ENGRAM.md and readable as its executable spec. Tests compare the native kernels against it."""
 
+from .conv import DemoShortConv, short_conv
+from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
 from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse
 from .hashing import ngram_hash
+from .layer import OfficialEngram, engram_layer, engram_module_reference
 
-__all__ = ["multihead_gather", "multihead_gather_backward", "multihead_gather_backward_sparse", "ngram_hash"]
+__all__ = ["DemoGate", "DemoShortConv", "OfficialEngram", "engram_gate", "engram_gate_separate", "engram_layer",
+           "engram_module_reference", "multihead_gather", "multihead_gather_backward",
+           "multihead_gather_backward_sparse", "ngram_hash", "short_conv", "signed_sqrt"]

@@ -1,0 +1,249 @@
+// CPU kernels of short_conv_forward and short_conv_backward: RMSNorm per (token, branch), then a
+// depthwise causal dilated conv along T over the M * D channels of each token. Maths in
+// engram/conv.h.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "engram/conv.h"
+#include "engram/conv_check.h"
+#include "rows.h"
+
+namespace engram {
+namespace {
+
+struct ConvShape {
+  int64_t B, T, M, D, C, K, dilation;
+};
+
+// Uninitialised scratch of n acc_t values.
+template <typename acc_t>
+at::Tensor scratch_buffer(int64_t n) {
+  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// rstd[b, t, m] = 1 / sqrt(mean(u[b, t, m, :]^2) + eps).
+template <typename scalar_t, typename acc_t>
+void compute_rstd(const scalar_t* u, const ConvShape& s, acc_t eps, acc_t* rstd) {
+  const int64_t D = s.D;
+  at::parallel_for(0, s.B * s.T * s.M, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(D);
+    for (int64_t row = begin; row < end; ++row) {
+      rstd[row] = rms_reciprocal(cpu::sum_sq(cpu::row_as_acc(u + row * D, D, scratch.data()), D), D, eps);
+    }
+  });
+}
+
+// Pre-activation conv output of token (b, t) into pre[C]:
+//   pre = sum over taps i of weight_t[i] * RMSNorm(u[b, t - shift_i]) (positions before 0 read 0),
+// with the normalised rows formed on the fly as (weight_t[i] * norm_weight) * u * rstd, so no
+// normalised copy of u is ever stored. tap_norm = weight_t[i] * norm_weight, [K, C].
+template <typename scalar_t, typename acc_t>
+void conv_token(const scalar_t* u, const acc_t* rstd, const acc_t* tap_norm, const ConvShape& s, int64_t token,
+                acc_t* pre, acc_t* scratch) {
+  const int64_t t = token % s.T;
+  std::fill(pre, pre + s.C, acc_t(0));
+  for (int64_t i = 0; i < s.K; ++i) {
+    const int64_t shift = conv_tap_shift(i, s.K, s.dilation);
+    if (t - shift < 0) continue;
+    const int64_t src = token - shift;
+    const acc_t* x = cpu::row_as_acc(u + src * s.C, s.C, scratch);
+    for (int64_t m = 0; m < s.M; ++m) {
+      cpu::multiply_add_scaled(pre + m * s.D, tap_norm + i * s.C + m * s.D, x + m * s.D, rstd[src * s.M + m], s.D);
+    }
+  }
+}
+
+// weight_t[i] * norm_weight for every tap, [K, C].
+template <typename acc_t>
+std::vector<acc_t> tap_norm_weights(const acc_t* norm_weight, const acc_t* weight_t, const ConvShape& s) {
+  std::vector<acc_t> tap_norm(s.K * s.C);
+  for (int64_t i = 0; i < s.K; ++i) {
+    for (int64_t c = 0; c < s.C; ++c) tap_norm[i * s.C + c] = weight_t[i * s.C + c] * norm_weight[c];
+  }
+  return tap_norm;
+}
+
+template <typename scalar_t, typename acc_t>
+void short_conv_forward_kernel(const scalar_t* u, const acc_t* norm_weight, const acc_t* weight_t, const ConvShape& s,
+                               acc_t eps, bool activation, scalar_t* out, acc_t* rstd) {
+  compute_rstd(u, s, eps, rstd);
+  const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
+  at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / s.C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(4 * s.C);
+    acc_t* pre = scratch.data();
+    acc_t* su = pre + s.C;
+    acc_t* so = su + s.C;
+    acc_t* tap = so + s.C;
+    for (int64_t token = begin; token < end; ++token) {
+      conv_token(u, rstd, tap_norm.data(), s, token, pre, tap);
+      const acc_t* x = cpu::row_as_acc(u + token * s.C, s.C, su);
+      acc_t* o = cpu::row_target(out + token * s.C, so);
+      if (activation) {
+        cpu::add_silu(x, pre, o, s.C);
+      } else {
+        for (int64_t c = 0; c < s.C; ++c) o[c] = x[c] + pre[c];
+      }
+      cpu::store_row(o, s.C, out + token * s.C);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, const acc_t* norm_weight,
+                                const acc_t* weight_t, const acc_t* rstd, const ConvShape& s, bool activation,
+                                scalar_t* grad_u, acc_t* grad_norm_weight, acc_t* grad_weight_t) {
+  const int64_t tokens = s.B * s.T, C = s.C, D = s.D;
+  const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
+  // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed. Stored:
+  // each token's dL/dnormed below reads it at K later positions.
+  auto grad_pre_buf = scratch_buffer<acc_t>(tokens * C);
+  acc_t* grad_pre = grad_pre_buf.template mutable_data_ptr<acc_t>();
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(3 * C);
+    acc_t* pre = scratch.data();
+    acc_t* sg = pre + C;
+    acc_t* tap = sg + C;
+    for (int64_t token = begin; token < end; ++token) {
+      const acc_t* g = cpu::row_as_acc(grad_out + token * C, C, sg);
+      acc_t* gp = grad_pre + token * C;
+      if (activation) {
+        conv_token(u, rstd, tap_norm.data(), s, token, pre, tap);
+        cpu::mul_silu_grad(g, pre, gp, C);
+      } else {
+        std::copy(g, g + C, gp);
+      }
+    }
+  });
+  // Per token: the conv's transpose gives dL/dnormed, then the RMSNorm backward. Weight
+  // gradients go to per-chunk partials: norm_weight [C], then conv weight [K, C] without its
+  // norm_weight factor (applied once after the reduction).
+  const auto chunking = cpu::make_chunking(tokens);
+  const int64_t part = C + s.K * C;
+  std::vector<acc_t> partials(chunking.count * part, acc_t(0));
+  at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> scratch(5 * C);
+    acc_t* gn = scratch.data();
+    acc_t* su = gn + C;
+    acc_t* sg = su + C;
+    acc_t* sa = sg + C;
+    acc_t* tap = sa + C;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* gnw = partials.data() + chunk * part;
+      acc_t* gw = gnw + C;
+      const int64_t token_end = std::min(tokens, (chunk + 1) * chunking.size);
+      for (int64_t token = chunk * chunking.size; token < token_end; ++token) {
+        const int64_t t = token % s.T;
+        const acc_t* gp = grad_pre + token * C;
+        std::fill(gn, gn + C, acc_t(0));
+        for (int64_t i = 0; i < s.K; ++i) {
+          const int64_t shift = conv_tap_shift(i, s.K, s.dilation);
+          if (t + shift < s.T) {  // output t + shift read this token through tap i
+            cpu::multiply_add(gn, weight_t + i * C, grad_pre + (token + shift) * C, C);
+          }
+          if (t - shift >= 0) {  // this token's output read position t - shift through tap i
+            const int64_t src = token - shift;
+            const acc_t* x = cpu::row_as_acc(u + src * C, C, tap);
+            for (int64_t m = 0; m < s.M; ++m) {
+              cpu::multiply_add_scaled(gw + i * C + m * D, gp + m * D, x + m * D, rstd[src * s.M + m], D);
+            }
+          }
+        }
+        const acc_t* x = cpu::row_as_acc(u + token * C, C, su);
+        const acc_t* g = cpu::row_as_acc(grad_out + token * C, C, sg);
+        acc_t* a = cpu::row_target(grad_u + token * C, sa);
+        // dL/du = grad_out + r * a - u * r^3 * sum(a * u) / D, a = dL/dnormed * norm_weight.
+        for (int64_t m = 0; m < s.M; ++m) {
+          const acc_t r = rstd[token * s.M + m];
+          const acc_t* nw = norm_weight + m * D;
+          const acc_t* xm = x + m * D;
+          const acc_t* gnm = gn + m * D;
+          acc_t* am = a + m * D;
+          acc_t* gnwm = gnw + m * D;
+          for (int64_t d = 0; d < D; ++d) {
+            am[d] = gnm[d] * nw[d];
+            gnwm[d] += gnm[d] * xm[d] * r;
+          }
+          const acc_t term = rmsnorm_grad_term(cpu::dot(am, xm, D), r, D);
+          const acc_t* gm = g + m * D;
+          for (int64_t d = 0; d < D; ++d) am[d] = gm[d] + r * am[d] - xm[d] * term;
+        }
+        cpu::store_row(a, C, grad_u + token * C);
+      }
+    }
+  });
+  std::vector<acc_t> total(part);
+  cpu::reduce_chunks(partials.data(), chunking.count, part, total.data());
+  std::copy(total.begin(), total.begin() + C, grad_norm_weight);
+  for (int64_t i = 0; i < s.K; ++i) {
+    for (int64_t c = 0; c < C; ++c) grad_weight_t[i * C + c] = total[C + i * C + c] * norm_weight[c];
+  }
+}
+
+ConvShape conv_shape(const at::Tensor& u, const at::Tensor& conv_weight, int64_t dilation) {
+  return {u.size(0), u.size(1), u.size(2), u.size(3), u.size(2) * u.size(3), conv_weight.size(1), dilation};
+}
+
+std::tuple<at::Tensor, at::Tensor> short_conv_forward_cpu(const at::Tensor& u, const at::Tensor& norm_weight,
+                                                          const at::Tensor& conv_weight, int64_t dilation, double eps,
+                                                          bool activation) {
+  check_short_conv_args("short_conv_forward", u, norm_weight, conv_weight, dilation);
+  check_short_conv_eps("short_conv_forward", eps);
+  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto s = conv_shape(u, conv_weight, dilation);
+  auto x = u.contiguous();
+  auto nw = norm_weight.to(acc).contiguous();
+  auto wt = conv_weight.to(acc).t().contiguous();  // [K, C]: each tap's weights contiguous in c
+  auto out = at::empty(u.sizes(), x.options());
+  auto rstd = at::empty({s.B, s.T, s.M}, x.options().dtype(acc));
+  if (out.numel() == 0) return {out, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    short_conv_forward_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), nw.const_data_ptr<acc_t>(),
+                                               wt.const_data_ptr<acc_t>(), s, static_cast<acc_t>(eps), activation,
+                                               out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
+  });
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& u,
+                                                                       const at::Tensor& norm_weight,
+                                                                       const at::Tensor& conv_weight,
+                                                                       const at::Tensor& rstd, int64_t dilation,
+                                                                       bool activation) {
+  check_short_conv_backward_args(grad_out, u, norm_weight, conv_weight, rstd, dilation);
+  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto s = conv_shape(u, conv_weight, dilation);
+  auto g = grad_out.contiguous();
+  auto x = u.contiguous();
+  auto nw = norm_weight.to(acc).contiguous();
+  auto wt = conv_weight.to(acc).t().contiguous();
+  auto r = rstd.contiguous();
+  auto grad_u = at::empty(u.sizes(), x.options());
+  auto grad_nw = at::zeros({s.M, s.D}, x.options().dtype(acc));
+  auto grad_wt = at::zeros({s.K, s.C}, x.options().dtype(acc));
+  if (u.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      short_conv_backward_kernel<scalar_t, acc_t>(
+          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nw.const_data_ptr<acc_t>(),
+          wt.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), s, activation, grad_u.mutable_data_ptr<scalar_t>(),
+          grad_nw.mutable_data_ptr<acc_t>(), grad_wt.mutable_data_ptr<acc_t>());
+    });
+  }
+  return {grad_u, grad_nw.to(norm_weight.scalar_type()),
+          grad_wt.t().contiguous().to(conv_weight.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(engram, CPU, m) {
+  m.impl("short_conv_forward", &short_conv_forward_cpu);
+  m.impl("short_conv_backward", &short_conv_backward_cpu);
+}
+
+}  // namespace engram

@@ -1,0 +1,43 @@
+// Per-element maths of the short causal convolution Y = U + SiLU(Conv1D(RMSNorm(U)))
+// (ENGRAM.md section 5), torch-free so the CPU kernel, the CUDA kernel and GoogleTest share it.
+#pragma once
+
+#include <cstdint>
+
+#include "engram/common.h"
+#include "engram/gate.h"  // rms_reciprocal, sigmoid
+
+namespace engram {
+
+// SiLU(x) = x * sigmoid(x).
+template <typename T>
+ENGRAM_HOST_DEVICE T silu(T x) {
+  return x * sigmoid(x);
+}
+
+// d SiLU / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x))).
+template <typename T>
+ENGRAM_HOST_DEVICE T silu_grad(T x) {
+  const T s = sigmoid(x);
+  return s * (T(1) + x * (T(1) - s));
+}
+
+// Tap i of a kernel of size K reads position t - conv_tap_shift(i, K, dilation): nn.Conv1d's
+// layout with left padding (K - 1) * dilation, so tap K - 1 is the current position.
+ENGRAM_HOST_DEVICE int64_t conv_tap_shift(int64_t i, int64_t kernel_size, int64_t dilation) {
+  return (kernel_size - 1 - i) * dilation;
+}
+
+// Receptive field of the causal conv in positions (t and the (K - 1) * dilation before it).
+ENGRAM_HOST_DEVICE int64_t conv_receptive_field(int64_t kernel_size, int64_t dilation) {
+  return (kernel_size - 1) * dilation + 1;
+}
+
+// RMSNorm backward for n = u * r * w with a = dL/dn * w:
+//   dL/du = r * a - u * rmsnorm_grad_term(sum(a * u), r, D).
+template <typename T>
+ENGRAM_HOST_DEVICE T rmsnorm_grad_term(T dot_au, T r, int64_t D) {
+  return dot_au * r * r * r / static_cast<T>(D);
+}
+
+}  // namespace engram

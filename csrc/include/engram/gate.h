@@ -1,0 +1,81 @@
+// Per-element maths of the context-aware gate (ENGRAM.md section 4), torch-free so the CPU
+// kernel, the CUDA kernel and GoogleTest share one definition. Instantiate with float (fp32
+// accumulation for float32/bfloat16/float16 inputs) or double (float64 inputs).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "engram/common.h"
+
+namespace engram {
+
+// Every official implementation clamps |s| at 1e-6 before the square root, so alpha never sits
+// on the infinite slope of sqrt at 0.
+constexpr double kSignedSqrtFloor = 1e-6;
+
+ENGRAM_HOST_DEVICE float engram_sqrt(float x) { return ::sqrtf(x); }
+ENGRAM_HOST_DEVICE double engram_sqrt(double x) { return ::sqrt(x); }
+ENGRAM_HOST_DEVICE float engram_exp(float x) { return ::expf(x); }
+ENGRAM_HOST_DEVICE double engram_exp(double x) { return ::exp(x); }
+
+// RMSNorm reciprocal 1 / sqrt(mean(x^2) + eps) from the sum of squares over D elements.
+template <typename T>
+ENGRAM_HOST_DEVICE T rms_reciprocal(T sum_sq, int64_t D, T eps) {
+  return T(1) / engram_sqrt(sum_sq / static_cast<T>(D) + eps);
+}
+
+// s' = sign(s) * sqrt(max(|s|, 1e-6)); sign(0) = 0, as torch.sign.
+template <typename T>
+ENGRAM_HOST_DEVICE T signed_sqrt(T s) {
+  const T floor = static_cast<T>(kSignedSqrtFloor);
+  const T a = s < T(0) ? -s : s;
+  const T root = engram_sqrt(a > floor ? a : floor);
+  return s > T(0) ? root : (s < T(0) ? -root : T(0));
+}
+
+// ds'/ds = 0.5 / sqrt(|s|), and 0 where the clamp holds (|s| < 1e-6): the clamped value is a
+// constant, as autograd of clamp_min sees it.
+template <typename T>
+ENGRAM_HOST_DEVICE T signed_sqrt_grad(T s) {
+  const T a = s < T(0) ? -s : s;
+  return a < static_cast<T>(kSignedSqrtFloor) ? T(0) : T(0.5) / engram_sqrt(a);
+}
+
+// 1 / (1 + exp(-x)); exp overflow for very negative x gives inf and a clean 0, never NaN.
+template <typename T>
+ENGRAM_HOST_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + engram_exp(-x));
+}
+
+// s = dot(x * r_x, k * r_k * w) / sqrt(D) from raw = sum(x * w * k).
+template <typename T>
+ENGRAM_HOST_DEVICE T gate_score(T raw, T r_x, T r_k, T inv_sqrt_d) {
+  return raw * inv_sqrt_d * r_x * r_k;
+}
+
+// alpha = sigmoid(s') of one token and branch.
+template <typename T>
+ENGRAM_HOST_DEVICE T gate_alpha(T raw, T r_x, T r_k, T inv_sqrt_d) {
+  return sigmoid(signed_sqrt(gate_score(raw, r_x, r_k, inv_sqrt_d)));
+}
+
+// Per-token backward coefficient r = dL/ds * r_x * r_k / sqrt(D), with dL/dalpha = sum(g * v).
+// The D-wide gradients then follow from it alone:
+//   grad_x = r * (k * w - x * raw * r_x^2 / D)
+//   grad_k = r * (x * w - k * raw * r_k^2 / D)
+//   grad_w = sum over tokens of r * x * k
+// (ENGRAM.md section 4, plain form u = alpha * v: no identity term in grad_x).
+template <typename T>
+ENGRAM_HOST_DEVICE T gate_backward_coef(T dl_dalpha, T alpha, T raw, T r_x, T r_k, T inv_sqrt_d) {
+  const T scale = inv_sqrt_d * r_x * r_k;
+  return dl_dalpha * alpha * (T(1) - alpha) * signed_sqrt_grad(raw * scale) * scale;
+}
+
+// The RMSNorm term of grad_x and grad_k: raw * r^2 / D, multiplied by x (or k) and subtracted.
+template <typename T>
+ENGRAM_HOST_DEVICE T gate_norm_term(T raw, T r, int64_t D) {
+  return raw * r * r / static_cast<T>(D);
+}
+
+}  // namespace engram

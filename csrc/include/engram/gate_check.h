@@ -1,0 +1,85 @@
+// Argument checks of engram_gate and its internal ops shared by the CPU and CUDA adapters
+// (shapes, dtypes, devices; never tensor values, so the CUDA path stays free of host syncs).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+namespace engram {
+
+// Accumulation (and saved-statistics) dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType gate_acc_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Statistics shape [..., M] of a hidden [..., M, D].
+inline std::vector<int64_t> gate_stat_shape(const at::Tensor& hidden) {
+  auto s = hidden.sizes().vec();
+  s.pop_back();
+  return s;
+}
+
+inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, const at::Tensor& key,
+                                   const at::Tensor& value, const at::Tensor& weight) {
+  TORCH_CHECK(hidden.dim() >= 2, op, ": hidden must be [..., M, D], got shape ", hidden.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": hidden must be float32, bfloat16, float16 or float64, got ", dt);
+  const int64_t M = hidden.size(-2), D = hidden.size(-1);
+  TORCH_CHECK(M >= 1 && D >= 1, op, ": hidden must have M >= 1 branches and D >= 1 channels, got shape ",
+              hidden.sizes());
+  TORCH_CHECK(key.sizes() == hidden.sizes(), op, ": key must have the shape of hidden ", hidden.sizes(), ", got ",
+              key.sizes());
+  auto value_shape = hidden.sizes().vec();
+  value_shape.erase(value_shape.end() - 2);
+  TORCH_CHECK(value.sizes() == at::IntArrayRef(value_shape), op, ": value must be [..., D] = ", value_shape,
+              " (one value shared by the M branches), got ", value.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == D, op, ": weight must be [M=", M,
+              ", D=", D, "], got shape ", weight.sizes());
+  TORCH_CHECK(key.scalar_type() == dt, op, ": key must have hidden's dtype ", dt, ", got ", key.scalar_type());
+  TORCH_CHECK(value.scalar_type() == dt, op, ": value must have hidden's dtype ", dt, ", got ",
+              value.scalar_type());
+  // fp32 gains are the norm (TileKernels folds them in fp32); gains in hidden's own dtype are
+  // accepted too (a model cast with .to(dtype)), maths in the accumulation dtype either way.
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dt, op,
+              ": weight (folded RMSNorm gains) must be float32 or hidden's dtype ", dt, ", got ",
+              weight.scalar_type());
+  for (const auto* t : {&key, &value, &weight}) {
+    TORCH_CHECK(t->device() == hidden.device(), op, ": key, value and weight must be on hidden's device ",
+                hidden.device(), ", got ", t->device());
+  }
+}
+
+inline void check_gate_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+inline void check_engram_gate_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,
+                                            const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight,
+                                            const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k,
+                                            const at::Tensor& raw) {
+  constexpr const char* op = "engram_gate_backward";
+  check_engram_gate_args(op, hidden, key, value, weight);
+  TORCH_CHECK(grad_out.sizes() == hidden.sizes(), op, ": grad_out must have the shape of hidden ", hidden.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == hidden.scalar_type(), op, ": grad_out must have hidden's dtype ",
+              hidden.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == hidden.device(), op, ": grad_out must be on hidden's device ", hidden.device(),
+              ", got ", grad_out.device());
+  const auto stat_shape = gate_stat_shape(hidden);
+  const auto acc = gate_acc_dtype(hidden.scalar_type());
+  const char* names[] = {"alpha", "r_x", "r_k", "raw"};
+  const at::Tensor* stats[] = {&alpha, &r_x, &r_k, &raw};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(stats[i]->sizes() == at::IntArrayRef(stat_shape), op, ": ", names[i], " must be [..., M] = ",
+                stat_shape, ", got ", stats[i]->sizes());
+    TORCH_CHECK(stats[i]->scalar_type() == acc, op, ": ", names[i], " must be ", acc, ", got ",
+                stats[i]->scalar_type());
+    TORCH_CHECK(stats[i]->device() == hidden.device(), op, ": ", names[i], " must be on hidden's device ",
+                hidden.device(), ", got ", stats[i]->device());
+  }
+}
+
+}  // namespace engram
