@@ -5,7 +5,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram_standin import standin_factory as engram_factory
 from torch_engram.allocation import (allocate, count_model_params, count_params, engram_dense_params,
                                      engram_rows_per_layer)
 from torch_engram.config import EngramConfig
@@ -97,7 +96,7 @@ def test_expert_count_and_tables_monotone_in_rho(case, values):
 
 def _built_counts(cfg: ModelConfig):
     with torch.device("meta"):
-        model = TransformerLM(cfg, engram_factory=engram_factory)
+        model = TransformerLM(cfg)
     return count_model_params(model), model
 
 

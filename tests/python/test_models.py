@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from engram_standin import standin_factory
 from torch_engram.config import EngramConfig
 from torch_engram.models import MoE, ModelConfig, TransformerLM, default_engram_layers
 
@@ -31,7 +30,7 @@ def config(**changes):
 def test_forward_backward_and_causality(hc_mult, routing):
     torch.manual_seed(0)
     cfg = config(hc_mult=hc_mult, routing=routing, n_dense_layers=1)
-    model = TransformerLM(cfg, engram_factory=standin_factory)
+    model = TransformerLM(cfg)
     ids = torch.randint(0, V, (2, 12))
     out = model(ids, ids)
     assert out.logits.shape == (2, 12, V) and out.loss.ndim == 0 and out.aux_loss.ndim == 0
@@ -50,7 +49,7 @@ def test_forward_backward_and_causality(hc_mult, routing):
 
 def test_engram_update_reaches_the_residual_before_attention():
     torch.manual_seed(0)
-    model = TransformerLM(config(), engram_factory=standin_factory)
+    model = TransformerLM(config())
     ids = torch.randint(0, V, (1, 10))
     with torch.no_grad():
         before = model(ids).logits

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram_standin import standin_factory
 from torch_engram.allocation import count_params
 from torch_engram.models import ModelConfig, TransformerLM
 from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
@@ -50,7 +49,7 @@ def synthetic_data(seed=0):
 
 def test_two_step_sweep_writes_csv_json_png(tmp_path):
     preset = tiny_preset()
-    result = run_sweep(preset, synthetic_data(), tmp_path, engram_factory=standin_factory, progress=False,
+    result = run_sweep(preset, synthetic_data(), tmp_path, progress=False,
                        label="smoke")
     with open(tmp_path / "results.csv") as f:
         reader = csv.DictReader(f)
@@ -110,7 +109,7 @@ def test_optimizer_groups_follow_the_recipe():
     from torch_engram.allocation import allocate
 
     base, template = base_configs(preset, data)
-    model = TransformerLM(allocate(base, 0.5, template).config, lut=data.lut, engram_factory=standin_factory)
+    model = TransformerLM(allocate(base, 0.5, template).config, lut=data.lut)
     dense, tables = make_optimizers(model, tc)
     assert isinstance(tables, torch.optim.Adam) and not isinstance(tables, torch.optim.AdamW)
     assert [g["lr"] for g in tables.param_groups] == [5e-3] and tables.param_groups[0]["weight_decay"] == 0.0
