@@ -46,6 +46,7 @@ class Preset:
     val_fraction: float
     max_val_tokens: int  # validation keeps whole documents up to this many tokens (0: all)
     max_bytes: int | None  # cap on the corpus size read (None: everything)
+    threads: int | None = None  # torch CPU threads unless --threads says (None: torch's default)
     notes: str = ""
 
 
@@ -59,8 +60,10 @@ PRESETS: dict[str, Preset] = {
                     proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
         engram_layers=None,
         train=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
+        # One thread: on a shared 2-core machine, two OpenMP threads stall (5-10x slower) as soon
+        # as anything else runs; alone they would be ~1.5x faster. --threads 2 to try.
         rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=2048, val_fraction=0.05,
-        max_val_tokens=65536, max_bytes=6_000_000,
+        max_val_tokens=65536, max_bytes=6_000_000, threads=1,
         notes="2-core CPU, ~10 min",
     ),
     # One GPU. P_tot ~ 10 x P_act as in the paper: 8 blocks of D = 512, 80 experts of width 256,
@@ -337,22 +340,29 @@ def preset_from_args(args) -> Preset:
 
 
 def main(argv=None) -> dict:
+    t0 = time.perf_counter()
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = args.threads or (PRESETS[args.preset].threads if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     amp = {"off": None, "bf16": torch.bfloat16}.get(args.amp, torch.bfloat16 if device.startswith("cuda") else None)
     preset = preset_from_args(args)
     bad = [r for r in preset.rhos if not 0.0 < r <= 1.0]
     if bad:
         raise SystemExit(f"--rhos: every rho must lie in (0, 1], got {bad}")
     data = prepare_data(preset, text_files=args.text_files, tokenizer=args.tokenizer, seed=0)
-    result = run_sweep(preset, data, Path(args.out), device=device, autocast_dtype=amp,
-                       progress=not args.no_progress, label=args.preset)
-    print(f"[sweep] done in {result['wall_s']:.0f} s -> {args.out}/results.csv, results.json, sweep.png",
-          file=sys.stderr)
+    data_s = time.perf_counter() - t0
+    out = Path(args.out)
+    result = run_sweep(preset, data, out, device=device, autocast_dtype=amp, progress=not args.no_progress,
+                       label=args.preset)
+    result |= {"data_s": round(data_s, 1), "total_wall_s": round(time.perf_counter() - t0, 1),
+               "command": " ".join(["python -m torch_engram.sweep", *(argv if argv is not None else sys.argv[1:])])}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"[sweep] done in {result['total_wall_s']:.0f} s (data {data_s:.0f} s) -> {out}/results.csv, "
+          "results.json, sweep.png", file=sys.stderr)
     for s in result["summary"]:
         print(f"rho={s['rho']:.2f} (realised {s['rho_realised']:.3f})  val_loss={s['val_loss_mean']:.4f}"
               f" +- {s['val_loss_std']:.4f}  bpb={s['val_bpb_mean']:.4f}")

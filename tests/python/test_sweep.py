@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch_engram.allocation import count_params
 from torch_engram.models import ModelConfig, TransformerLM
 from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
-from torch_engram.sweep import CSV_COLUMNS, PRESETS, SweepData, build_parser, preset_from_args, run_sweep
+from torch_engram.sweep import CSV_COLUMNS, PRESETS, SweepData, build_parser, main, preset_from_args, run_sweep
 
 V = 96
 
@@ -75,6 +75,27 @@ def test_two_step_sweep_writes_csv_json_png(tmp_path):
     assert saved["targets"]["P_tot"] == result["targets"]["P_tot"]
     png = (tmp_path / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_cli_on_user_text_files(tmp_path):
+    # The whole path: text files -> split -> BPE -> compression LUT -> allocation -> train -> eval.
+    words = "the quick brown fox jumps over the lazy dog while a cat naps in warm sun".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        picks = torch.randint(0, len(words), (600,), generator=g).tolist()
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(words[j] for j in picks) + "\n")
+    out = tmp_path / "out"
+    result = main(["--text-files", *(str(tmp_path / f"doc{i}.txt") for i in range(6)), "--steps", "2",
+                   "--rhos", "1,0.6", "--batch-size", "2", "--seq-len", "32", "--out", str(out), "--no-progress",
+                   "--device", "cpu"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [float(r["rho"]) for r in rows] == [1.0, 0.6]
+    assert all(math.isfinite(float(r["val_bpb"])) for r in rows)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"]["compressed_vocab_size"] < saved["data"]["vocab_size"]
+    assert saved["total_wall_s"] >= saved["wall_s"] and "--text-files" in saved["command"]
+    assert (out / "sweep.png").stat().st_size > 5000
+    assert result["summary"][0]["rho"] == 1.0
 
 
 def test_same_seed_same_batches_whatever_the_model():
