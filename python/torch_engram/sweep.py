@@ -59,11 +59,11 @@ PRESETS: dict[str, Preset] = {
         engram=dict(max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4, use_conv=True,
                     proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
         engram_layers=None,
-        train=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25),
         # One thread: on a shared 2-core machine, two OpenMP threads stall (5-10x slower) as soon
         # as anything else runs; alone they would be ~1.5x faster. --threads 2 to try.
         rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=2048, val_fraction=0.05,
-        max_val_tokens=65536, max_bytes=6_000_000, threads=1,
+        max_val_tokens=32768, max_bytes=6_000_000, threads=1,
         notes="2-core CPU, ~10 min",
     ),
     # One GPU. P_tot ~ 10 x P_act as in the paper: 8 blocks of D = 512, 80 experts of width 256,
