@@ -133,3 +133,20 @@ def _short_conv_backward_fake(grad_out, u, norm_weight, conv_weight, rstd, dilat
     _check_conv_shapes("short_conv_backward", u, norm_weight, conv_weight)
     return (u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape),
             conv_weight.new_empty(conv_weight.shape))
+
+
+# ---- Optimizer ops ----
+@torch.library.register_fake("engram::sparse_adam_step")
+def _sparse_adam_step_fake(table, exp_avg, exp_avg_sq, row_step, rows, grads, lr, beta1, beta2, eps,
+                           weight_decay):
+    # In place on table, exp_avg, exp_avg_sq and row_step; nothing to allocate. The shape rules are
+    # checked here too so traced programs fail where eager ones would.
+    torch._check(table.dim() == 2,
+                 lambda: f"sparse_adam_step: table must be [num_rows, d_head], got {tuple(table.shape)}")
+    torch._check(rows.dim() == 1, lambda: f"sparse_adam_step: rows must be [U], got {tuple(rows.shape)}")
+    torch._check(
+        grads.dim() == 2 and grads.shape[0] == rows.shape[0] and grads.shape[1] == table.shape[1],
+        lambda: f"sparse_adam_step: grads must be [U={rows.shape[0]}, d_head={table.shape[1]}], "
+                f"got {tuple(grads.shape)}",
+    )
+    return None

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# GPU check on a fresh CUDA machine: build the extension with CUDA kernels (no GoogleTest), run the
+# CUDA tests and the GPU benchmark, and write everything to a results directory, in under 8
+# minutes. Every step runs under its own time limit and the script keeps going after a failure;
+# exit codes go to summary.txt and the script exits non-zero if any step failed.
+#
+# Usage: bash scripts/gpu_check.sh [RESULTS_DIR]     (default ./results/gpu)
+# Knobs: PYTHON, TORCH_CUDA_ARCH_LIST (default: the visible GPU's), GPU_CHECK_BUDGET_S (480).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+RES=${1:-./results/gpu}
+mkdir -p "$RES"
+RES=$(cd "$RES" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+START=$(date +%s)
+SUMMARY="$RES/summary.txt"
+: >"$SUMMARY"
+FAILED=0
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+note() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S LOG CMD...: runs CMD with a time limit (capped by the budget left), logs
+# stdout+stderr to LOG, records the exit code.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local remain
+  remain=$(left)
+  if [ "$remain" -le 5 ]; then
+    note "$name: SKIPPED (time budget spent)"
+    FAILED=1
+    return 1
+  fi
+  [ "$limit" -gt "$remain" ] && limit=$remain
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - t0))
+  if [ $rc -eq 0 ]; then
+    note "$name: ok (${took}s, log $(basename "$log"))"
+  else
+    [ $rc -eq 124 ] && note "$name: TIMEOUT after ${limit}s (log $(basename "$log"))" \
+      || note "$name: FAILED rc=$rc (${took}s, log $(basename "$log"))"
+    FAILED=1
+  fi
+  return $rc
+}
+
+{
+  echo "date: $(date -u)"
+  echo "host: $(hostname)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  command -v cmake >/dev/null && cmake --version | head -1 || echo "cmake: not found"
+  command -v ninja >/dev/null && echo "ninja $(ninja --version)" || echo "ninja: not found"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  "$PY" -c "import pybind11; print('pybind11', pybind11.__version__)" 2>&1 | tail -1
+} >"$RES/env.txt" 2>&1
+note "environment in env.txt"
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+fi
+export TORCH_CUDA_ARCH_LIST
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+# Build: CMake (scripts/dev_build.sh, tests off) when cmake and the pybind11 package exist, else
+# torch.utils.cpp_extension (scripts/build_jit.py), which needs neither.
+if command -v cmake >/dev/null && "$PY" -c "import pybind11" 2>/dev/null; then
+  step "build (cmake, arch $TORCH_CUDA_ARCH_LIST)" 300 "$RES/build.log" \
+    env ENGRAM_CUDA=1 ENGRAM_BUILD_TESTS=0 PYTHON="$PY" bash scripts/dev_build.sh
+else
+  step "build (cpp_extension, arch $TORCH_CUDA_ARCH_LIST)" 300 "$RES/build.log" "$PY" scripts/build_jit.py
+fi
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+step "import" 60 "$RES/import.log" "$PY" -c \
+  "import torch, torch_engram as te; assert te._C.cuda_built(), 'built without CUDA'; print(torch._C._dispatch_dump('engram::multihead_gather'))"
+
+# Tests: the CUDA suite first, then the CUDA cases of every other test file.
+step "pytest test_cuda.py" 170 "$RES/pytest_cuda.log" \
+  "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_cuda.xml" tests/python/test_cuda.py
+step "pytest -k cuda (other files)" 90 "$RES/pytest_other_cuda.log" \
+  "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_other_cuda.xml" tests/python \
+  --ignore=tests/python/test_cuda.py -k cuda
+
+# Benchmark: the full run if the budget allows, else the quick one.
+if [ "$(left)" -gt 150 ]; then
+  step "bench_gpu" $(( $(left) - 10 )) "$RES/bench_gpu.log" "$PY" benchmarks/bench_gpu.py --json "$RES/bench_gpu.json"
+else
+  step "bench_gpu --quick" $(( $(left) - 5 )) "$RES/bench_gpu.log" \
+    "$PY" benchmarks/bench_gpu.py --quick --json "$RES/bench_gpu.json"
+fi
+
+for log in pytest_cuda pytest_other_cuda; do
+  [ -f "$RES/$log.log" ] && note "$log: $(tail -1 "$RES/$log.log")"
+done
+note "total $(($(date +%s) - START))s; $([ $FAILED -eq 0 ] && echo 'all steps ok' || echo 'some steps FAILED')"
+exit $FAILED
