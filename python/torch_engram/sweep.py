@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
         engram=dict(max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4, use_conv=True,
                     proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
         engram_layers=None,
-        train=TrainConfig(steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25),
+        train=TrainConfig(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20),
         # One thread: on a shared 2-core machine, two OpenMP threads stall (5-10x slower) as soon
         # as anything else runs; alone they would be ~1.5x faster. --threads 2 to try.
         rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=2048, val_fraction=0.05,
@@ -74,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         engram=dict(max_ngram_size=3, n_embed_per_ngram=256, n_head_per_ngram=8, use_conv=True,
                     proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
         engram_layers=None,
-        train=TrainConfig(steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200),
+        train=TrainConfig(steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="sparse"),
         rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4), seeds=(0, 1), tokenizer_vocab=16384, val_fraction=0.02,
         max_val_tokens=1_000_000, max_bytes=None,
         notes="one GPU",
@@ -245,7 +245,7 @@ def run_sweep(preset: Preset, data: SweepData, out_dir: Path, device: str = "cpu
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         model = TransformerLM(a.config, lut=data.lut if a.config.engram is not None else None,
-                              engram_factory=engram_factory).to(device)
+                              engram_factory=engram_factory, table_grad=preset.train.table_grad).to(device)
         steps_bar = (lambda it: _bar(it, total=preset.train.steps, desc=f"rho={a.rho:.2f} seed={seed}",
                                      leave=False)) if progress else None
         tr = train(model, data.train, preset.train, seed=seed, aux_loss_coef=a.config.aux_loss_coef,
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float, help="base (backbone) learning rate; tables use 5x")
+    p.add_argument("--table-optimizer", choices=["lazy_adam", "adam"],
+                   help="lazy_adam: row-wise lazy Adam (torch_engram.optim); adam: torch.optim.Adam")
+    p.add_argument("--table-grad", choices=["dense", "sparse"], help="Engram table gradient layout")
     p.add_argument("--text-files", nargs="+", help="your own UTF-8 text files instead of the built-in corpus")
     p.add_argument("--tokenizer", help="a tokenizers JSON file, or 'default'; else a BPE is trained on the "
                                        "training split")
@@ -326,7 +329,8 @@ def preset_from_args(args) -> Preset:
 
     preset = PRESETS[args.preset]
     tc = preset.train
-    changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("lr", args.lr))
+    changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("lr", args.lr),
+                                 ("table_optimizer", args.table_optimizer), ("table_grad", args.table_grad))
                if v is not None}
     tc = replace(tc, **changes)
     if args.tokens is not None:

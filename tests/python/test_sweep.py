@@ -122,17 +122,25 @@ def test_evaluate_covers_every_position():
     assert n_w == 49 and math.isfinite(nats_w)
 
 
-def test_optimizer_groups_follow_the_recipe():
-    tc = TrainConfig(lr=1e-3, table_lr_mult=5.0, weight_decay=0.1)
-    data = synthetic_data()
-    preset = tiny_preset()
-    from torch_engram.sweep import base_configs
+def _engram_model(table_grad="dense"):
     from torch_engram.allocation import allocate
+    from torch_engram.sweep import base_configs
 
-    base, template = base_configs(preset, data)
-    model = TransformerLM(allocate(base, 0.5, template).config, lut=data.lut)
+    data = synthetic_data()
+    base, template = base_configs(tiny_preset(), data)
+    torch.manual_seed(0)
+    return TransformerLM(allocate(base, 0.5, template).config, lut=data.lut, table_grad=table_grad), data
+
+
+@pytest.mark.parametrize("table_optimizer", ["lazy_adam", "adam"])
+def test_optimizer_groups_follow_the_recipe(table_optimizer):
+    from torch_engram.optim import SparseTableAdam
+
+    tc = TrainConfig(lr=1e-3, table_lr_mult=5.0, weight_decay=0.1, table_optimizer=table_optimizer)
+    model, _ = _engram_model()
     dense, tables = make_optimizers(model, tc)
-    assert isinstance(tables, torch.optim.Adam) and not isinstance(tables, torch.optim.AdamW)
+    expected = SparseTableAdam if table_optimizer == "lazy_adam" else torch.optim.Adam
+    assert type(tables) is expected and type(dense) is torch.optim.AdamW
     assert [g["lr"] for g in tables.param_groups] == [5e-3] and tables.param_groups[0]["weight_decay"] == 0.0
     assert {id(p) for p in tables.param_groups[0]["params"]} == {id(e.table) for e in model.engram_modules()}
     decay, no_decay = dense.param_groups
@@ -142,6 +150,23 @@ def test_optimizer_groups_follow_the_recipe():
     assert n_opt == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         make_optimizers(model, replace(tc, table_optimizer="nope"))
+
+
+def test_sparse_and_dense_table_gradients_train_alike():
+    from torch_engram.models.training import train
+
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, table_optimizer="lazy_adam")
+    results = []
+    for table_grad in ("dense", "sparse"):
+        model, data = _engram_model(table_grad)
+        before = [t.detach().clone() for t in model.table_parameters()]
+        train(model, data.train, tc, seed=0, aux_loss_coef=0.01)
+        results.append([t.detach().clone() for t in model.table_parameters()])
+        moved = [(t != b).any(dim=1) for t, b in zip(results[-1], before)]
+        # Lazy Adam: only looked-up rows move, and a short run looks up few of them.
+        assert all(0 < int(m.sum()) < m.numel() for m in moved)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_lr_schedule():
@@ -156,8 +181,11 @@ def test_cli_budget_options():
     p = preset_from_args(args)
     assert p.train.steps == math.ceil(100000 / p.train.tokens_per_step)
     assert p.rhos == (1.0, 0.5) and p.seeds == (0, 1)
-    p = preset_from_args(build_parser().parse_args(["--steps", "7", "--seq-len", "300"]))
+    assert p.train.table_optimizer == "lazy_adam" and p.train.table_grad == "dense"
+    p = preset_from_args(build_parser().parse_args(["--steps", "7", "--seq-len", "300", "--table-optimizer", "adam",
+                                                    "--table-grad", "sparse"]))
     assert p.train.steps == 7 and p.train.seq_len == 300 and p.model["max_seq_len"] == 300
+    assert p.train.table_optimizer == "adam" and p.train.table_grad == "sparse"
     assert p.train.warmup_steps <= 7
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--steps", "5", "--tokens", "10"])

@@ -1,9 +1,11 @@
 """Training recipe for the reference model: optimizer groups, LR schedule, batches, evaluation.
 
 Optimizer groups (the paper's recipe, ENGRAM.md section 7, with AdamW standing in for Muon):
-- Engram tables: Adam, LR = table_lr_mult (5) x base LR, no weight decay. The table optimizer is
-  chosen by name from TABLE_OPTIMIZERS so a sparse (touched-rows-only) Adam can replace the dense
-  torch.optim.Adam without touching the loop.
+- Engram tables: Adam, LR = table_lr_mult (5) x base LR, no weight decay, chosen by name from
+  TABLE_OPTIMIZERS: "lazy_adam" (default; torch_engram.optim.SparseTableAdam: only rows with a
+  gradient move, row-wise bias correction; takes dense or sparse COO table gradients) or "adam"
+  (torch.optim.Adam on dense gradients: every row's moments decay, and momentum keeps moving rows
+  after their last lookup).
 - Everything else: AdamW at the base LR, weight decay on matrices (dim >= 2) only; norm gains and
   biases are not decayed.
 Both follow the same schedule: linear warmup, then cosine decay to min_lr_ratio x their peak LR.
@@ -35,7 +37,8 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    table_optimizer: str = "adam"
+    table_optimizer: str = "lazy_adam"
+    table_grad: str = "dense"  # Engram table gradients: "dense" or "sparse" (COO, touched rows only)
     eval_batch_size: int = 32
 
     @property
@@ -51,8 +54,16 @@ def _dense_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Opti
                             weight_decay=0.0)
 
 
+def _lazy_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    from ..optim import SparseTableAdam
+
+    return SparseTableAdam(params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                           weight_decay=0.0)
+
+
 TABLE_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
     "adam": _dense_adam,
+    "lazy_adam": _lazy_adam,
 }
 
 

@@ -79,10 +79,10 @@ class LMOutput:
     aux_loss: torch.Tensor  # mean load-balancing loss over MoE blocks (unscaled)
 
 
-def _default_engram_factory(cfg, layer_id: int, hidden_size: int, hc_mult: int) -> nn.Module:
-    from .. import Engram  # the layer module; imported here so the model file loads without it
+def _default_engram_factory(cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str) -> nn.Module:
+    from ..modules import Engram
 
-    return Engram(cfg, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult)
+    return Engram(cfg, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult, table_grad=table_grad)
 
 
 EngramFactory = Callable[..., nn.Module]
@@ -91,10 +91,15 @@ EngramFactory = Callable[..., nn.Module]
 class TransformerLM(nn.Module):
     """Decoder-only LM. `lut` is the tokenizer-compression LUT given to the n-gram hasher (or None
     when cfg.engram.compressed_vocab_size is set). Row ids of all Engram layers are hashed once per
-    forward from the token ids, then each Engram block reads its own slice."""
+    forward from the token ids, then each Engram block reads its own slice.
+
+    table_grad: how Engram tables receive gradients ("dense", "sparse" COO, or "fused" into the
+    table optimizer; see torch_engram.optim). engram_factory(engram_config, layer_id=,
+    hidden_size=, hc_mult=, table_grad=) builds each Engram layer (default: torch_engram.Engram).
+    """
 
     def __init__(self, cfg: ModelConfig, lut: torch.Tensor | None = None,
-                 engram_factory: EngramFactory | None = None):
+                 engram_factory: EngramFactory | None = None, table_grad: str = "dense"):
         super().__init__()
         self.cfg = cfg
         D, M = cfg.d_model, cfg.hc_mult
@@ -103,7 +108,8 @@ class TransformerLM(nn.Module):
         factory = engram_factory or _default_engram_factory
         engram_ids = set(cfg.engram.layer_ids) if cfg.engram is not None else set()
         self.blocks = nn.ModuleList(
-            Block(cfg, i, factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M) if i in engram_ids else None)
+            Block(cfg, i, factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad)
+                  if i in engram_ids else None)
             for i in range(cfg.n_layers)
         )
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
