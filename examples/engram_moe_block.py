@@ -2,7 +2,7 @@
 attention -> top-k MoE] -> LM head) trained for a few steps on real text, once with Engram and
 once without, on the same data and seed.
 
-    python examples/engram_moe_block.py [--steps 60] [--table-grad dense|sparse|fused]
+    python examples/engram_moe_block.py [--steps 40] [--table-grad dense|sparse|fused]
 
 The Engram update is added to the residual stream before attention (ENGRAM.md section 6). Tables
 train with Adam at 5x the base learning rate and no weight decay (torch_engram.optim).
@@ -104,7 +104,7 @@ def train(with_engram: bool, stream: torch.Tensor, lut: torch.Tensor, args) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--d-model", type=int, default=128)
