@@ -166,12 +166,12 @@ def bench_hash(quick: bool) -> None:
 
 def bench_layer(quick: bool) -> None:
     """The whole layer: Engram (ours) vs OfficialEngram (the demo formulation) eager and compiled."""
-    try:
-        from torch_engram.modules import Engram
-        from torch_engram.reference.layer import OfficialEngram
-    except ImportError as exc:
-        print(f"layer      skipped: the Engram module is not available ({exc})")
-        RESULTS.append(dict(section="layer", skipped=str(exc)))
+    Engram = getattr(te, "Engram", None)
+    OfficialEngram = getattr(reference, "OfficialEngram", None)
+    if Engram is None or OfficialEngram is None:
+        msg = "torch_engram.Engram or reference.OfficialEngram is not available"
+        print(f"layer      skipped: {msg}")
+        RESULTS.append(dict(section="layer", skipped=msg))
         return
     B, T, M, D = (4, 1024, 1, 1024) if quick else (8, 2048, 4, 2048)
     cfg = te.EngramConfig.official_demo(compressed_vocab_size=99_092)

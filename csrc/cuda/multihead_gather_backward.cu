@@ -95,7 +95,7 @@ void launch_scatter_add(const GradArgs& a, int64_t num_rows, at::Tensor& acc) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(a.rows.scalar_type(), "multihead_gather_backward_atomic", [&] {
     scatter_add_kernel<scalar_t, acc_t, V, index_t><<<grid, kBlock, 0, stream>>>(
-        a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head, static_cast<acc_t*>(acc.data_ptr()),
+        a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head, cuda::ptr<acc_t>(acc),
         log2_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -299,7 +299,7 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
                                                  end_bit, stream));
 
   sg.unique = at::empty({n}, a.rows.options().dtype(at::kLong));
-  sg.counts = at::empty({n}, i32);
+  sg.counts = at::zeros({n}, i32);  // entries past U stay 0, so the scan below sums no garbage
   sg.num_runs = at::empty({1}, i32);
   bytes = 0;
   C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, bytes, keys_out, sg.unique.data_ptr<int64_t>(),
@@ -310,7 +310,7 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
                                                     sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(),
                                                     n32, stream));
 
-  // The scan runs over the bound n; entries past U (unwritten) only affect outputs past U.
+  // The scan runs over the bound n (U is on the device); entries past U are never read.
   sg.seg_start = at::empty({n}, i32);
   bytes = 0;
   C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, sg.counts.data_ptr<int32_t>(),

@@ -104,7 +104,8 @@ def test_hash_demo_and_v41_layouts_bitwise():
             cpu, gpu = hash_both(hasher, ids, doc, out_dtype)
             assert torch.equal(gpu.cpu(), cpu)
         # The module path on CUDA picks the same output dtype as on the CPU.
-        assert torch.equal(hasher.to(CUDA)(ids.to(CUDA), doc_start=doc.to(CUDA)).cpu(), hasher.cpu()(ids, doc_start=doc))
+        on_gpu = hasher.to(CUDA)(ids.to(CUDA), doc_start=doc.to(CUDA)).cpu()
+        assert torch.equal(on_gpu, hasher.cpu()(ids, doc_start=doc))
 
 
 def test_hash_wide_heads_unstaged_path():
