@@ -25,7 +25,7 @@ TORCH_LIBRARY(engram, m) {
   // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D], key k [..., M, D] (the M key
   // projections), value v [..., D], folded RMSNorm gains w = w_q * w_k [M, D] float32, RMSNorm
   // eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, k, v and w.
-  // key and value share hidden's dtype; weight is float32 (or float64 with float64 hidden).
+  // key and value share hidden's dtype; weight is float32 or hidden's dtype.
   m.def("engram_gate(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> Tensor");
   // -- gate internals (forward with saved statistics, backward) go here --
   // Forward with the statistics the backward needs, all [..., M] in the accumulation dtype
@@ -45,7 +45,7 @@ TORCH_LIBRARY(engram, m) {
   // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d; tap i reads
   // position t - (kernel_size - 1 - i) * dilation, nn.Conv1d's causal layout; t < 0 reads zero),
   // dilation, RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
-  // Weights float32 (or float64 with float64 u). Differentiable in u and both weights.
+  // Weights float32 or u's dtype. Differentiable in u and both weights.
   m.def(
       "short_conv(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
       "bool activation=True) -> Tensor");
@@ -60,4 +60,24 @@ TORCH_LIBRARY(engram, m) {
   m.def(
       "short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
       "int dilation, bool activation) -> (Tensor grad_u, Tensor grad_norm_weight, Tensor grad_conv_weight)");
+
+  // ---- Optimizer ops (tables far larger than memory: ENGRAM.md section 7) ----
+  // Fused lazy Adam on the touched rows of a table [num_rows, d_head], in place. rows [U] (int64
+  // or int32) must be strictly increasing (hence unique) and in [0, num_rows): the sorted output
+  // of multihead_gather_backward_sparse or of a coalesced sparse COO gradient. grads [U, d_head]
+  // in the table's dtype or float32. For each listed row r, with s = ++row_step[r] (int32
+  // [num_rows], that row's own update count):
+  //   table[r] *= 1 - lr * weight_decay                      (decoupled, AdamW)
+  //   m = exp_avg[r] = lerp(exp_avg[r], g, 1 - beta1)
+  //   v = exp_avg_sq[r] = beta2 * exp_avg_sq[r] + (1 - beta2) * g^2
+  //   table[r] -= lr / (1 - beta1^s) * m / (sqrt(v) / sqrt(1 - beta2^s) + eps)
+  // Rows not listed are untouched: no moment decay, no weight decay (lazy, as torch.optim.SparseAdam).
+  // Bias correction uses the per-row count s, not a global step (as FBGEMM's row-wise bias
+  // correction): a row first seen at global step 10^4 starts with an unbiased first update
+  // instead of one ~3x too large. Maths in float32 (float64 for float64 tables); exp_avg and
+  // exp_avg_sq are float32 (float64 for float64 tables) or bfloat16.
+  m.def(
+      "sparse_adam_step(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
+      "Tensor rows, Tensor grads, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  // ---- end of optimizer ops ----
 }

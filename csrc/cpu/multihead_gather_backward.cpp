@@ -208,7 +208,9 @@ void reduce_segments(const RowSegments& seg, const scalar_t* grad, int64_t d_hea
   std::unique_ptr<rank_t[]> rank(new rank_t[n]);
   at::parallel_for(0, U, 1024, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
-      for (int64_t i = seg.start[u]; i < seg.start[u + 1]; ++i) rank[segment_key_pos(keys[i], pb)] = static_cast<rank_t>(u);
+      for (int64_t i = seg.start[u]; i < seg.start[u + 1]; ++i) {
+        rank[segment_key_pos(keys[i], pb)] = static_cast<rank_t>(u);
+      }
     }
   });
   std::unique_ptr<acc_t[]> buffer;

@@ -1,7 +1,8 @@
 // Row primitives of the CPU kernels of engram_gate and short_conv: fixed-order reductions and
-// fused element-wise loops over one row (output rows must not overlap input rows), for float (the accumulation type of float32, bfloat16
-// and float16 inputs) and double. Defined in rows.cpp, where the float versions are compiled
-// for several x86-64 instruction sets and picked at load time.
+// fused element-wise loops over one row (output rows must not overlap input rows), for float
+// (the accumulation type of float32, bfloat16 and float16 inputs) and double. Defined in
+// rows.cpp, where the float versions are compiled for several x86-64 instruction sets and
+// picked at load time.
 #pragma once
 
 #include <ATen/Parallel.h>

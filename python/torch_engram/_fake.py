@@ -16,9 +16,12 @@ _GATHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_gather_rows(rows, op):
-    torch._check(rows.dim() >= 1, lambda: f"{op}: rows must be [..., H] (at least one dimension), got a 0-d tensor")
-    torch._check(rows.dtype in (torch.int64, torch.int32), lambda: f"{op}: rows must be int64 or int32, got {rows.dtype}")
-    torch._check(rows.shape[-1] >= 1, lambda: f"{op}: rows must be [..., H] with H >= 1 heads, got {tuple(rows.shape)}")
+    torch._check(rows.dim() >= 1,
+                 lambda: f"{op}: rows must be [..., H] (at least one dimension), got a 0-d tensor")
+    torch._check(rows.dtype in (torch.int64, torch.int32),
+                 lambda: f"{op}: rows must be int64 or int32, got {rows.dtype}")
+    torch._check(rows.shape[-1] >= 1,
+                 lambda: f"{op}: rows must be [..., H] with H >= 1 heads, got {tuple(rows.shape)}")
 
 
 def _check_gather_grad(grad_e, rows, op):
@@ -32,25 +35,30 @@ def _check_gather_grad(grad_e, rows, op):
                          f"{tuple(rows.shape[:-1])}, got {tuple(grad_e.shape)}")
     H = rows.shape[-1]
     torch._check(grad_e.shape[-1] % H == 0,
-                 lambda: f"{op}: grad_e's last dimension must be H * d_head with H = {H}, got {grad_e.shape[-1]}")
+                 lambda: f"{op}: grad_e's last dimension must be H * d_head with H = {H}, "
+                         f"got {grad_e.shape[-1]}")
     return grad_e.shape[-1] // H
 
 
 @torch.library.register_fake("engram::multihead_gather")
 def _multihead_gather_fake(table, rows, sparse_grad=False):
-    torch._check(table.dim() == 2, lambda: f"multihead_gather: table must be [num_rows, d_head], got {tuple(table.shape)}")
+    torch._check(table.dim() == 2,
+                 lambda: f"multihead_gather: table must be [num_rows, d_head], got {tuple(table.shape)}")
     torch._check(table.dtype in _GATHER_DTYPES,
-                 lambda: f"multihead_gather: table must be float32, bfloat16, float16 or float64, got {table.dtype}")
+                 lambda: f"multihead_gather: table must be float32, bfloat16, float16 or float64, "
+                         f"got {table.dtype}")
     _check_gather_rows(rows, "multihead_gather")
     torch._check(rows.device == table.device,
-                 lambda: f"multihead_gather: rows must be on table's device {table.device}, got {rows.device}")
+                 lambda: f"multihead_gather: rows must be on table's device {table.device}, "
+                         f"got {rows.device}")
     return table.new_empty((*rows.shape[:-1], rows.shape[-1] * table.shape[1]))
 
 
 @torch.library.register_fake("engram::multihead_gather_backward")
 def _multihead_gather_backward_fake(grad_e, rows, num_rows):
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_backward")
-    torch._check(num_rows >= 0, lambda: f"multihead_gather_backward: num_rows must be non-negative, got {num_rows}")
+    torch._check(num_rows >= 0,
+                 lambda: f"multihead_gather_backward: num_rows must be non-negative, got {num_rows}")
     return grad_e.new_empty((num_rows, d_head))
 
 
@@ -69,11 +77,13 @@ def _acc_dtype(dtype):
 def _check_gate_shapes(op, hidden, key, value, weight):
     torch._check(hidden.dim() >= 2, lambda: f"{op}: hidden must be [..., M, D], got {tuple(hidden.shape)}")
     torch._check(key.shape == hidden.shape,
-                 lambda: f"{op}: key must have the shape of hidden {tuple(hidden.shape)}, got {tuple(key.shape)}")
+                 lambda: f"{op}: key must have the shape of hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(key.shape)}")
     torch._check(tuple(value.shape) == tuple(hidden.shape[:-2]) + (hidden.shape[-1],),
                  lambda: f"{op}: value must be [..., D], got {tuple(value.shape)}")
     torch._check(tuple(weight.shape) == tuple(hidden.shape[-2:]),
-                 lambda: f"{op}: weight must be [M, D] = {tuple(hidden.shape[-2:])}, got {tuple(weight.shape)}")
+                 lambda: f"{op}: weight must be [M, D] = {tuple(hidden.shape[-2:])}, "
+                         f"got {tuple(weight.shape)}")
 
 
 @torch.library.register_fake("engram::engram_gate")
@@ -86,7 +96,8 @@ def _engram_gate_fake(hidden, key, value, weight, eps):
 def _engram_gate_forward_fake(hidden, key, value, weight, eps):
     _check_gate_shapes("engram_gate_forward", hidden, key, value, weight)
     stat = hidden.new_empty(hidden.shape[:-1], dtype=_acc_dtype(hidden.dtype))
-    return hidden.new_empty(hidden.shape), stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
+    return (hidden.new_empty(hidden.shape), stat, torch.empty_like(stat), torch.empty_like(stat),
+            torch.empty_like(stat))
 
 
 @torch.library.register_fake("engram::engram_gate_backward")
@@ -99,7 +110,8 @@ def _engram_gate_backward_fake(grad_out, hidden, key, value, weight, alpha, r_x,
 def _check_conv_shapes(op, u, norm_weight, conv_weight):
     torch._check(u.dim() == 4, lambda: f"{op}: u must be [B, T, M, D], got {tuple(u.shape)}")
     torch._check(tuple(norm_weight.shape) == tuple(u.shape[2:]),
-                 lambda: f"{op}: norm_weight must be [M, D] = {tuple(u.shape[2:])}, got {tuple(norm_weight.shape)}")
+                 lambda: f"{op}: norm_weight must be [M, D] = {tuple(u.shape[2:])}, "
+                         f"got {tuple(norm_weight.shape)}")
     torch._check(conv_weight.dim() == 2 and conv_weight.shape[0] == u.shape[2] * u.shape[3],
                  lambda: f"{op}: conv_weight must be [M*D, kernel_size], got {tuple(conv_weight.shape)}")
 
@@ -119,4 +131,22 @@ def _short_conv_forward_fake(u, norm_weight, conv_weight, dilation, eps, activat
 @torch.library.register_fake("engram::short_conv_backward")
 def _short_conv_backward_fake(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation):
     _check_conv_shapes("short_conv_backward", u, norm_weight, conv_weight)
-    return u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape), conv_weight.new_empty(conv_weight.shape)
+    return (u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape),
+            conv_weight.new_empty(conv_weight.shape))
+
+
+# ---- Optimizer ops ----
+@torch.library.register_fake("engram::sparse_adam_step")
+def _sparse_adam_step_fake(table, exp_avg, exp_avg_sq, row_step, rows, grads, lr, beta1, beta2, eps,
+                           weight_decay):
+    # In place on table, exp_avg, exp_avg_sq and row_step; nothing to allocate. The shape rules are
+    # checked here too so traced programs fail where eager ones would.
+    torch._check(table.dim() == 2,
+                 lambda: f"sparse_adam_step: table must be [num_rows, d_head], got {tuple(table.shape)}")
+    torch._check(rows.dim() == 1, lambda: f"sparse_adam_step: rows must be [U], got {tuple(rows.shape)}")
+    torch._check(
+        grads.dim() == 2 and grads.shape[0] == rows.shape[0] and grads.shape[1] == table.shape[1],
+        lambda: f"sparse_adam_step: grads must be [U={rows.shape[0]}, d_head={table.shape[1]}], "
+                f"got {tuple(grads.shape)}",
+    )
+    return None

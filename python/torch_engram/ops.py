@@ -28,7 +28,8 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
     return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
 
 
-def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def multihead_gather_backward_sparse(grad_e: torch.Tensor,
+                                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (unique_rows [U] int64 ascending, values [U, d_head]).
 
     Memory grows with the number of lookups, not with the table; same summation order as the
@@ -40,19 +41,35 @@ def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, we
                 eps: float) -> torch.Tensor:
     """Context-aware gate u^(m) = sigmoid(s') * v (ENGRAM.md section 4).
 
-    hidden, key [..., M, D]; value [..., D]; weight [M, D] float32 = w_q * w_k (float64 allowed
-    with float64 inputs); eps the RMSNorm eps. Returns [..., M, D] in hidden's dtype.
+    hidden, key [..., M, D]; value [..., D]; weight [M, D] = w_q * w_k, float32 or hidden's dtype;
+    eps the RMSNorm eps. Returns [..., M, D] in hidden's dtype.
     Differentiable in all four tensors.
     """
     return torch.ops.engram.engram_gate(hidden, key, value, weight, eps)
 
 
-def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int, eps: float,
-               activation: bool = True) -> torch.Tensor:
+def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
+               eps: float, activation: bool = True) -> torch.Tensor:
     """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (ENGRAM.md section 5).
 
     u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight
-    without its middle dimension); both weights float32 (float64 allowed with float64 u).
+    without its middle dimension); both weights float32 or u's dtype.
     Differentiable in u and both weights.
     """
     return torch.ops.engram.short_conv(u, norm_weight, conv_weight, dilation, eps, activation)
+
+
+# ---- Optimizer ops ----
+def sparse_adam_step(table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     row_step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, lr: float,
+                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                     weight_decay: float = 0.0) -> None:
+    """Lazy row-wise Adam, in place: updates table[rows] and its moments with grads [U, d_head].
+
+    rows must be strictly increasing (unique and sorted, as multihead_gather_backward_sparse and a
+    coalesced sparse gradient give them); row_step (int32 [num_rows]) counts each row's own updates
+    and sets its bias correction. Rows not listed keep their weights and moments. Call under
+    torch.no_grad(). Full semantics: csrc/library.cpp.
+    """
+    torch.ops.engram.sparse_adam_step(table, exp_avg, exp_avg_sq, row_step, rows, grads, lr, beta1, beta2,
+                                      eps, weight_decay)

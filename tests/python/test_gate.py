@@ -74,7 +74,8 @@ def test_saved_statistics(device):
 @pytest.mark.parametrize("M", [1, 4])
 def test_gradients_match_reference(device, dtype, M):
     x, k, v, w = make_inputs((3, 6), M, 33, dtype, device, seed=1)
-    grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device, dtype)
+    grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad = grad.to(device, dtype)
     inputs = [t.detach().requires_grad_() for t in (x, k, v, w)]
     out = ops.engram_gate(*inputs, 1e-6)
     got = torch.autograd.grad(out, inputs, grad)
@@ -121,7 +122,8 @@ def test_gradcheck_near_signed_sqrt_clamp():
     torch.testing.assert_close(s, targets, rtol=1e-3, atol=0)
     inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
     # Steps that move s by ~1e-9: no branch crosses the clamp edge or the sign jump at 0.
-    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6,
+                                    rtol=1e-4)
     out = ops.engram_gate(*inputs, 0.0)
     grads = torch.autograd.grad(out.sum(), inputs)
     clamped = targets.abs() < 1e-6
@@ -159,19 +161,20 @@ def test_matches_official_demo_formulation(dtype, M):
         assert_close(a, b, dtype, loosen)
     # Chain rule through w = w_q * w_k for branch 0's key gain.
     assert_close(grads_op[3][0] * demo.norm2[0].weight, grads_demo[3], dtype, loosen)
-    assert_close(
-        ref.engram_gate_separate(x, k, v, torch.stack([n.weight for n in demo.norm2]),
-                                 torch.stack([n.weight for n in demo.norm1]), demo.eps_for(dtype)), want, dtype,
-        loosen)
+    separate = ref.engram_gate_separate(x, k, v, torch.stack([n.weight for n in demo.norm2]),
+                                        torch.stack([n.weight for n in demo.norm1]), demo.eps_for(dtype))
+    assert_close(separate, want, dtype, loosen)
 
 
-def test_float64_inputs_accept_float32_weight():
-    x, k, v, w = make_inputs((4,), 2, 16, torch.float64, w_dtype=torch.float32)
+@pytest.mark.parametrize("dtype, w_dtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16)])
+def test_weight_in_float32_or_input_dtype(dtype, w_dtype):
+    x, k, v, w = make_inputs((4,), 2, 16, dtype, w_dtype=w_dtype)
     w.requires_grad_()
     out = ops.engram_gate(x, k, v, w, 1e-6)
-    assert_close(out, ref64(x, k, v, w, 1e-6), torch.float64)
+    assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
     (gw,) = torch.autograd.grad(out.sum(), [w])
-    assert gw.dtype == torch.float32
+    assert gw.dtype == w_dtype
 
 
 def test_weight_gradient_is_deterministic():
@@ -271,7 +274,10 @@ def test_non_contiguous_and_broadcast_inputs():
         (lambda x, k, v, w: (x, k, v, w[:1]), "weight must be \\[M=4, D=8\\]"),
         (lambda x, k, v, w: (x, k.double(), v, w), "key must have hidden's dtype"),
         (lambda x, k, v, w: (x, k, v.half(), w), "value must have hidden's dtype"),
-        (lambda x, k, v, w: (x, k, v, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32"),
+        (lambda x, k, v, w: (x, k, v, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32 or "
+         "hidden's dtype Float, got BFloat16"),
+        (lambda x, k, v, w: (x, k, v, w.double()), "weight .* must be float32 or hidden's dtype Float, "
+         "got Double"),
         (lambda x, k, v, w: (x.int(), k.int(), v.int(), w), "hidden must be float32, bfloat16"),
         (lambda x, k, v, w: (x[..., :0], k[..., :0], v[..., :0], w[:, :0]), "D >= 1"),
     ],

@@ -81,7 +81,8 @@ def test_causality():
 @pytest.mark.parametrize("activation", [True, False])
 def test_gradients_match_reference(device, dtype, M, activation):
     u, nw, cw = make_inputs(2, 10, M, 16, 4, dtype, device, seed=3)
-    grad = torch.randn(2, 10, M, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device, dtype)
+    grad = torch.randn(2, 10, M, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grad = grad.to(device, dtype)
     inputs = [t.clone().requires_grad_() for t in (u, nw, cw)]
     got = torch.autograd.grad(ops.short_conv(*inputs, 2, 1e-5, activation), inputs, grad)
     ref_inputs = [t.detach().double().requires_grad_() for t in (u, nw, cw)]
@@ -125,6 +126,17 @@ def test_matches_official_demo_shortconv(dtype, M):
     assert_close(grads_op[0], grads_demo[0], dtype, loosen)
     assert_close(grads_op[2], grads_demo[1].squeeze(1), dtype, loosen)
     assert_close(grads_op[1], torch.stack(grads_demo[2:]), dtype, loosen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_in_input_dtype(dtype):
+    # A model cast with .to(dtype) holds its conv weights in that dtype.
+    u, nw, cw = make_inputs(2, 9, 4, 16, 4, dtype, seed=12)
+    nw, cw = nw.to(dtype).requires_grad_(), cw.to(dtype).requires_grad_()
+    out = ops.short_conv(u, nw, cw, 3, 1e-5)
+    assert_close(out, ref.short_conv(u.double(), nw.double(), cw.double(), 3, 1e-5), dtype)
+    grads = torch.autograd.grad(out.sum(), [nw, cw])
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
 
 def test_zero_conv_weight_is_identity():
@@ -228,8 +240,10 @@ def test_non_contiguous_input():
         (lambda u, nw, cw, d: (u, nw, cw.unsqueeze(1), d), "conv_weight must be \\[M\\*D=32"),
         (lambda u, nw, cw, d: (u, nw, cw[:, :0], d), "kernel_size >= 1"),
         (lambda u, nw, cw, d: (u, nw, cw, 0), "dilation must be >= 1, got 0"),
-        (lambda u, nw, cw, d: (u, nw.bfloat16(), cw, d), "norm_weight must be float32, got BFloat16"),
-        (lambda u, nw, cw, d: (u, nw, cw.double(), d), "conv_weight must be float32, got Double"),
+        (lambda u, nw, cw, d: (u, nw.bfloat16(), cw, d),
+         "norm_weight must be float32 or u's dtype Float, got BFloat16"),
+        (lambda u, nw, cw, d: (u, nw, cw.double(), d),
+         "conv_weight must be float32 or u's dtype Float, got Double"),
         (lambda u, nw, cw, d: (u.long(), nw, cw, d), "u must be float32, bfloat16, float16 or float64"),
     ],
 )

@@ -26,8 +26,8 @@ inline void check_short_conv_args(const char* op, const at::Tensor& u, const at:
   const at::Tensor* weights[] = {&norm_weight, &conv_weight};
   for (int i = 0; i < 2; ++i) {
     const auto wt = weights[i]->scalar_type();
-    TORCH_CHECK(wt == at::kFloat || (dt == at::kDouble && wt == at::kDouble), op, ": ", names[i], " must be float32",
-                (dt == at::kDouble ? " or float64" : ""), ", got ", wt);
+    TORCH_CHECK(wt == at::kFloat || wt == dt, op, ": ", names[i], " must be float32 or u's dtype ", dt, ", got ",
+                wt);
     TORCH_CHECK(weights[i]->device() == u.device(), op, ": ", names[i], " must be on u's device ", u.device(),
                 ", got ", weights[i]->device());
   }

@@ -41,8 +41,10 @@ inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, con
   TORCH_CHECK(key.scalar_type() == dt, op, ": key must have hidden's dtype ", dt, ", got ", key.scalar_type());
   TORCH_CHECK(value.scalar_type() == dt, op, ": value must have hidden's dtype ", dt, ", got ",
               value.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || (dt == at::kDouble && weight.scalar_type() == at::kDouble), op,
-              ": weight (folded RMSNorm gains) must be float32", (dt == at::kDouble ? " or float64" : ""), ", got ",
+  // fp32 gains are the norm (TileKernels folds them in fp32); gains in hidden's own dtype are
+  // accepted too (a model cast with .to(dtype)), maths in the accumulation dtype either way.
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dt, op,
+              ": weight (folded RMSNorm gains) must be float32 or hidden's dtype ", dt, ", got ",
               weight.scalar_type());
   for (const auto* t : {&key, &value, &weight}) {
     TORCH_CHECK(t->device() == hidden.device(), op, ": key, value and weight must be on hidden's device ",

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int, eps: float,
-               activation: bool = True) -> torch.Tensor:
+def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
+               eps: float, activation: bool = True) -> torch.Tensor:
     """u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (channel m * D + d,
     tap i reads t - (kernel_size - 1 - i) * dilation). Computed in float32 (float64 for float64
     u), returned in u's dtype."""
@@ -38,7 +38,8 @@ class DemoShortConv(nn.Module):
         channels = hidden_size * hc_mult
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
                               padding=(kernel_size - 1) * dilation, dilation=dilation, dtype=dtype)
-        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps, dtype=dtype) for _ in range(hc_mult)])
+        self.norms = nn.ModuleList(
+            [nn.RMSNorm(hidden_size, eps=norm_eps, dtype=dtype) for _ in range(hc_mult)])
         self.activation = activation
         self.dilation = dilation
 

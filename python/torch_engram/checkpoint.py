@@ -1,0 +1,138 @@
+"""Atomic training checkpoints: model, optimizers (the tables' lazy Adam state included), RNG
+state and user extras in one file, written so that a crash mid-save never loses the previous one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "torch_engram.checkpoint"
+VERSION = 1
+
+_Opt = torch.optim.Optimizer
+Optimizers = _Opt | Sequence[_Opt | None] | Mapping[str, _Opt | None]
+
+
+def _optimizer_states(optimizers: Optimizers | None):
+    if optimizers is None:
+        return None
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return optimizers.state_dict()
+    if isinstance(optimizers, Mapping):
+        return {k: None if o is None else o.state_dict() for k, o in optimizers.items()}
+    return [None if o is None else o.state_dict() for o in optimizers]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is; not every platform can open a
+    # directory for fsync.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None,
+                    extra: Any = None, *, rng: bool = True) -> None:
+    """Write {model, optimizers, extra, rng} to `path` atomically.
+
+    The payload goes to a temporary file in the same directory, is flushed and fsynced, then
+    renamed over `path` (os.replace, atomic on POSIX and Windows) and the directory is fsynced. An
+    exception or a crash at any point leaves the previous file at `path` intact; the temporary file
+    is removed on exceptions. `optimizers`: one optimizer, a sequence or a name -> optimizer
+    mapping (None entries allowed, as make_optimizers may return them); load_checkpoint takes the
+    same structure. `extra` should be plain data (numbers, strings, lists, dicts, tensors) to load
+    with weights_only=True. `rng` saves torch's CPU (and initialised CUDA) generator states.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "optimizers": _optimizer_states(optimizers),
+        "extra": extra,
+        "rng": _rng_state() if rng else None,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _load_optimizers(optimizers: Optimizers | None, states) -> None:
+    if optimizers is None:
+        return
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers, states = [optimizers], [states]
+    if isinstance(optimizers, Mapping):
+        if not isinstance(states, Mapping) or set(states) != set(optimizers):
+            have = sorted(states) if isinstance(states, Mapping) else type(states).__name__
+            raise ValueError(f"load_checkpoint: optimizers must match the saved ones, saved {have}, "
+                             f"given {sorted(optimizers)}")
+        pairs = [(optimizers[k], states[k], k) for k in optimizers]
+    else:
+        if not isinstance(states, Sequence) or len(states) != len(optimizers):
+            have = len(states) if isinstance(states, Sequence) else type(states).__name__
+            raise ValueError(f"load_checkpoint: optimizers must match the saved ones, saved {have}, "
+                             f"given {len(optimizers)}")
+        pairs = [(o, s, i) for i, (o, s) in enumerate(zip(optimizers, states))]
+    for opt, state, key in pairs:
+        if (opt is None) != (state is None):
+            given = "None" if opt is None else "given"
+            saved = "none" if state is None else "a state"
+            raise ValueError(f"load_checkpoint: optimizer {key!r} is {given} but the checkpoint has {saved} "
+                             "for it")
+        if opt is not None:
+            opt.load_state_dict(state)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None, *,
+                    map_location: str | torch.device | None = "cpu", strict: bool = True,
+                    restore_rng: bool = True, weights_only: bool = True) -> Any:
+    """Load a save_checkpoint file into `model` and `optimizers` (same structure as saved; None
+    skips them) and return its `extra`. Tensors are read to `map_location` (default CPU) and then
+    copied to where the parameters live; optimizer state keeps its saved dtypes. `restore_rng`
+    restores the generator states saved with rng=True, so dropout and sampling resume exactly."""
+    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=weights_only)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a torch_engram checkpoint")
+    if payload.get("version", 0) > VERSION:
+        raise ValueError(f"load_checkpoint: checkpoint version {payload['version']} is newer than this "
+                         f"torch_engram's {VERSION}")
+    model.load_state_dict(payload["model"], strict=strict)
+    _load_optimizers(optimizers, payload["optimizers"])
+    rng = payload.get("rng")
+    if restore_rng and rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return payload["extra"]
