@@ -101,9 +101,9 @@ step "import" 60 "$RES/import.log" "$PY" -c \
   "import torch, torch_engram as te; assert te._C.cuda_built(), 'built without CUDA'; print(torch._C._dispatch_dump('engram::multihead_gather'))"
 
 # Tests: the CUDA suite first, then the CUDA cases of every other test file.
-step "pytest test_cuda.py" 170 "$RES/pytest_cuda.log" \
+step "pytest test_cuda.py" 200 "$RES/pytest_cuda.log" \
   "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_cuda.xml" tests/python/test_cuda.py
-step "pytest -k cuda (other files)" 90 "$RES/pytest_other_cuda.log" \
+step "pytest -k cuda (other files)" 120 "$RES/pytest_other_cuda.log" \
   "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_other_cuda.xml" tests/python \
   --ignore=tests/python/test_cuda.py -k cuda
 
