@@ -59,7 +59,7 @@ def record(section: str, name: str, seconds: float, nbytes: float | None = None,
     bw = f"{row['GB/s']:9.1f}" if "GB/s" in row else " " * 9
     pct = f"{row['%copy']:6.1f}%" if "%copy" in row else " " * 7
     more = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-    print(f"{section:<10} {name:<44} {row['ms']:10.3f} {bw} {pct}  {more}", flush=True)
+    print(f"{section:<10} {name:<62} {row['ms']:10.3f} {bw} {pct}  {more}", flush=True)
 
 
 def bench_copy(quick: bool) -> float:
@@ -233,7 +233,7 @@ def main() -> None:
                   torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                   date=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick)
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()))
-    print(f"{'section':<10} {'case':<44} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
+    print(f"{'section':<10} {'case':<62} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
     only = set(args.only.split(","))
     copy_bw = bench_copy(args.quick)
     sections = [("gather", lambda: bench_gather(copy_bw, args.quick)),
