@@ -1,0 +1,171 @@
+"""Training recipe for the reference model: optimizer groups, LR schedule, batches, evaluation.
+
+Optimizer groups (the paper's recipe, ENGRAM.md section 7, with AdamW standing in for Muon):
+- Engram tables: Adam, LR = table_lr_mult (5) x base LR, no weight decay, chosen by name from
+  TABLE_OPTIMIZERS: "lazy_adam" (default; torch_engram.optim.SparseTableAdam: only rows with a
+  gradient move, row-wise bias correction; takes dense or sparse COO table gradients) or "adam"
+  (torch.optim.Adam on dense gradients: every row's moments decay, and momentum keeps moving rows
+  after their last lookup).
+- Everything else: AdamW at the base LR, weight decay on matrices (dim >= 2) only; norm gains and
+  biases are not decayed.
+Both follow the same schedule: linear warmup, then cosine decay to min_lr_ratio x their peak LR.
+Gradient clipping applies to the dense parameters only (table rows are independent lookups).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    table_lr_mult: float = 5.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    table_optimizer: str = "lazy_adam"
+    table_grad: str = "dense"  # Engram table gradients: "dense" or "sparse" (COO, touched rows only)
+    eval_batch_size: int = 32
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dense_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                            weight_decay=0.0)
+
+
+def _lazy_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    from ..optim import SparseTableAdam
+
+    return SparseTableAdam(params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                           weight_decay=0.0)
+
+
+TABLE_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
+    "adam": _dense_adam,
+    "lazy_adam": _lazy_adam,
+}
+
+
+def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+    """[dense AdamW] or [dense AdamW, table optimizer]; every group remembers its peak LR."""
+    dense = model.dense_parameters()
+    decay = [p for p in dense if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in dense if p.requires_grad and p.dim() < 2]
+    opts = [torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)]
+    tables = [p for p in model.table_parameters() if p.requires_grad]
+    if tables:
+        if tc.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"make_optimizers: table_optimizer must be one of {sorted(TABLE_OPTIMIZERS)}, "
+                             f"got {tc.table_optimizer!r}")
+        opts.append(TABLE_OPTIMIZERS[tc.table_optimizer](tables, tc))
+    for opt in opts:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return opts
+
+
+def lr_factor(step: int, tc: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from 1 to min_lr_ratio at the last step."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens from a 1-D token stream: (inputs, next-token targets)."""
+    if stream.numel() < seq_len + 1:
+        raise ValueError(f"sample_batch: the stream must hold >= seq_len + 1 = {seq_len + 1} tokens, "
+                         f"got {stream.numel()}")
+    starts = torch.randint(0, stream.numel() - seq_len, (batch_size,), generator=generator)
+    windows = torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def train(model, stream: torch.Tensor, tc: TrainConfig, seed: int, aux_loss_coef: float,
+          device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+          progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> dict:
+    """Train for tc.steps steps; batches are drawn from a generator seeded with `seed`, so runs with
+    the same seed see the same tokens in the same order whatever the model."""
+    device = torch.device(device)
+    opts = make_optimizers(model, tc)
+    dense_params = [p for p in model.dense_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    steps = range(tc.steps)
+    steps = progress(steps) if progress is not None else steps
+    t0 = time.perf_counter()
+    for step in steps:
+        factor = lr_factor(step, tc)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+        x, y = sample_batch(stream, tc.batch_size, tc.seq_len, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x, y)
+        loss = out.loss + aux_loss_coef * out.aux_loss
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(dense_params, tc.grad_clip)
+        for opt in opts:
+            opt.step()
+        losses.append(out.loss.item())
+        if hasattr(steps, "set_postfix") and (step % 10 == 0 or step == tc.steps - 1):
+            steps.set_postfix(loss=f"{losses[-1]:.3f}")
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"train_loss": sum(tail) / len(tail), "steps": tc.steps, "tokens": tc.steps * tc.tokens_per_step,
+            "train_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, device: torch.device | str = "cpu",
+             autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """Summed next-token cross entropy (nats) over every position 1..S-1 of the stream and the count
+    of predicted tokens. Windows of seq_len (+1) tokens with stride seq_len tile the stream; the
+    last, shorter window is evaluated on its own, so nothing is dropped."""
+    device = torch.device(device)
+    model.eval()
+    n = stream.numel() - 1
+    starts = list(range(0, n, seq_len))
+    full = [s for s in starts if s + seq_len <= n]
+    tail = [s for s in starts if s + seq_len > n]
+    total = 0.0
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+    for group in groups:
+        length = min(seq_len, n - group[0])
+        windows = torch.stack([stream[s:s + length + 1] for s in group]).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(windows[:, :-1]).logits
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(),
+                                                   reduction="sum").item()
+    model.train()
+    return total, n

@@ -1,0 +1,202 @@
+"""Smoke run of the rho sweep (two training steps, tiny model) and its training/eval pieces."""
+
+import csv
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_engram.allocation import count_params
+from torch_engram.models import ModelConfig, TransformerLM
+from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
+from torch_engram.sweep import CSV_COLUMNS, PRESETS, SweepData, build_parser, main, preset_from_args, run_sweep
+
+V = 96
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_preset(**changes):
+    p = replace(
+        PRESETS["quick"],
+        model=dict(d_model=32, n_layers=3, n_heads=2, max_seq_len=16, n_routed_experts=10, top_k=2, d_expert=16,
+                   d_shared=96, routing="softmax", aux_loss_coef=0.01),
+        engram=dict(max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, use_conv=True, proj_bias=False,
+                    gate_eps=None, conv_eps=1e-5, seed=0),
+        train=TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_batch_size=4),
+        rhos=(1.0, 0.8, 0.5), seeds=(0, 1),
+    )
+    return replace(p, **changes)
+
+
+def synthetic_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text_ids = torch.randint(1, V, (3000,), generator=g)
+    lut = torch.arange(V) * 2 // 3  # a surjective compression, as the tokenizer LUT would be
+    return SweepData(train=text_ids[:2500], val=torch.cat([torch.zeros(1, dtype=torch.int64), text_ids[2500:]]),
+                     val_bytes=1500, vocab_size=V, lut=lut, pad_id=0, sep_id=0, description="synthetic")
+
+
+def test_two_step_sweep_writes_csv_json_png(tmp_path):
+    preset = tiny_preset()
+    result = run_sweep(preset, synthetic_data(), tmp_path, progress=False,
+                       label="smoke")
+    with open(tmp_path / "results.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(preset.rhos) * len(preset.seeds)
+    assert sorted({float(r["rho"]) for r in rows}) == sorted(preset.rhos)
+    for r in rows:
+        assert math.isfinite(float(r["val_loss"])) and float(r["val_loss"]) > 0
+        # bpb = nats / ln 2 / bytes; the stream predicts 500 tokens from 1500 bytes.
+        assert float(r["val_bpb"]) == pytest.approx(float(r["val_loss"]) * 500 / math.log(2) / 1500, rel=1e-4)
+        assert abs(float(r["P_tot_error"])) <= 0.01 and abs(float(r["P_act_error"])) <= 0.01
+        assert int(r["steps"]) == 2 and int(r["tokens"]) == 2 * 2 * 16
+        if float(r["rho"]) == 1.0:
+            assert r["engram_vocab_size"] == "-" and int(r["P_engram_tables"]) == 0
+        else:
+            assert int(r["P_engram_tables"]) > 0
+    experts = {float(r["rho"]): int(r["n_routed_experts"]) for r in rows}
+    assert experts[1.0] == 10 and experts[1.0] > experts[0.8] > experts[0.5]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [s["rho"] for s in saved["summary"]] == [1.0, 0.8, 0.5]
+    assert all(s["n_seeds"] == 2 for s in saved["summary"])
+    assert saved["targets"]["P_tot"] == result["targets"]["P_tot"]
+    png = (tmp_path / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_cli_on_user_text_files(tmp_path):
+    # The whole path: text files -> split -> BPE -> compression LUT -> allocation -> train -> eval.
+    words = "the quick brown fox jumps over the lazy dog while a cat naps in warm sun".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        picks = torch.randint(0, len(words), (600,), generator=g).tolist()
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(words[j] for j in picks) + "\n")
+    out = tmp_path / "out"
+    result = main(["--text-files", *(str(tmp_path / f"doc{i}.txt") for i in range(6)), "--steps", "2",
+                   "--rhos", "1,0.6", "--batch-size", "2", "--seq-len", "32", "--out", str(out), "--no-progress",
+                   "--device", "cpu"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [float(r["rho"]) for r in rows] == [1.0, 0.6]
+    assert all(math.isfinite(float(r["val_bpb"])) for r in rows)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"]["compressed_vocab_size"] < saved["data"]["vocab_size"]
+    assert saved["total_wall_s"] >= saved["wall_s"] and "--text-files" in saved["command"]
+    assert (out / "sweep.png").stat().st_size > 5000
+    assert result["summary"][0]["rho"] == 1.0
+
+
+def test_same_seed_same_batches_whatever_the_model():
+    stream = torch.arange(1000)
+    a = sample_batch(stream, 4, 8, torch.Generator().manual_seed(3))
+    b = sample_batch(stream, 4, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], a[0] + 1)
+    with pytest.raises(ValueError, match=r"seq_len \+ 1 = 9 tokens, got 5"):
+        sample_batch(torch.arange(5), 1, 8, torch.Generator())
+
+
+def test_evaluate_covers_every_position():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, n_routed_experts=4, top_k=2,
+                      d_expert=8, d_shared=16)
+    model = TransformerLM(cfg)
+    stream = torch.randint(0, V, (50,))
+    nats, n = evaluate(model, stream, seq_len=64, batch_size=4)
+    assert n == 49
+    with torch.no_grad():
+        logits = model(stream[None, :-1]).logits[0]
+    assert nats == pytest.approx(F.cross_entropy(logits, stream[1:], reduction="sum").item(), rel=1e-5)
+    nats_w, n_w = evaluate(model, stream, seq_len=16, batch_size=2)  # 3 full windows + a tail of 1
+    assert n_w == 49 and math.isfinite(nats_w)
+
+
+def _engram_model(table_grad="dense"):
+    from torch_engram.allocation import allocate
+    from torch_engram.sweep import base_configs
+
+    data = synthetic_data()
+    base, template = base_configs(tiny_preset(), data)
+    torch.manual_seed(0)
+    return TransformerLM(allocate(base, 0.5, template).config, lut=data.lut, table_grad=table_grad), data
+
+
+@pytest.mark.parametrize("table_optimizer", ["lazy_adam", "adam"])
+def test_optimizer_groups_follow_the_recipe(table_optimizer):
+    from torch_engram.optim import SparseTableAdam
+
+    tc = TrainConfig(lr=1e-3, table_lr_mult=5.0, weight_decay=0.1, table_optimizer=table_optimizer)
+    model, _ = _engram_model()
+    dense, tables = make_optimizers(model, tc)
+    expected = SparseTableAdam if table_optimizer == "lazy_adam" else torch.optim.Adam
+    assert type(tables) is expected and type(dense) is torch.optim.AdamW
+    assert [g["lr"] for g in tables.param_groups] == [5e-3] and tables.param_groups[0]["weight_decay"] == 0.0
+    assert {id(p) for p in tables.param_groups[0]["params"]} == {id(e.table) for e in model.engram_modules()}
+    decay, no_decay = dense.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 1e-3
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_opt = sum(p.numel() for g in dense.param_groups + tables.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="table_optimizer must be one of"):
+        make_optimizers(model, replace(tc, table_optimizer="nope"))
+
+
+def test_sparse_and_dense_table_gradients_train_alike():
+    from torch_engram.models.training import train
+
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, table_optimizer="lazy_adam")
+    results = []
+    for table_grad in ("dense", "sparse"):
+        model, data = _engram_model(table_grad)
+        before = [t.detach().clone() for t in model.table_parameters()]
+        train(model, data.train, tc, seed=0, aux_loss_coef=0.01)
+        results.append([t.detach().clone() for t in model.table_parameters()])
+        moved = [(t != b).any(dim=1) for t, b in zip(results[-1], before)]
+        # Lazy Adam: only looked-up rows move, and a short run looks up few of them.
+        assert all(0 < int(m.sum()) < m.numel() for m in moved)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lr_schedule():
+    tc = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, tc) == pytest.approx(0.1) and lr_factor(9, tc) == pytest.approx(1.0)
+    assert lr_factor(10, tc) == pytest.approx(1.0) and lr_factor(100, tc) == pytest.approx(0.1)
+    assert all(lr_factor(s, tc) >= lr_factor(s + 1, tc) for s in range(10, 100))
+
+
+def test_cli_budget_options():
+    args = build_parser().parse_args(["--preset", "quick", "--tokens", "100000", "--rhos", "1,0.5", "--seeds", "0,1"])
+    p = preset_from_args(args)
+    assert p.train.steps == math.ceil(100000 / p.train.tokens_per_step)
+    assert p.rhos == (1.0, 0.5) and p.seeds == (0, 1)
+    assert p.train.table_optimizer == "lazy_adam" and p.train.table_grad == "dense"
+    p = preset_from_args(build_parser().parse_args(["--steps", "7", "--seq-len", "300", "--table-optimizer", "adam",
+                                                    "--table-grad", "sparse"]))
+    assert p.train.steps == 7 and p.train.seq_len == 300 and p.model["max_seq_len"] == 300
+    assert p.train.table_optimizer == "adam" and p.train.table_grad == "sparse"
+    assert p.train.warmup_steps <= 7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--steps", "5", "--tokens", "10"])
+
+
+def test_presets_meet_the_paper_shape():
+    for name, p in PRESETS.items():
+        assert 1.0 in p.rhos and len(p.rhos) >= 5, name
+        base = ModelConfig(vocab_size=p.tokenizer_vocab, **p.model)
+        c = count_params(base)
+        assert c.total / c.active > 4, name
+    full = PRESETS["full"]
+    c = count_params(ModelConfig(vocab_size=full.tokenizer_vocab, **full.model))
+    assert 8 < c.total / c.active < 12  # the paper's P_tot / P_act ~ 10
