@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="results/sweep", help="output directory (default results/sweep)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="train nothing: merge the results.csv of earlier runs (e.g. one seed each) into "
+                        "--out, with error bars over all their seeds")
     return p
 
 
@@ -343,9 +346,49 @@ def preset_from_args(args) -> Preset:
     return replace(preset, train=tc, model=model, rhos=args.rhos or preset.rhos, seeds=args.seeds or preset.seeds)
 
 
+def combine(dirs, out_dir: Path) -> dict:
+    """One results.csv / results.json / sweep.png from several sweep outputs (same preset, other
+    seeds). Refuses runs whose allocation differs at equal rho, or a (rho, seed) seen twice."""
+    numeric = {c for c in CSV_COLUMNS if c != "engram_vocab_size"}
+    rows, seen, meta = [], {}, []
+    for d in map(Path, dirs):
+        meta.append(json.loads((d / "results.json").read_text()))
+        for r in csv.DictReader(open(d / "results.csv")):
+            r = {k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v)))
+                 for k, v in r.items()}
+            key = (r["rho"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}")
+            seen[key] = d
+            rows.append(r)
+    for rho in {r["rho"] for r in rows}:
+        shapes = {(r["n_routed_experts"], r["d_shared"], r["engram_vocab_size"], r["steps"], r["tokens"])
+                  for r in rows if r["rho"] == rho}
+        if len(shapes) > 1:
+            raise SystemExit(f"--combine: the runs disagree on the model or budget at rho={rho}: {sorted(shapes)}")
+    rows.sort(key=lambda r: (-r["rho"], r["seed"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"combined_from": [str(d) for d in dirs], "label": meta[0].get("label", ""),
+              "targets": meta[0]["targets"], "train": meta[0]["train"], "runs": rows, "summary": summarise(rows)}
+    _write(out_dir, rows, result)
+    t = meta[0]["train"]
+    seeds = sorted({r["seed"] for r in rows})
+    title = (f"{result['label'] or 'sweep'}: P_tot={result['targets']['P_tot'] / 1e6:.2f}M, "
+             f"P_act={result['targets']['P_act'] / 1e6:.2f}M, {t['steps']} steps x "
+             f"{t['batch_size'] * t['seq_len']} tokens, seeds {seeds}")
+    plot(result["summary"], out_dir / "sweep.png", title)
+    return result
+
+
 def main(argv=None) -> dict:
     t0 = time.perf_counter()
     args = build_parser().parse_args(argv)
+    if args.combine:
+        result = combine(args.combine, Path(args.out))
+        for s in result["summary"]:
+            print(f"rho={s['rho']:.2f}  val_loss={s['val_loss_mean']:.4f} +- {s['val_loss_std']:.4f}  "
+                  f"bpb={s['val_bpb_mean']:.4f}  ({s['n_seeds']} seeds)")
+        return result
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

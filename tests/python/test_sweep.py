@@ -77,6 +77,21 @@ def test_two_step_sweep_writes_csv_json_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_combine_equals_one_run_over_all_seeds(tmp_path):
+    data = synthetic_data()
+    one = run_sweep(tiny_preset(rhos=(1.0, 0.5)), data, tmp_path / "both", progress=False)
+    for seed in (0, 1):
+        run_sweep(tiny_preset(rhos=(1.0, 0.5), seeds=(seed,)), data, tmp_path / f"s{seed}", progress=False)
+    merged = main(["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")])
+    for a, b in zip(one["summary"], merged["summary"]):
+        assert a["rho"] == b["rho"] and b["n_seeds"] == 2
+        assert a["val_loss_mean"] == pytest.approx(b["val_loss_mean"], abs=2e-6)
+        assert a["val_loss_std"] == pytest.approx(b["val_loss_std"], abs=2e-6)
+    assert (tmp_path / "merged" / "sweep.png").exists()
+    with pytest.raises(SystemExit, match="appears in both"):
+        main(["--combine", str(tmp_path / "s0"), str(tmp_path / "both"), "--out", str(tmp_path / "bad")])
+
+
 def test_cli_on_user_text_files(tmp_path):
     # The whole path: text files -> split -> BPE -> compression LUT -> allocation -> train -> eval.
     words = "the quick brown fox jumps over the lazy dog while a cat naps in warm sun".split()
@@ -150,6 +165,8 @@ def test_optimizer_groups_follow_the_recipe(table_optimizer):
     assert n_opt == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         make_optimizers(model, replace(tc, table_optimizer="nope"))
+    with pytest.raises(ValueError, match="table_grad='sparse' needs table_optimizer='lazy_adam'"):
+        make_optimizers(model, replace(tc, table_optimizer="adam", table_grad="sparse"))
 
 
 def test_sparse_and_dense_table_gradients_train_alike():

@@ -80,6 +80,9 @@ def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
         if tc.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"make_optimizers: table_optimizer must be one of {sorted(TABLE_OPTIMIZERS)}, "
                              f"got {tc.table_optimizer!r}")
+        if tc.table_grad == "sparse" and tc.table_optimizer == "adam":
+            raise ValueError("make_optimizers: table_grad='sparse' needs table_optimizer='lazy_adam' "
+                             "(torch.optim.Adam takes dense gradients only), got 'adam'")
         opts.append(TABLE_OPTIMIZERS[tc.table_optimizer](tables, tc))
     for opt in opts:
         for group in opt.param_groups:
