@@ -52,8 +52,13 @@ def engram_dense_params(ecfg: EngramConfig, d_model: int, hc_mult: int) -> int:
 
 @lru_cache(maxsize=4096)
 def _rows_per_layer(vocab: tuple[int, ...], n_layers: int, n_head: int) -> tuple[int, ...]:
-    probe = EngramConfig(engram_vocab_size=vocab, max_ngram_size=len(vocab) + 1, n_embed_per_ngram=n_head,
-                         n_head_per_ngram=n_head, layer_ids=tuple(range(n_layers)))
+    probe = EngramConfig(
+        engram_vocab_size=vocab,
+        max_ngram_size=len(vocab) + 1,
+        n_embed_per_ngram=n_head,
+        n_head_per_ngram=n_head,
+        layer_ids=tuple(range(n_layers)),
+    )
     return TableLayout.from_config(probe).rows_per_layer
 
 
@@ -105,9 +110,16 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
         eng_dense = len(e.layer_ids) * engram_dense_params(e, D, cfg.hc_mult)
     total = dense + routed + eng_dense + tables
     excluded = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
-    return ParamCounts(total=total, active=total - routed_inactive - (tables - tables_read), routed=routed,
-                       routed_inactive=routed_inactive, engram_tables=tables,
-                       engram_inactive=tables - tables_read, engram_dense=eng_dense, excluded=excluded)
+    return ParamCounts(
+        total=total,
+        active=total - routed_inactive - (tables - tables_read),
+        routed=routed,
+        routed_inactive=routed_inactive,
+        engram_tables=tables,
+        engram_inactive=tables - tables_read,
+        engram_dense=eng_dense,
+        excluded=excluded,
+    )
 
 
 def count_model_params(model) -> ParamCounts:
@@ -125,9 +137,16 @@ def count_model_params(model) -> ParamCounts:
         tables += sum(p.numel() for p in eng.table_parameters())
         tables_read += model.cfg.engram.num_heads * model.cfg.engram.d_head
         eng_dense += sum(p.numel() for p in eng.dense_parameters())
-    return ParamCounts(total=total, active=total - routed_inactive - (tables - tables_read), routed=routed,
-                       routed_inactive=routed_inactive, engram_tables=tables,
-                       engram_inactive=tables - tables_read, engram_dense=eng_dense, excluded=excluded)
+    return ParamCounts(
+        total=total,
+        active=total - routed_inactive - (tables - tables_read),
+        routed=routed,
+        routed_inactive=routed_inactive,
+        engram_tables=tables,
+        engram_inactive=tables - tables_read,
+        engram_dense=eng_dense,
+        excluded=excluded,
+    )
 
 
 # Allocation ------------------------------------------------------------------------------------
@@ -154,20 +173,28 @@ class Allocation:
     def summary(self) -> dict:
         c, e = self.config, self.config.engram
         return {
-            "rho": self.rho, "rho_realised": self.rho_realised,
-            "n_routed_experts": c.n_routed_experts, "top_k": c.top_k, "d_shared": c.d_shared,
+            "rho": self.rho,
+            "rho_realised": self.rho_realised,
+            "n_routed_experts": c.n_routed_experts,
+            "top_k": c.top_k,
+            "d_shared": c.d_shared,
             "engram_vocab_size": list(e.engram_vocab_size) if e else [],
             "engram_rows": list(engram_rows_per_layer(e)) if e else [],
-            "P_tot": self.counts.total, "P_act": self.counts.active,
-            "P_tot_target": self.target_total, "P_act_target": self.target_active,
-            "P_tot_error": self.total_error, "P_act_error": self.active_error,
-            "P_routed": self.counts.routed, "P_engram_tables": self.counts.engram_tables,
+            "P_tot": self.counts.total,
+            "P_act": self.counts.active,
+            "P_tot_target": self.target_total,
+            "P_act_target": self.target_active,
+            "P_tot_error": self.total_error,
+            "P_act_error": self.active_error,
+            "P_routed": self.counts.routed,
+            "P_engram_tables": self.counts.engram_tables,
             "P_engram_dense": self.counts.engram_dense,
         }
 
 
 def _search_vocab(num_orders: int, n_layers: int, n_head: int, target_rows: float) -> int:
     """Nominal size per order whose prime-adjusted total rows (all layers) are closest to target."""
+
     def rows(v: int) -> int:
         return sum(_rows_per_layer((v,) * num_orders, n_layers, n_head))
 
@@ -185,7 +212,9 @@ def _search_vocab(num_orders: int, n_layers: int, n_head: int, target_rows: floa
     return lo
 
 
-def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, tol: float = 0.01) -> Allocation:
+def allocate(
+    base: ModelConfig, rho: float, engram: EngramConfig | None = None, tol: float = 0.01
+) -> Allocation:
     """The config with base's P_tot and P_act and a routed share rho of the sparse parameters.
 
     base: the reference config (usually a pure MoE, rho = 1); its P_tot and P_act are the targets.
@@ -201,7 +230,9 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, 
     if rho < 1.0 and engram is None:
         raise ValueError("allocate: rho < 1 needs an Engram config (pass engram= or set base.engram)")
     if engram is not None and max(engram.layer_ids) >= base.n_layers:
-        raise ValueError(f"allocate: engram.layer_ids must be < n_layers={base.n_layers}, got {engram.layer_ids}")
+        raise ValueError(
+            f"allocate: engram.layer_ids must be < n_layers={base.n_layers}, got {engram.layer_ids}"
+        )
 
     target = count_params(base)
     D, L_moe, k = base.d_model, base.n_moe_layers, base.top_k
@@ -216,8 +247,10 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, 
         min_inactive = (min_rows - n_layers * H) * engram.d_head
         n_free = min(n_free, math.floor((sparse - min_inactive) / unit))
         if n_free < 0:
-            raise ValueError(f"allocate: the sparse budget ({sparse} params) is smaller than the smallest "
-                             f"Engram tables ({min_inactive} unread params)")
+            raise ValueError(
+                f"allocate: the sparse budget ({sparse} params) is smaller than the smallest "
+                f"Engram tables ({min_inactive} unread params)"
+            )
         eng = engram.replace(engram_vocab_size=(2,) * engram.num_orders)
     E = k + n_free
 
@@ -231,7 +264,8 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, 
             f"allocate: cannot keep P_act={target.active} at rho={rho}: Engram's activated parameters "
             f"({count_params(probe).active - count_params(probe.replace(engram=None)).active}) exceed what "
             f"the shared experts can give up ({L_moe} x d_shared={base.d_shared}); use a wider shared "
-            f"expert or a smaller Engram (n_embed_per_ngram, heads, layers)")
+            f"expert or a smaller Engram (n_embed_per_ngram, heads, layers)"
+        )
     cfg = probe.replace(d_shared=d_shared)
 
     if eng is not None:
@@ -241,10 +275,13 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, 
         v = _search_vocab(eng.num_orders, len(eng.layer_ids), eng.n_head_per_ngram, target_rows)
         cfg = cfg.replace(engram=eng.replace(engram_vocab_size=(v,) * eng.num_orders))
 
-    out = Allocation(rho=rho, config=cfg, counts=count_params(cfg), target_total=target.total,
-                     target_active=target.active)
+    out = Allocation(
+        rho=rho, config=cfg, counts=count_params(cfg), target_total=target.total, target_active=target.active
+    )
     if abs(out.total_error) > tol or abs(out.active_error) > tol:
-        raise ValueError(f"allocate: realised P_tot={out.counts.total} ({out.total_error:+.2%}) and "
-                         f"P_act={out.counts.active} ({out.active_error:+.2%}) miss the targets "
-                         f"{target.total} / {target.active} by more than tol={tol:.0%} at rho={rho}")
+        raise ValueError(
+            f"allocate: realised P_tot={out.counts.total} ({out.total_error:+.2%}) and "
+            f"P_act={out.counts.active} ({out.active_error:+.2%}) miss the targets "
+            f"{target.total} / {target.active} by more than tol={tol:.0%} at rho={rho}"
+        )
     return out

@@ -54,29 +54,76 @@ PRESETS: dict[str, Preset] = {
     # 2-core CPU, about 10 minutes for 5 rhos. P_tot/P_act ~ 4.4 (the paper uses ~10; a wider
     # expert pool is too slow here). Engram: orders 2-3, 4 heads per order, d_head 16.
     "quick": Preset(
-        model=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=128, n_routed_experts=32, top_k=2,
-                   d_expert=64, d_shared=256, routing="softmax", aux_loss_coef=0.01),
-        engram=dict(max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4, use_conv=True,
-                    proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
+        model={
+            "d_model": 128,
+            "n_layers": 4,
+            "n_heads": 4,
+            "max_seq_len": 128,
+            "n_routed_experts": 32,
+            "top_k": 2,
+            "d_expert": 64,
+            "d_shared": 256,
+            "routing": "softmax",
+            "aux_loss_coef": 0.01,
+        },
+        engram={
+            "max_ngram_size": 3,
+            "n_embed_per_ngram": 64,
+            "n_head_per_ngram": 4,
+            "use_conv": True,
+            "proj_bias": False,
+            "gate_eps": None,
+            "conv_eps": 1e-5,
+            "seed": 0,
+        },
         engram_layers=None,
         train=TrainConfig(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20),
         # One thread: on a shared 2-core machine, two OpenMP threads stall (5-10x slower) as soon
         # as anything else runs; alone they would be ~1.5x faster. --threads 2 to try.
-        rhos=(1.0, 0.9, 0.8, 0.6, 0.4), seeds=(0,), tokenizer_vocab=2048, val_fraction=0.05,
-        max_val_tokens=32768, max_bytes=6_000_000, threads=1,
+        rhos=(1.0, 0.9, 0.8, 0.6, 0.4),
+        seeds=(0,),
+        tokenizer_vocab=2048,
+        val_fraction=0.05,
+        max_val_tokens=32768,
+        max_bytes=6_000_000,
+        threads=1,
         notes="2-core CPU, ~10 min",
     ),
     # One GPU. P_tot ~ 10 x P_act as in the paper: 8 blocks of D = 512, 80 experts of width 256,
     # top-4, shared expert 512; Engram orders 2-3, 8 heads per order, d_head 32.
     "full": Preset(
-        model=dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=512, n_routed_experts=80, top_k=4,
-                   d_expert=256, d_shared=512, routing="softmax", aux_loss_coef=0.01),
-        engram=dict(max_ngram_size=3, n_embed_per_ngram=256, n_head_per_ngram=8, use_conv=True,
-                    proj_bias=False, gate_eps=None, conv_eps=1e-5, seed=0),
+        model={
+            "d_model": 512,
+            "n_layers": 8,
+            "n_heads": 8,
+            "max_seq_len": 512,
+            "n_routed_experts": 80,
+            "top_k": 4,
+            "d_expert": 256,
+            "d_shared": 512,
+            "routing": "softmax",
+            "aux_loss_coef": 0.01,
+        },
+        engram={
+            "max_ngram_size": 3,
+            "n_embed_per_ngram": 256,
+            "n_head_per_ngram": 8,
+            "use_conv": True,
+            "proj_bias": False,
+            "gate_eps": None,
+            "conv_eps": 1e-5,
+            "seed": 0,
+        },
         engram_layers=None,
-        train=TrainConfig(steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="sparse"),
-        rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4), seeds=(0, 1), tokenizer_vocab=16384, val_fraction=0.02,
-        max_val_tokens=1_000_000, max_bytes=None,
+        train=TrainConfig(
+            steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="sparse"
+        ),
+        rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4),
+        seeds=(0, 1),
+        tokenizer_vocab=16384,
+        val_fraction=0.02,
+        max_val_tokens=1_000_000,
+        max_bytes=None,
         notes="one GPU",
     ),
 }
@@ -110,8 +157,10 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
         docs = corpus.load_documents(max_bytes=preset.max_bytes)
         source = f"built-in corpus ({', '.join(corpus.available_sources())})"
     if len(docs) < 2:
-        raise SystemExit(f"sweep: need at least 2 documents to split into train/val, got {len(docs)} "
-                         "(give several files, or a directory of files)")
+        raise SystemExit(
+            f"sweep: need at least 2 documents to split into train/val, got {len(docs)} "
+            "(give several files, or a directory of files)"
+        )
     train_docs, val_docs = corpus.split_train_val(docs, val_fraction=preset.val_fraction, seed=seed)
     if tokenizer is None:
         tok = corpus.train_bpe_tokenizer(train_docs, vocab_size=preset.tokenizer_vocab)
@@ -129,7 +178,9 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
     pad = eos if pad is None else pad
     if preset.max_val_tokens:
         kept, total = [], 0
-        for d, n in zip(val_docs, (len(e.ids) + 1 for e in tok.encode_batch(val_docs, add_special_tokens=False))):
+        for d, n in zip(
+            val_docs, (len(e.ids) + 1 for e in tok.encode_batch(val_docs, add_special_tokens=False))
+        ):
             if kept and total + n > preset.max_val_tokens:
                 break
             kept.append(d)
@@ -141,28 +192,61 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
     val_ids = torch.cat([torch.tensor([eos], dtype=torch.int64), val_stream.ids])
     vocab = tok.get_vocab_size(with_added_tokens=True)
     return SweepData(
-        train=train_stream.ids, val=val_ids, val_bytes=val_stream.num_bytes, vocab_size=vocab, lut=compression.lut,
-        pad_id=pad, sep_id=eos, description=f"{source}: {len(train_docs)} train / {len(val_docs)} val documents; "
-                                           f"{tok_desc}",
-        info={"train_tokens": train_stream.ids.numel(), "val_tokens": val_ids.numel(),
-              "val_bytes": val_stream.num_bytes, "vocab_size": vocab,
-              "compressed_vocab_size": compression.num_compressed,
-              "compression_ratio": round(compression.ratio, 4)})
+        train=train_stream.ids,
+        val=val_ids,
+        val_bytes=val_stream.num_bytes,
+        vocab_size=vocab,
+        lut=compression.lut,
+        pad_id=pad,
+        sep_id=eos,
+        description=f"{source}: {len(train_docs)} train / {len(val_docs)} val documents; {tok_desc}",
+        info={
+            "train_tokens": train_stream.ids.numel(),
+            "val_tokens": val_ids.numel(),
+            "val_bytes": val_stream.num_bytes,
+            "vocab_size": vocab,
+            "compressed_vocab_size": compression.num_compressed,
+            "compression_ratio": round(compression.ratio, 4),
+        },
+    )
 
 
 # Sweep -----------------------------------------------------------------------------------------
 CSV_COLUMNS = [
-    "rho", "rho_realised", "seed", "n_routed_experts", "top_k", "d_shared", "engram_vocab_size", "engram_rows",
-    "P_tot", "P_act", "P_tot_error", "P_act_error", "P_routed", "P_engram_tables", "P_engram_dense",
-    "steps", "tokens", "train_loss", "val_loss", "val_bpb", "train_s", "wall_s",
+    "rho",
+    "rho_realised",
+    "seed",
+    "n_routed_experts",
+    "top_k",
+    "d_shared",
+    "engram_vocab_size",
+    "engram_rows",
+    "P_tot",
+    "P_act",
+    "P_tot_error",
+    "P_act_error",
+    "P_routed",
+    "P_engram_tables",
+    "P_engram_dense",
+    "steps",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "val_bpb",
+    "train_s",
+    "wall_s",
 ]
 
 
 def base_configs(preset: Preset, data: SweepData) -> tuple[ModelConfig, EngramConfig]:
     base = ModelConfig(vocab_size=data.vocab_size, **preset.model)
     layers = preset.engram_layers or default_engram_layers(base.n_layers)
-    template = EngramConfig(engram_vocab_size=(2,) * (preset.engram["max_ngram_size"] - 1), layer_ids=layers,
-                            pad_id=data.pad_id, **preset.engram)
+    template = EngramConfig(
+        engram_vocab_size=(2,) * (preset.engram["max_ngram_size"] - 1),
+        layer_ids=layers,
+        pad_id=data.pad_id,
+        **preset.engram,
+    )
     return base, template
 
 
@@ -213,8 +297,16 @@ def _bar(iterable, total=None, desc=None, leave=True, enabled=True):
     return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True)
 
 
-def run_sweep(preset: Preset, data: SweepData, out_dir: Path, device: str = "cpu", engram_factory=None,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True, label: str = "") -> dict:
+def run_sweep(
+    preset: Preset,
+    data: SweepData,
+    out_dir: Path,
+    device: str = "cpu",
+    engram_factory=None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> dict:
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     base, template = base_configs(preset, data)
@@ -222,21 +314,32 @@ def run_sweep(preset: Preset, data: SweepData, out_dir: Path, device: str = "cpu
     allocs: list[Allocation] = [allocate(base, rho, template) for rho in preset.rhos]
     if progress:
         print(f"[sweep] {data.description}; {data.info}", file=sys.stderr)
-        print(f"[sweep] targets: P_tot={target.total:,} P_act={target.active:,} "
-              f"(ratio {target.total / target.active:.2f})", file=sys.stderr)
+        print(
+            f"[sweep] targets: P_tot={target.total:,} P_act={target.active:,} "
+            f"(ratio {target.total / target.active:.2f})",
+            file=sys.stderr,
+        )
         for a in allocs:
             s = a.summary()
-            print(f"[sweep] rho={a.rho:.3f} (realised {s['rho_realised']:.3f}): E={s['n_routed_experts']} "
-                  f"d_shared={s['d_shared']} engram_vocab={s['engram_vocab_size']} tables={s['P_engram_tables']:,} "
-                  f"P_tot={s['P_tot']:,} ({s['P_tot_error']:+.3%}) P_act={s['P_act']:,} ({s['P_act_error']:+.3%})",
-                  file=sys.stderr)
+            print(
+                f"[sweep] rho={a.rho:.3f} (realised {s['rho_realised']:.3f}): "
+                f"E={s['n_routed_experts']} d_shared={s['d_shared']} engram_vocab={s['engram_vocab_size']} "
+                f"tables={s['P_engram_tables']:,} P_tot={s['P_tot']:,} ({s['P_tot_error']:+.3%}) "
+                f"P_act={s['P_act']:,} ({s['P_act_error']:+.3%})",
+                file=sys.stderr,
+            )
 
     rows: list[dict] = []
     result = {
-        "label": label, "preset": {k: v for k, v in preset.__dict__.items() if k != "train"},
-        "train": preset.train.to_dict(), "data": {"description": data.description, **data.info},
-        "device": device, "torch": torch.__version__, "platform": platform.platform(),
-        "threads": torch.get_num_threads(), "base_config": base.to_dict(),
+        "label": label,
+        "preset": {k: v for k, v in preset.__dict__.items() if k != "train"},
+        "train": preset.train.to_dict(),
+        "data": {"description": data.description, **data.info},
+        "device": device,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "base_config": base.to_dict(),
         "targets": {"P_tot": target.total, "P_act": target.active},
         "allocations": [a.summary() | {"config": a.config.to_dict()} for a in allocs],
     }
@@ -244,38 +347,78 @@ def run_sweep(preset: Preset, data: SweepData, out_dir: Path, device: str = "cpu
     for seed, a in _bar(runs, desc="sweep", enabled=progress):
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        model = TransformerLM(a.config, lut=data.lut if a.config.engram is not None else None,
-                              engram_factory=engram_factory, table_grad=preset.train.table_grad).to(device)
-        steps_bar = (lambda it: _bar(it, total=preset.train.steps, desc=f"rho={a.rho:.2f} seed={seed}",
-                                     leave=False)) if progress else None
-        tr = train(model, data.train, preset.train, seed=seed, aux_loss_coef=a.config.aux_loss_coef,
-                   device=device, autocast_dtype=autocast_dtype, progress=steps_bar)
-        nats, n = evaluate(model, data.val, preset.train.seq_len, preset.train.eval_batch_size, device=device,
-                           autocast_dtype=autocast_dtype)
+        model = TransformerLM(
+            a.config,
+            lut=data.lut if a.config.engram is not None else None,
+            engram_factory=engram_factory,
+            table_grad=preset.train.table_grad,
+        ).to(device)
+        desc = f"rho={a.rho:.2f} seed={seed}"
+        steps_bar = (
+            (lambda it, desc=desc: _bar(it, total=preset.train.steps, desc=desc, leave=False))
+            if progress
+            else None
+        )
+        tr = train(
+            model,
+            data.train,
+            preset.train,
+            seed=seed,
+            aux_loss_coef=a.config.aux_loss_coef,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            progress=steps_bar,
+        )
+        nats, n = evaluate(
+            model,
+            data.val,
+            preset.train.seq_len,
+            preset.train.eval_batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+        )
         s = a.summary()
         row = {
-            "rho": a.rho, "rho_realised": round(s["rho_realised"], 6), "seed": seed,
-            "n_routed_experts": s["n_routed_experts"], "top_k": s["top_k"], "d_shared": s["d_shared"],
+            "rho": a.rho,
+            "rho_realised": round(s["rho_realised"], 6),
+            "seed": seed,
+            "n_routed_experts": s["n_routed_experts"],
+            "top_k": s["top_k"],
+            "d_shared": s["d_shared"],
             "engram_vocab_size": "x".join(map(str, s["engram_vocab_size"])) or "-",
-            "engram_rows": sum(s["engram_rows"]), "P_tot": s["P_tot"], "P_act": s["P_act"],
-            "P_tot_error": round(s["P_tot_error"], 6), "P_act_error": round(s["P_act_error"], 6),
-            "P_routed": s["P_routed"], "P_engram_tables": s["P_engram_tables"], "P_engram_dense": s["P_engram_dense"],
-            "steps": tr["steps"], "tokens": tr["tokens"], "train_loss": round(tr["train_loss"], 6),
-            "val_loss": round(nats / n, 6), "val_bpb": round(nats / math.log(2) / max(data.val_bytes, 1), 6),
-            "train_s": round(tr["train_s"], 2), "wall_s": round(time.perf_counter() - t0, 2),
+            "engram_rows": sum(s["engram_rows"]),
+            "P_tot": s["P_tot"],
+            "P_act": s["P_act"],
+            "P_tot_error": round(s["P_tot_error"], 6),
+            "P_act_error": round(s["P_act_error"], 6),
+            "P_routed": s["P_routed"],
+            "P_engram_tables": s["P_engram_tables"],
+            "P_engram_dense": s["P_engram_dense"],
+            "steps": tr["steps"],
+            "tokens": tr["tokens"],
+            "train_loss": round(tr["train_loss"], 6),
+            "val_loss": round(nats / n, 6),
+            "val_bpb": round(nats / math.log(2) / max(data.val_bytes, 1), 6),
+            "train_s": round(tr["train_s"], 2),
+            "wall_s": round(time.perf_counter() - t0, 2),
         }
         rows.append(row)
         if progress:
-            print(f"[sweep] rho={a.rho:.2f} seed={seed}: val_loss={row['val_loss']:.4f} "
-                  f"bpb={row['val_bpb']:.4f} ({row['wall_s']:.0f} s)", file=sys.stderr)
+            print(
+                f"[sweep] rho={a.rho:.2f} seed={seed}: val_loss={row['val_loss']:.4f} "
+                f"bpb={row['val_bpb']:.4f} ({row['wall_s']:.0f} s)",
+                file=sys.stderr,
+            )
         _write(out_dir, rows, result | {"runs": rows, "summary": summarise(rows)})
         del model
 
     result |= {"runs": rows, "summary": summarise(rows), "wall_s": round(time.perf_counter() - t_start, 1)}
     _write(out_dir, rows, result)
     t = preset.train
-    title = (f"{label or 'sweep'}: P_tot={target.total / 1e6:.2f}M, P_act={target.active / 1e6:.2f}M, "
-             f"{t.steps} steps x {t.tokens_per_step} tokens, seeds {list(preset.seeds)}")
+    title = (
+        f"{label or 'sweep'}: P_tot={target.total / 1e6:.2f}M, P_act={target.active / 1e6:.2f}M, "
+        f"{t.steps} steps x {t.tokens_per_step} tokens, seeds {list(preset.seeds)}"
+    )
     plot(result["summary"], out_dir / "sweep.png", title)
     return result
 
@@ -298,8 +441,11 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m torch_engram.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m torch_engram.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--rhos", type=_floats, help="comma-separated rho values in (0, 1], e.g. 1,0.8,0.6")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1,2")
@@ -309,21 +455,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float, help="base (backbone) learning rate; tables use 5x")
-    p.add_argument("--table-optimizer", choices=["lazy_adam", "adam"],
-                   help="lazy_adam: row-wise lazy Adam (torch_engram.optim); adam: torch.optim.Adam")
+    p.add_argument(
+        "--table-optimizer",
+        choices=["lazy_adam", "adam"],
+        help="lazy_adam: row-wise lazy Adam (torch_engram.optim); adam: torch.optim.Adam",
+    )
     p.add_argument("--table-grad", choices=["dense", "sparse"], help="Engram table gradient layout")
     p.add_argument("--text-files", nargs="+", help="your own UTF-8 text files instead of the built-in corpus")
-    p.add_argument("--tokenizer", help="a tokenizers JSON file, or 'default'; else a BPE is trained on the "
-                                       "training split")
+    p.add_argument(
+        "--tokenizer",
+        help="a tokenizers JSON file, or 'default'; else a BPE is trained on the training split",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, off on CPU")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "off", "bf16"],
+        default="auto",
+        help="autocast dtype; auto = bf16 on CUDA, off on CPU",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="results/sweep", help="output directory (default results/sweep)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--combine", nargs="+", metavar="DIR",
-                   help="train nothing: merge the results.csv of earlier runs (e.g. one seed each) into "
-                        "--out, with error bars over all their seeds")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: merge the results.csv of earlier runs (e.g. one seed each) into "
+        "--out, with error bars over all their seeds",
+    )
     return p
 
 
@@ -332,9 +491,17 @@ def preset_from_args(args) -> Preset:
 
     preset = PRESETS[args.preset]
     tc = preset.train
-    changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("lr", args.lr),
-                                 ("table_optimizer", args.table_optimizer), ("table_grad", args.table_grad))
-               if v is not None}
+    changes = {
+        k: v
+        for k, v in (
+            ("batch_size", args.batch_size),
+            ("seq_len", args.seq_len),
+            ("lr", args.lr),
+            ("table_optimizer", args.table_optimizer),
+            ("table_grad", args.table_grad),
+        )
+        if v is not None
+    }
     tc = replace(tc, **changes)
     if args.tokens is not None:
         tc = replace(tc, steps=max(1, math.ceil(args.tokens / tc.tokens_per_step)))
@@ -343,7 +510,9 @@ def preset_from_args(args) -> Preset:
     tc = replace(tc, warmup_steps=min(tc.warmup_steps, max(1, tc.steps // 10)))
     model = dict(preset.model)
     model["max_seq_len"] = max(model["max_seq_len"], tc.seq_len)
-    return replace(preset, train=tc, model=model, rhos=args.rhos or preset.rhos, seeds=args.seeds or preset.seeds)
+    return replace(
+        preset, train=tc, model=model, rhos=args.rhos or preset.rhos, seeds=args.seeds or preset.seeds
+    )
 
 
 def combine(dirs, out_dir: Path) -> dict:
@@ -353,29 +522,48 @@ def combine(dirs, out_dir: Path) -> dict:
     rows, seen, meta = [], {}, []
     for d in map(Path, dirs):
         meta.append(json.loads((d / "results.json").read_text()))
-        for r in csv.DictReader(open(d / "results.csv")):
-            r = {k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v)))
-                 for k, v in r.items()}
+        with open(d / "results.csv", newline="") as f:
+            raw_rows = list(csv.DictReader(f))
+        for r in raw_rows:
+            r = {
+                k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v)))
+                for k, v in r.items()
+            }
             key = (r["rho"], r["seed"])
             if key in seen:
-                raise SystemExit(f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}")
+                raise SystemExit(
+                    f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}"
+                )
             seen[key] = d
             rows.append(r)
     for rho in {r["rho"] for r in rows}:
-        shapes = {(r["n_routed_experts"], r["d_shared"], r["engram_vocab_size"], r["steps"], r["tokens"])
-                  for r in rows if r["rho"] == rho}
+        shapes = {
+            (r["n_routed_experts"], r["d_shared"], r["engram_vocab_size"], r["steps"], r["tokens"])
+            for r in rows
+            if r["rho"] == rho
+        }
         if len(shapes) > 1:
-            raise SystemExit(f"--combine: the runs disagree on the model or budget at rho={rho}: {sorted(shapes)}")
+            raise SystemExit(
+                f"--combine: the runs disagree on the model or budget at rho={rho}: {sorted(shapes)}"
+            )
     rows.sort(key=lambda r: (-r["rho"], r["seed"]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"combined_from": [str(d) for d in dirs], "label": meta[0].get("label", ""),
-              "targets": meta[0]["targets"], "train": meta[0]["train"], "runs": rows, "summary": summarise(rows)}
+    result = {
+        "combined_from": [str(d) for d in dirs],
+        "label": meta[0].get("label", ""),
+        "targets": meta[0]["targets"],
+        "train": meta[0]["train"],
+        "runs": rows,
+        "summary": summarise(rows),
+    }
     _write(out_dir, rows, result)
     t = meta[0]["train"]
     seeds = sorted({r["seed"] for r in rows})
-    title = (f"{result['label'] or 'sweep'}: P_tot={result['targets']['P_tot'] / 1e6:.2f}M, "
-             f"P_act={result['targets']['P_act'] / 1e6:.2f}M, {t['steps']} steps x "
-             f"{t['batch_size'] * t['seq_len']} tokens, seeds {seeds}")
+    title = (
+        f"{result['label'] or 'sweep'}: P_tot={result['targets']['P_tot'] / 1e6:.2f}M, "
+        f"P_act={result['targets']['P_act'] / 1e6:.2f}M, {t['steps']} steps x "
+        f"{t['batch_size'] * t['seq_len']} tokens, seeds {seeds}"
+    )
     plot(result["summary"], out_dir / "sweep.png", title)
     return result
 
@@ -386,8 +574,10 @@ def main(argv=None) -> dict:
     if args.combine:
         result = combine(args.combine, Path(args.out))
         for s in result["summary"]:
-            print(f"rho={s['rho']:.2f}  val_loss={s['val_loss_mean']:.4f} +- {s['val_loss_std']:.4f}  "
-                  f"bpb={s['val_bpb_mean']:.4f}  ({s['n_seeds']} seeds)")
+            print(
+                f"rho={s['rho']:.2f}  val_loss={s['val_loss_mean']:.4f} +- {s['val_loss_std']:.4f}  "
+                f"bpb={s['val_bpb_mean']:.4f}  ({s['n_seeds']} seeds)"
+            )
         return result
     device = args.device
     if device == "auto":
@@ -395,7 +585,9 @@ def main(argv=None) -> dict:
     threads = args.threads or (PRESETS[args.preset].threads if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    amp = {"off": None, "bf16": torch.bfloat16}.get(args.amp, torch.bfloat16 if device.startswith("cuda") else None)
+    amp = {"off": None, "bf16": torch.bfloat16}.get(
+        args.amp, torch.bfloat16 if device.startswith("cuda") else None
+    )
     preset = preset_from_args(args)
     bad = [r for r in preset.rhos if not 0.0 < r <= 1.0]
     if bad:
@@ -403,16 +595,25 @@ def main(argv=None) -> dict:
     data = prepare_data(preset, text_files=args.text_files, tokenizer=args.tokenizer, seed=0)
     data_s = time.perf_counter() - t0
     out = Path(args.out)
-    result = run_sweep(preset, data, out, device=device, autocast_dtype=amp, progress=not args.no_progress,
-                       label=args.preset)
-    result |= {"data_s": round(data_s, 1), "total_wall_s": round(time.perf_counter() - t0, 1),
-               "command": " ".join(["python -m torch_engram.sweep", *(argv if argv is not None else sys.argv[1:])])}
+    result = run_sweep(
+        preset, data, out, device=device, autocast_dtype=amp, progress=not args.no_progress, label=args.preset
+    )
+    result |= {
+        "data_s": round(data_s, 1),
+        "total_wall_s": round(time.perf_counter() - t0, 1),
+        "command": " ".join(["python -m torch_engram.sweep", *(argv if argv is not None else sys.argv[1:])]),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"[sweep] done in {result['total_wall_s']:.0f} s (data {data_s:.0f} s) -> {out}/results.csv, "
-          "results.json, sweep.png", file=sys.stderr)
+    print(
+        f"[sweep] done in {result['total_wall_s']:.0f} s (data {data_s:.0f} s) -> {out}/results.csv, "
+        "results.json, sweep.png",
+        file=sys.stderr,
+    )
     for s in result["summary"]:
-        print(f"rho={s['rho']:.2f} (realised {s['rho_realised']:.3f})  val_loss={s['val_loss_mean']:.4f}"
-              f" +- {s['val_loss_std']:.4f}  bpb={s['val_bpb_mean']:.4f}")
+        print(
+            f"rho={s['rho']:.2f} (realised {s['rho_realised']:.3f})  val_loss={s['val_loss_mean']:.4f}"
+            f" +- {s['val_loss_std']:.4f}  bpb={s['val_bpb_mean']:.4f}"
+        )
     return result
 
 

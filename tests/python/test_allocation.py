@@ -4,13 +4,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from torch_engram.allocation import (allocate, count_model_params, count_params, engram_dense_params,
-                                     engram_rows_per_layer)
+from torch_engram.allocation import (
+    allocate,
+    count_model_params,
+    count_params,
+    engram_dense_params,
+    engram_rows_per_layer,
+)
 from torch_engram.config import EngramConfig
 from torch_engram.models import ModelConfig, TransformerLM
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 
 @st.composite
@@ -20,9 +24,17 @@ def engram_configs(draw, n_layers: int):
     d_head = draw(st.sampled_from([4, 8, 16]))
     n_eng = draw(st.integers(1, min(2, n_layers - 1)))
     layers = tuple(sorted(draw(st.permutations(range(1, n_layers)))[:n_eng]))
-    return EngramConfig(engram_vocab_size=(2,) * (n - 1), max_ngram_size=n, n_embed_per_ngram=k * d_head,
-                        n_head_per_ngram=k, layer_ids=layers, pad_id=0, compressed_vocab_size=64,
-                        use_conv=draw(st.booleans()), proj_bias=draw(st.booleans()))
+    return EngramConfig(
+        engram_vocab_size=(2,) * (n - 1),
+        max_ngram_size=n,
+        n_embed_per_ngram=k * d_head,
+        n_head_per_ngram=k,
+        layer_ids=layers,
+        pad_id=0,
+        compressed_vocab_size=64,
+        use_conv=draw(st.booleans()),
+        proj_bias=draw(st.booleans()),
+    )
 
 
 @st.composite
@@ -39,9 +51,20 @@ def base_and_engram(draw):
     per_layer = engram_dense_params(engram, D, hc_mult) + engram.num_heads * engram.d_head
     need = -(-len(engram.layer_ids) * per_layer // (3 * D * (n_layers - n_dense)))
     d_shared = need + 1 + draw(st.integers(0, 256))
-    base = ModelConfig(vocab_size=64, d_model=D, n_layers=n_layers, n_heads=2, n_dense_layers=n_dense, d_dense=2 * D,
-                       n_routed_experts=top_k + free, top_k=top_k, d_expert=d_expert, d_shared=d_shared,
-                       hc_mult=hc_mult, tie_embeddings=draw(st.booleans()))
+    base = ModelConfig(
+        vocab_size=64,
+        d_model=D,
+        n_layers=n_layers,
+        n_heads=2,
+        n_dense_layers=n_dense,
+        d_dense=2 * D,
+        n_routed_experts=top_k + free,
+        top_k=top_k,
+        d_expert=d_expert,
+        d_shared=d_shared,
+        hc_mult=hc_mult,
+        tie_embeddings=draw(st.booleans()),
+    )
     return base, engram
 
 
@@ -59,7 +82,9 @@ def test_totals_within_one_percent(case, rho):
     assert abs(a.counts.active / target.active - 1) <= 0.01
     assert a.counts == count_params(a.config)
     # Only the routed experts, the shared width and the tables move.
-    assert a.config.replace(n_routed_experts=base.n_routed_experts, d_shared=base.d_shared, engram=None) == base
+    assert (
+        a.config.replace(n_routed_experts=base.n_routed_experts, d_shared=base.d_shared, engram=None) == base
+    )
     free = base.n_routed_experts - base.top_k
     if rho < 1:
         assert a.config.engram is not None
@@ -115,10 +140,28 @@ def test_analytic_counts_equal_built_model(case, rho):
 
 def test_counts_by_hand():
     # D = 8, one MoE block (E = 4, top-2, d_e = 2, shared 4), one Engram layer without conv/bias.
-    e = EngramConfig(engram_vocab_size=(5,), max_ngram_size=2, n_embed_per_ngram=2, n_head_per_ngram=1,
-                     layer_ids=(0,), pad_id=0, compressed_vocab_size=10, use_conv=False, proj_bias=False)
-    cfg = ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, n_routed_experts=4, top_k=2, d_expert=2,
-                      d_shared=4, engram=e)
+    e = EngramConfig(
+        engram_vocab_size=(5,),
+        max_ngram_size=2,
+        n_embed_per_ngram=2,
+        n_head_per_ngram=1,
+        layer_ids=(0,),
+        pad_id=0,
+        compressed_vocab_size=10,
+        use_conv=False,
+        proj_bias=False,
+    )
+    cfg = ModelConfig(
+        vocab_size=10,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        n_routed_experts=4,
+        top_k=2,
+        d_expert=2,
+        d_shared=4,
+        engram=e,
+    )
     c = count_params(cfg)
     dense = 2 * 8 + 4 * 64 + 8 + 8 * 4 + 3 * 8 * 4  # norms, attention, final norm, router, shared
     routed = 4 * 3 * 8 * 2
@@ -132,10 +175,25 @@ def test_counts_by_hand():
 
 
 def test_quick_base_allocations_are_close_to_requested_rho():
-    engram = EngramConfig(engram_vocab_size=(2, 2), n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1, 2),
-                          pad_id=0, compressed_vocab_size=3000, proj_bias=False)
-    base = ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_routed_experts=32, top_k=2,
-                       d_expert=64, d_shared=256)
+    engram = EngramConfig(
+        engram_vocab_size=(2, 2),
+        n_embed_per_ngram=64,
+        n_head_per_ngram=4,
+        layer_ids=(1, 2),
+        pad_id=0,
+        compressed_vocab_size=3000,
+        proj_bias=False,
+    )
+    base = ModelConfig(
+        vocab_size=4096,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_routed_experts=32,
+        top_k=2,
+        d_expert=64,
+        d_shared=256,
+    )
     for rho in (0.9, 0.8, 0.6, 0.4):
         a = allocate(base, rho, engram)
         assert abs(a.rho_realised - rho) < 0.02
@@ -143,10 +201,17 @@ def test_quick_base_allocations_are_close_to_requested_rho():
 
 
 def test_bad_arguments():
-    base = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_routed_experts=8, top_k=2, d_expert=16,
-                       d_shared=8)
-    engram = EngramConfig(engram_vocab_size=(2, 2), n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1,),
-                          pad_id=0, compressed_vocab_size=64)
+    base = ModelConfig(
+        vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_routed_experts=8, top_k=2, d_expert=16, d_shared=8
+    )
+    engram = EngramConfig(
+        engram_vocab_size=(2, 2),
+        n_embed_per_ngram=64,
+        n_head_per_ngram=4,
+        layer_ids=(1,),
+        pad_id=0,
+        compressed_vocab_size=64,
+    )
     with pytest.raises(ValueError, match=r"rho must be in \(0, 1\], got 0.0"):
         allocate(base, 0.0, engram)
     with pytest.raises(ValueError, match=r"rho must be in \(0, 1\], got 1.5"):

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
 from torch_engram.config import EngramConfig
-from torch_engram.models import MoE, ModelConfig, TransformerLM, default_engram_layers
+from torch_engram.models import ModelConfig, MoE, TransformerLM, default_engram_layers
 
 V = 50
 
@@ -18,10 +17,27 @@ def one_thread():
 
 
 def config(**changes):
-    engram = EngramConfig(engram_vocab_size=(31, 37), n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1, 2),
-                          pad_id=0, compressed_vocab_size=V, proj_bias=False)
-    base = dict(vocab_size=V, d_model=16, n_layers=3, n_heads=2, max_seq_len=32, n_routed_experts=6, top_k=2,
-                d_expert=8, d_shared=16, engram=engram)
+    engram = EngramConfig(
+        engram_vocab_size=(31, 37),
+        n_embed_per_ngram=8,
+        n_head_per_ngram=2,
+        layer_ids=(1, 2),
+        pad_id=0,
+        compressed_vocab_size=V,
+        proj_bias=False,
+    )
+    base = {
+        "vocab_size": V,
+        "d_model": 16,
+        "n_layers": 3,
+        "n_heads": 2,
+        "max_seq_len": 32,
+        "n_routed_experts": 6,
+        "top_k": 2,
+        "d_expert": 8,
+        "d_shared": 16,
+        "engram": engram,
+    }
     return ModelConfig(**{**base, **changes})
 
 
@@ -65,7 +81,7 @@ def test_moe_routes_top_k_and_balances():
     for p in (moe.w1, moe.w3, moe.w2):
         torch.nn.init.normal_(p)
     x = torch.randn(3, 5, 8)
-    y, aux = moe(x)
+    y, _aux = moe(x)
     # Dense check: every token's output is its top-2 experts weighted by renormalised softmax scores.
     scores = moe.router(x.reshape(-1, 8)).softmax(-1)
     w, e = scores.topk(2, dim=-1)
@@ -75,7 +91,9 @@ def test_moe_routes_top_k_and_balances():
         for j in range(2):
             xe = x.reshape(-1, 8)[t]
             k = e[t, j]
-            expected[t] += w[t, j] * ((torch.nn.functional.silu(xe @ moe.w1[k]) * (xe @ moe.w3[k])) @ moe.w2[k])
+            expected[t] += w[t, j] * (
+                (torch.nn.functional.silu(xe @ moe.w1[k]) * (xe @ moe.w3[k])) @ moe.w2[k]
+            )
     torch.testing.assert_close(y.reshape(-1, 8), expected, rtol=1e-5, atol=1e-5)
     torch.nn.init.zeros_(moe.router.weight)  # uniform scores: the balance loss is exactly 1
     assert moe(x)[1].item() == pytest.approx(1.0)

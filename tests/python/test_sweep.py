@@ -8,11 +8,18 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from torch_engram.allocation import count_params
 from torch_engram.models import ModelConfig, TransformerLM
 from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
-from torch_engram.sweep import CSV_COLUMNS, PRESETS, SweepData, build_parser, main, preset_from_args, run_sweep
+from torch_engram.sweep import (
+    CSV_COLUMNS,
+    PRESETS,
+    SweepData,
+    build_parser,
+    main,
+    preset_from_args,
+    run_sweep,
+)
 
 V = 96
 
@@ -29,12 +36,31 @@ def one_thread():
 def tiny_preset(**changes):
     p = replace(
         PRESETS["quick"],
-        model=dict(d_model=32, n_layers=3, n_heads=2, max_seq_len=16, n_routed_experts=10, top_k=2, d_expert=16,
-                   d_shared=96, routing="softmax", aux_loss_coef=0.01),
-        engram=dict(max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, use_conv=True, proj_bias=False,
-                    gate_eps=None, conv_eps=1e-5, seed=0),
+        model={
+            "d_model": 32,
+            "n_layers": 3,
+            "n_heads": 2,
+            "max_seq_len": 16,
+            "n_routed_experts": 10,
+            "top_k": 2,
+            "d_expert": 16,
+            "d_shared": 96,
+            "routing": "softmax",
+            "aux_loss_coef": 0.01,
+        },
+        engram={
+            "max_ngram_size": 3,
+            "n_embed_per_ngram": 8,
+            "n_head_per_ngram": 2,
+            "use_conv": True,
+            "proj_bias": False,
+            "gate_eps": None,
+            "conv_eps": 1e-5,
+            "seed": 0,
+        },
         train=TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_batch_size=4),
-        rhos=(1.0, 0.8, 0.5), seeds=(0, 1),
+        rhos=(1.0, 0.8, 0.5),
+        seeds=(0, 1),
     )
     return replace(p, **changes)
 
@@ -43,14 +69,21 @@ def synthetic_data(seed=0):
     g = torch.Generator().manual_seed(seed)
     text_ids = torch.randint(1, V, (3000,), generator=g)
     lut = torch.arange(V) * 2 // 3  # a surjective compression, as the tokenizer LUT would be
-    return SweepData(train=text_ids[:2500], val=torch.cat([torch.zeros(1, dtype=torch.int64), text_ids[2500:]]),
-                     val_bytes=1500, vocab_size=V, lut=lut, pad_id=0, sep_id=0, description="synthetic")
+    return SweepData(
+        train=text_ids[:2500],
+        val=torch.cat([torch.zeros(1, dtype=torch.int64), text_ids[2500:]]),
+        val_bytes=1500,
+        vocab_size=V,
+        lut=lut,
+        pad_id=0,
+        sep_id=0,
+        description="synthetic",
+    )
 
 
 def test_two_step_sweep_writes_csv_json_png(tmp_path):
     preset = tiny_preset()
-    result = run_sweep(preset, synthetic_data(), tmp_path, progress=False,
-                       label="smoke")
+    result = run_sweep(preset, synthetic_data(), tmp_path, progress=False, label="smoke")
     with open(tmp_path / "results.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == CSV_COLUMNS
@@ -82,7 +115,9 @@ def test_combine_equals_one_run_over_all_seeds(tmp_path):
     one = run_sweep(tiny_preset(rhos=(1.0, 0.5)), data, tmp_path / "both", progress=False)
     for seed in (0, 1):
         run_sweep(tiny_preset(rhos=(1.0, 0.5), seeds=(seed,)), data, tmp_path / f"s{seed}", progress=False)
-    merged = main(["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")])
+    merged = main(
+        ["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")]
+    )
     for a, b in zip(one["summary"], merged["summary"]):
         assert a["rho"] == b["rho"] and b["n_seeds"] == 2
         assert a["val_loss_mean"] == pytest.approx(b["val_loss_mean"], abs=2e-6)
@@ -94,16 +129,50 @@ def test_combine_equals_one_run_over_all_seeds(tmp_path):
 
 def test_cli_on_user_text_files(tmp_path):
     # The whole path: text files -> split -> BPE -> compression LUT -> allocation -> train -> eval.
-    words = "the quick brown fox jumps over the lazy dog while a cat naps in warm sun".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "a",
+        "cat",
+        "naps",
+        "in",
+        "warm",
+        "sun",
+    ]
     g = torch.Generator().manual_seed(0)
     for i in range(6):
         picks = torch.randint(0, len(words), (600,), generator=g).tolist()
         (tmp_path / f"doc{i}.txt").write_text(" ".join(words[j] for j in picks) + "\n")
     out = tmp_path / "out"
-    result = main(["--text-files", *(str(tmp_path / f"doc{i}.txt") for i in range(6)), "--steps", "2",
-                   "--rhos", "1,0.6", "--batch-size", "2", "--seq-len", "32", "--out", str(out), "--no-progress",
-                   "--device", "cpu"])
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    result = main(
+        [
+            "--text-files",
+            *(str(tmp_path / f"doc{i}.txt") for i in range(6)),
+            "--steps",
+            "2",
+            "--rhos",
+            "1,0.6",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [float(r["rho"]) for r in rows] == [1.0, 0.6]
     assert all(math.isfinite(float(r["val_bpb"])) for r in rows)
     saved = json.loads((out / "results.json").read_text())
@@ -124,8 +193,17 @@ def test_same_seed_same_batches_whatever_the_model():
 
 def test_evaluate_covers_every_position():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, n_routed_experts=4, top_k=2,
-                      d_expert=8, d_shared=16)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=64,
+        n_routed_experts=4,
+        top_k=2,
+        d_expert=8,
+        d_shared=16,
+    )
     model = TransformerLM(cfg)
     stream = torch.randint(0, V, (50,))
     nats, n = evaluate(model, stream, seq_len=64, batch_size=4)
@@ -194,13 +272,18 @@ def test_lr_schedule():
 
 
 def test_cli_budget_options():
-    args = build_parser().parse_args(["--preset", "quick", "--tokens", "100000", "--rhos", "1,0.5", "--seeds", "0,1"])
+    args = build_parser().parse_args(
+        ["--preset", "quick", "--tokens", "100000", "--rhos", "1,0.5", "--seeds", "0,1"]
+    )
     p = preset_from_args(args)
     assert p.train.steps == math.ceil(100000 / p.train.tokens_per_step)
     assert p.rhos == (1.0, 0.5) and p.seeds == (0, 1)
     assert p.train.table_optimizer == "lazy_adam" and p.train.table_grad == "dense"
-    p = preset_from_args(build_parser().parse_args(["--steps", "7", "--seq-len", "300", "--table-optimizer", "adam",
-                                                    "--table-grad", "sparse"]))
+    p = preset_from_args(
+        build_parser().parse_args(
+            ["--steps", "7", "--seq-len", "300", "--table-optimizer", "adam", "--table-grad", "sparse"]
+        )
+    )
     assert p.train.steps == 7 and p.train.seq_len == 300 and p.model["max_seq_len"] == 300
     assert p.train.table_optimizer == "adam" and p.train.table_grad == "sparse"
     assert p.train.warmup_steps <= 7

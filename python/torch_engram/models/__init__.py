@@ -4,4 +4,4 @@ from .config import ModelConfig, default_engram_layers
 from .moe import MoE, SwiGLU
 from .transformer import LMOutput, TransformerLM
 
-__all__ = ["ModelConfig", "default_engram_layers", "MoE", "SwiGLU", "LMOutput", "TransformerLM"]
+__all__ = ["LMOutput", "MoE", "ModelConfig", "SwiGLU", "TransformerLM", "default_engram_layers"]

@@ -81,7 +81,11 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 fail(name, ">= 1", getattr(self, name))
         if self.d_model % self.n_heads or self.head_dim % 2:
-            fail("d_model", f"a multiple of 2 * n_heads={2 * self.n_heads} (even rotary head_dim)", self.d_model)
+            fail(
+                "d_model",
+                f"a multiple of 2 * n_heads={2 * self.n_heads} (even rotary head_dim)",
+                self.d_model,
+            )
         if not 0 <= self.n_dense_layers <= self.n_layers:
             fail("n_dense_layers", f"in [0, n_layers={self.n_layers}]", self.n_dense_layers)
         if self.n_dense_layers and self.d_dense < 1:
@@ -106,14 +110,14 @@ class ModelConfig:
             if bad:
                 fail("engram.layer_ids", f"block indices < n_layers={self.n_layers}", self.engram.layer_ids)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         if d.get("engram") is not None:
             d["engram"] = EngramConfig(**d["engram"])

@@ -33,8 +33,9 @@ class MoE(nn.Module):
     routed slots sent to expert e and P_e its mean normalised score; it is 1 under uniform routing.
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, d_expert: int, d_shared: int,
-                 routing: str = "softmax"):
+    def __init__(
+        self, d_model: int, n_experts: int, top_k: int, d_expert: int, d_shared: int, routing: str = "softmax"
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.routing = n_experts, top_k, routing
         self.router = nn.Linear(d_model, n_experts, bias=False)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -50,15 +50,17 @@ class TrainConfig:
 
 
 def _dense_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                            weight_decay=0.0)
+    return torch.optim.Adam(
+        params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, weight_decay=0.0
+    )
 
 
 def _lazy_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
     from ..optim import SparseTableAdam
 
-    return SparseTableAdam(params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                           weight_decay=0.0)
+    return SparseTableAdam(
+        params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, weight_decay=0.0
+    )
 
 
 TABLE_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -72,17 +74,26 @@ def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
     dense = model.dense_parameters()
     decay = [p for p in dense if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in dense if p.requires_grad and p.dim() < 2]
-    opts = [torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)]
+    opts = [
+        torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr,
+            betas=(tc.beta1, tc.beta2),
+            eps=tc.adam_eps,
+        )
+    ]
     tables = [p for p in model.table_parameters() if p.requires_grad]
     if tables:
         if tc.table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"make_optimizers: table_optimizer must be one of {sorted(TABLE_OPTIMIZERS)}, "
-                             f"got {tc.table_optimizer!r}")
+            raise ValueError(
+                f"make_optimizers: table_optimizer must be one of {sorted(TABLE_OPTIMIZERS)}, "
+                f"got {tc.table_optimizer!r}"
+            )
         if tc.table_grad == "sparse" and tc.table_optimizer == "adam":
-            raise ValueError("make_optimizers: table_grad='sparse' needs table_optimizer='lazy_adam' "
-                             "(torch.optim.Adam takes dense gradients only), got 'adam'")
+            raise ValueError(
+                "make_optimizers: table_grad='sparse' needs table_optimizer='lazy_adam' "
+                "(torch.optim.Adam takes dense gradients only), got 'adam'"
+            )
         opts.append(TABLE_OPTIMIZERS[tc.table_optimizer](tables, tc))
     for opt in opts:
         for group in opt.param_groups:
@@ -99,20 +110,29 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of seq_len + 1 tokens from a 1-D token stream: (inputs, next-token targets)."""
     if stream.numel() < seq_len + 1:
-        raise ValueError(f"sample_batch: the stream must hold >= seq_len + 1 = {seq_len + 1} tokens, "
-                         f"got {stream.numel()}")
+        raise ValueError(
+            f"sample_batch: the stream must hold >= seq_len + 1 = {seq_len + 1} tokens, got {stream.numel()}"
+        )
     starts = torch.randint(0, stream.numel() - seq_len, (batch_size,), generator=generator)
-    windows = torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
+    windows = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
 
 
-def train(model, stream: torch.Tensor, tc: TrainConfig, seed: int, aux_loss_coef: float,
-          device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-          progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> dict:
+def train(
+    model,
+    stream: torch.Tensor,
+    tc: TrainConfig,
+    seed: int,
+    aux_loss_coef: float,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> dict:
     """Train for tc.steps steps; batches are drawn from a generator seeded with `seed`, so runs with
     the same seed see the same tokens in the same order whatever the model."""
     device = torch.device(device)
@@ -144,14 +164,24 @@ def train(model, stream: torch.Tensor, tc: TrainConfig, seed: int, aux_loss_coef
         losses.append(out.loss.item())
         if hasattr(steps, "set_postfix") and (step % 10 == 0 or step == tc.steps - 1):
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"train_loss": sum(tail) / len(tail), "steps": tc.steps, "tokens": tc.steps * tc.tokens_per_step,
-            "train_s": time.perf_counter() - t0}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "train_loss": sum(tail) / len(tail),
+        "steps": tc.steps,
+        "tokens": tc.steps * tc.tokens_per_step,
+        "train_s": time.perf_counter() - t0,
+    }
 
 
 @torch.no_grad()
-def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, device: torch.device | str = "cpu",
-             autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+def evaluate(
+    model,
+    stream: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
     """Summed next-token cross entropy (nats) over every position 1..S-1 of the stream and the count
     of predicted tokens. Windows of seq_len (+1) tokens with stride seq_len tile the stream; the
     last, shorter window is evaluated on its own, so nothing is dropped."""
@@ -162,13 +192,14 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, batch_size: int, device:
     full = [s for s in starts if s + seq_len <= n]
     tail = [s for s in starts if s + seq_len > n]
     total = 0.0
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
     for group in groups:
         length = min(seq_len, n - group[0])
-        windows = torch.stack([stream[s:s + length + 1] for s in group]).to(device)
+        windows = torch.stack([stream[s : s + length + 1] for s in group]).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(windows[:, :-1]).logits
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(),
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"
+        ).item()
     model.train()
     return total, n

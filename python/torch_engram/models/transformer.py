@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,13 @@ class Block(nn.Module):
         if layer_id < cfg.n_dense_layers:
             self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.d_dense)
         else:
-            self.ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.top_k, cfg.d_expert, cfg.d_shared, cfg.routing)
+            self.ffn = MoE(
+                cfg.d_model, cfg.n_routed_experts, cfg.top_k, cfg.d_expert, cfg.d_shared, cfg.routing
+            )
 
-    def forward(self, h: torch.Tensor, cos, sin, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, cos, sin, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, T, D] (M = 1) or [B, T, M, D]; returns (h, aux_loss)."""
         if self.engram is not None:
             h = h + self.engram(h, rows=rows)
@@ -98,8 +102,13 @@ class TransformerLM(nn.Module):
     hidden_size=, hc_mult=, table_grad=) builds each Engram layer (default: torch_engram.Engram).
     """
 
-    def __init__(self, cfg: ModelConfig, lut: torch.Tensor | None = None,
-                 engram_factory: EngramFactory | None = None, table_grad: str = "dense"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        lut: torch.Tensor | None = None,
+        engram_factory: EngramFactory | None = None,
+        table_grad: str = "dense",
+    ):
         super().__init__()
         self.cfg = cfg
         D, M = cfg.d_model, cfg.hc_mult
@@ -108,8 +117,13 @@ class TransformerLM(nn.Module):
         factory = engram_factory or _default_engram_factory
         engram_ids = set(cfg.engram.layer_ids) if cfg.engram is not None else set()
         self.blocks = nn.ModuleList(
-            Block(cfg, i, factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad)
-                  if i in engram_ids else None)
+            Block(
+                cfg,
+                i,
+                factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad)
+                if i in engram_ids
+                else None,
+            )
             for i in range(cfg.n_layers)
         )
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
@@ -173,7 +187,9 @@ class TransformerLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"TransformerLM: sequence length must be <= max_seq_len={self.cfg.max_seq_len}, got {T}")
+            raise ValueError(
+                f"TransformerLM: sequence length must be <= max_seq_len={self.cfg.max_seq_len}, got {T}"
+            )
         h = self.embed(input_ids)
         if self.cfg.hc_mult > 1:
             h = h.unsqueeze(2).expand(B, T, self.cfg.hc_mult, self.cfg.d_model).contiguous()
