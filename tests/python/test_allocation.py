@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch_engram.allocation import (
     allocate,
@@ -75,6 +75,12 @@ rhos = st.floats(min_value=0.02, max_value=1.0, allow_nan=False)
 @given(base_and_engram(), rhos)
 def test_totals_within_one_percent(case, rho):
     base, engram = case
+    # The smallest tables (every prime just above 2) are a fixed granule of the sparse budget;
+    # where they are a sizeable share of it, rho cannot be realised finely (or at all), so the
+    # bounds below are stated for budgets where that granule is small.
+    smallest = engram.replace(engram_vocab_size=(2,) * engram.num_orders)
+    granule = (sum(engram_rows_per_layer(smallest)) - len(engram.layer_ids) * engram.num_heads) * engram.d_head
+    assume(granule <= 0.02 * count_params(base).sparse)
     a = allocate(base, rho, engram)
     target = count_params(base)
     assert a.target_total == target.total and a.target_active == target.active
