@@ -59,7 +59,7 @@ def record(section: str, name: str, seconds: float, nbytes: float | None = None,
     bw = f"{row['GB/s']:9.1f}" if "GB/s" in row else " " * 9
     pct = f"{row['%copy']:6.1f}%" if "%copy" in row else " " * 7
     more = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-    print(f"{section:<10} {name:<44} {row['ms']:10.3f} {bw} {pct}  {more}", flush=True)
+    print(f"{section:<10} {name:<62} {row['ms']:10.3f} {bw} {pct}  {more}", flush=True)
 
 
 def bench_copy(quick: bool) -> float:
@@ -166,12 +166,12 @@ def bench_hash(quick: bool) -> None:
 
 def bench_layer(quick: bool) -> None:
     """The whole layer: Engram (ours) vs OfficialEngram (the demo formulation) eager and compiled."""
-    try:
-        from torch_engram.modules import Engram
-        from torch_engram.reference.layer import OfficialEngram
-    except ImportError as exc:
-        print(f"layer      skipped: the Engram module is not available ({exc})")
-        RESULTS.append(dict(section="layer", skipped=str(exc)))
+    Engram = getattr(te, "Engram", None)
+    OfficialEngram = getattr(reference, "OfficialEngram", None)
+    if Engram is None or OfficialEngram is None:
+        msg = "torch_engram.Engram or reference.OfficialEngram is not available"
+        print(f"layer      skipped: {msg}")
+        RESULTS.append(dict(section="layer", skipped=msg))
         return
     B, T, M, D = (4, 1024, 1, 1024) if quick else (8, 2048, 4, 2048)
     cfg = te.EngramConfig.official_demo(compressed_vocab_size=99_092)
@@ -233,7 +233,7 @@ def main() -> None:
                   torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                   date=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick)
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()))
-    print(f"{'section':<10} {'case':<44} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
+    print(f"{'section':<10} {'case':<62} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
     only = set(args.only.split(","))
     copy_bw = bench_copy(args.quick)
     sections = [("gather", lambda: bench_gather(copy_bw, args.quick)),

@@ -5,7 +5,13 @@
 # exit codes go to summary.txt and the script exits non-zero if any step failed.
 #
 # Usage: bash scripts/gpu_check.sh [RESULTS_DIR]     (default ./results/gpu)
-# Knobs: PYTHON, TORCH_CUDA_ARCH_LIST (default: the visible GPU's), GPU_CHECK_BUDGET_S (480).
+# Knobs: PYTHON, TORCH_CUDA_ARCH_LIST (default: the visible GPU's), GPU_CHECK_BUDGET_S (480),
+# GPU_CHECK_BUILD=cmake|jit (default: cmake when cmake and pybind11 exist), GPU_CHECK_WHEELS (.whl).
+#
+# torch_engram needs numpy and tokenizers. A machine without network access installs the missing
+# ones from a wheel directory prepared beforehand on a connected machine, e.g. for Python 3.12:
+#   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 numpy tokenizers -d .whl
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -62,6 +68,15 @@ step() {
 } >"$RES/env.txt" 2>&1
 note "environment in env.txt"
 
+missing=$("$PY" -c "
+import importlib.util
+print(' '.join(m for m in ('numpy', 'tokenizers') if importlib.util.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+  WHEELS=${GPU_CHECK_WHEELS:-.whl}
+  step "install $missing from $WHEELS" 60 "$RES/deps.log" \
+    "$PY" -m pip install --no-index --find-links "$WHEELS" $missing
+fi
+
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
 fi
@@ -70,7 +85,12 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 # Build: CMake (scripts/dev_build.sh, tests off) when cmake and the pybind11 package exist, else
 # torch.utils.cpp_extension (scripts/build_jit.py), which needs neither.
-if command -v cmake >/dev/null && "$PY" -c "import pybind11" 2>/dev/null; then
+BUILD=${GPU_CHECK_BUILD:-}
+if [ -z "$BUILD" ]; then
+  BUILD=jit
+  command -v cmake >/dev/null && "$PY" -c "import pybind11" 2>/dev/null && BUILD=cmake
+fi
+if [ "$BUILD" = cmake ]; then
   step "build (cmake, arch $TORCH_CUDA_ARCH_LIST)" 300 "$RES/build.log" \
     env ENGRAM_CUDA=1 ENGRAM_BUILD_TESTS=0 PYTHON="$PY" bash scripts/dev_build.sh
 else
@@ -81,9 +101,9 @@ step "import" 60 "$RES/import.log" "$PY" -c \
   "import torch, torch_engram as te; assert te._C.cuda_built(), 'built without CUDA'; print(torch._C._dispatch_dump('engram::multihead_gather'))"
 
 # Tests: the CUDA suite first, then the CUDA cases of every other test file.
-step "pytest test_cuda.py" 170 "$RES/pytest_cuda.log" \
+step "pytest test_cuda.py" 200 "$RES/pytest_cuda.log" \
   "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_cuda.xml" tests/python/test_cuda.py
-step "pytest -k cuda (other files)" 90 "$RES/pytest_other_cuda.log" \
+step "pytest -k cuda (other files)" 120 "$RES/pytest_other_cuda.log" \
   "$PY" -m pytest -q -ra -p no:cacheprovider --junitxml="$RES/pytest_other_cuda.xml" tests/python \
   --ignore=tests/python/test_cuda.py -k cuda
 

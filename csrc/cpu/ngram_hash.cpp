@@ -1,113 +1,154 @@
-// CPU kernel of ngram_hash: one task per token, all layers and heads of that token at once.
+// CPU kernel of ngram_hash: tokens split across threads, each range hashed one sequence segment
+// and one layer at a time. Picks the kernel per call: the AVX-512 one of ngram_hash_x86.cpp
+// (every prime in [2^14, 2^31), K a multiple of 8) or the portable one below (any table).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "engram/hash.h"
 #include "engram/ngram_hash_check.h"
+#include "ngram_hash_kernels.h"
 
 namespace engram {
+namespace cpu {
 namespace {
 
-// The token loop is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so
-// the per-head reductions (one SIMD lane per prime, fastmod_split) vectorise wherever possible.
+// The portable kernel: plain loops over the hash.h functions, compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time, so the loop over the K heads of one order (one SIMD
+// lane per prime) vectorises wherever possible; other architectures get the compiler's own
+// vectorisation. dmod (one FMA per head) where every prime allows it, fastmod_split (Barrett, a
+// 64x64-bit high product from 32-bit halves) otherwise.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ENGRAM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ENGRAM_TARGET_CLONES
 #endif
 
-struct HashArgs {
-  const int64_t* x;  // raw ids [B, T] (int32 ids are widened first)
-  int64_t B, T, L, N, H;
-  const int64_t* lut;  // nullptr: ids are already compressed
-  int64_t num_ids;
-  const uint64_t* m;      // [L, N]
-  const uint64_t* p;      // [L, H]
-  const uint64_t* magic;  // [L, H]
-  const int64_t* off;     // [L, H]
-  int64_t pad_id;
-  const bool* doc_start;  // nullptr: no document boundaries
-  bool oov_to_pad;
-};
-
-// Output row of (layer l, token i = b * T + t) is l * B * T + i in [L, B, T, H]. Tokens are
-// processed one sequence segment at a time: the segment's ids (and the N - 1 before it) are
-// compressed once into xc, so each LUT entry is read once rather than N times.
-template <typename out_t, int64_t K_FIXED>
-__attribute__((always_inline)) inline int64_t hash_range_impl(const HashArgs& a, int64_t begin, int64_t end,
-                                                              out_t* __restrict o) {
-  const int64_t K = K_FIXED > 0 ? K_FIXED : a.H / (a.N - 1);
-  const int64_t N = a.N;
-  std::vector<uint64_t> xc;
-  int64_t bad = -1;
-  for (int64_t seg = begin; seg < end;) {
-    const int64_t b = seg / a.T, t0 = seg % a.T;
-    const int64_t t1 = std::min(a.T, t0 + (end - seg));
-    const int64_t first = std::max<int64_t>(0, t0 - (N - 1));
-    const int64_t* x = a.x + b * a.T;
-    const bool* ds = a.doc_start ? a.doc_start + b * a.T : nullptr;
-    xc.resize(t1 - first);
-    for (int64_t s = first; s < t1; ++s) {
-      const int64_t raw = x[s];
-      int64_t c;
-      if (raw < 0 || raw >= a.num_ids) {
-        if (!a.oov_to_pad && bad < 0) bad = b * a.T + s;
-        c = a.pad_id;
-      } else {
-        c = a.lut ? a.lut[raw] : raw;
-      }
-      xc[s - first] = static_cast<uint64_t>(c);
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      // Window t, t-1, ..., t-N+1: pad before the sequence start and, with doc_start, from the
-      // first shift that crosses a document start onwards.
-      uint64_t xs[16];
-      bool crossed = false;
-      for (int64_t k = 0; k < N; ++k) {
-        const int64_t s = t - k;
-        if (s < 0 || crossed) {
-          xs[k] = static_cast<uint64_t>(a.pad_id);
+// Tokens u = 0 .. n-1 of one segment and layer l (see for_each_segment): window of token u
+// at xr[n - 1 - u], output row at row + u * H. s: the dmod constants, or nullptr for fastmod.
+template <typename out_t, bool DOC, bool DMOD, int64_t K_FIXED>
+ENGRAM_INLINE void portable_layer(const HashArgs& a, const DmodPlan* s, int64_t l, const uint64_t* xr,
+                                  const int64_t* dist, int64_t n, out_t* __restrict row) {
+  const int64_t N = a.N, H = a.H, K = K_FIXED > 0 ? K_FIXED : H / (N - 1);
+  const uint64_t* m = a.m + l * N;
+  const uint64_t pad = static_cast<uint64_t>(a.pad_id);
+  // The layer's constants, head c at [c]; loaded once, not per token.
+  const double* __restrict inv = DMOD ? s->inv.data() + l * s->stride() : nullptr;
+  const int32_t* __restrict p32 = DMOD ? s->p.data() + l * s->stride() : nullptr;
+  const int32_t* __restrict off32 = DMOD ? s->off32.data() + l * s->stride() : nullptr;
+  const uint64_t* __restrict p = a.p + l * H;
+  const uint64_t* __restrict magic = a.magic + l * H;
+  const int64_t* __restrict off = a.off + l * H;
+  const uint64_t* w = xr + (n - 1);
+  for (int64_t u = 0; u < n; ++u, --w, row += H) {
+    // h of order k + 1 after step k; the loop over the K heads of that order is the one that
+    // vectorises (it needs plain locals: restrict is lost on lambda captures).
+    uint64_t h = w[0] * m[0];
+    for (int64_t k = 1; k < N; ++k) {
+      h = mix_step(h, (!DOC || k <= dist[u]) ? w[k] : pad, m[k]);
+      const int64_t c = (k - 1) * K;
+      out_t* __restrict dst = row + c;
+      // Not unrolled: fully unrolled (-O3, K = 8) GCC no longer vectorises it.
+#pragma GCC unroll 1
+      for (int64_t j = 0; j < K; ++j) {
+        if constexpr (DMOD && std::is_same_v<out_t, int32_t>) {
+          dst[j] = static_cast<int32_t>(dmod(h, p32[c + j], inv[c + j])) + off32[c + j];
+        } else if constexpr (DMOD) {
+          dst[j] = static_cast<int64_t>(dmod(h, p32[c + j], inv[c + j])) + off[c + j];
         } else {
-          xs[k] = xc[s - first];
-          if (ds && ds[s]) crossed = true;
-        }
-      }
-      const int64_t i = b * a.T + t;
-      for (int64_t l = 0; l < a.L; ++l) {
-        const uint64_t* m = a.m + l * N;
-        uint64_t h = xs[0] * m[0];
-        out_t* __restrict row = o + (l * a.B * a.T + i) * a.H;
-        for (int64_t k = 1; k < N; ++k) {
-          h = mix_step(h, xs[k], m[k]);
-          const int64_t c = l * a.H + (k - 1) * K;
-          const uint64_t* __restrict p = a.p + c;
-          const uint64_t* __restrict mg = a.magic + c;
-          const int64_t* __restrict off = a.off + c;
-          out_t* __restrict dst = row + (k - 1) * K;
-          for (int64_t j = 0; j < K; ++j) {
-            dst[j] = static_cast<out_t>(static_cast<int64_t>(fastmod_split(h, p[j], mg[j])) + off[j]);
-          }
+          dst[j] = static_cast<out_t>(static_cast<int64_t>(fastmod_split(h, p[c + j], magic[c + j])) + off[c + j]);
         }
       }
     }
-    seg += t1 - t0;
   }
-  return bad;
 }
 
-ENGRAM_TARGET_CLONES int64_t hash_range_i32(const HashArgs& a, int64_t begin, int64_t end, int32_t* o) {
-  return a.H / (a.N - 1) == 8 ? hash_range_impl<int32_t, 8>(a, begin, end, o)
-                              : hash_range_impl<int32_t, 0>(a, begin, end, o);
+template <typename out_t, bool DOC, bool DMOD>
+ENGRAM_INLINE int64_t portable_range(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end, out_t* o) {
+  const bool k8 = a.H / (a.N - 1) == 8;
+  return for_each_segment(
+      a, begin, end,
+      [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) ENGRAM_INLINE_LAMBDA {
+        out_t* row = o + (l * a.B * a.T + seg) * a.H;
+        if (k8) {
+          portable_layer<out_t, DOC, DMOD, 8>(a, s, l, xr, dist, n, row);
+        } else {
+          portable_layer<out_t, DOC, DMOD, 0>(a, s, l, xr, dist, n, row);
+        }
+      });
 }
 
-ENGRAM_TARGET_CLONES int64_t hash_range_i64(const HashArgs& a, int64_t begin, int64_t end, int64_t* o) {
-  return a.H / (a.N - 1) == 8 ? hash_range_impl<int64_t, 8>(a, begin, end, o)
-                              : hash_range_impl<int64_t, 0>(a, begin, end, o);
+template <typename out_t>
+ENGRAM_INLINE int64_t portable_kernel(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end, out_t* o) {
+  if (s) {
+    return a.doc_start ? portable_range<out_t, true, true>(a, s, begin, end, o)
+                       : portable_range<out_t, false, true>(a, s, begin, end, o);
+  }
+  return a.doc_start ? portable_range<out_t, true, false>(a, s, begin, end, o)
+                     : portable_range<out_t, false, false>(a, s, begin, end, o);
+}
+
+}  // namespace
+
+HashIsa ngram_hash_isa() {
+  HashIsa best = HashIsa::kPortable;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+    best = HashIsa::kAvx512;
+  }
+#endif
+  const char* env = std::getenv("ENGRAM_NGRAM_HASH_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+  HashIsa cap;
+  if (std::strcmp(env, "portable") == 0) {
+    cap = HashIsa::kPortable;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    cap = HashIsa::kAvx512;
+  } else {
+    TORCH_CHECK(false, "ngram_hash: ENGRAM_NGRAM_HASH_ISA must be auto, portable or avx512, got '", env, "'");
+  }
+  return std::min(best, cap);
+}
+
+const char* isa_name(HashIsa isa) { return isa == HashIsa::kAvx512 ? "avx512" : "portable"; }
+
+ENGRAM_TARGET_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
+                                                 int32_t* out) {
+  return portable_kernel(a, s, begin, end, out);
+}
+
+ENGRAM_TARGET_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
+                                                 int64_t* out) {
+  return portable_kernel(a, s, begin, end, out);
+}
+
+}  // namespace cpu
+
+namespace {
+
+using cpu::DmodPlan;
+using cpu::HashArgs;
+using cpu::HashIsa;
+
+// dmod needs a fused multiply-add; without the instruction (x86-64 before AVX2) it is a slow
+// library call, and the Barrett form is faster.
+bool has_fast_fma() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("fma");
+#elif defined(__aarch64__) || defined(__FP_FAST_FMA)
+  return true;
+#else
+  return false;
+#endif
 }
 
 at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
@@ -127,6 +168,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
 
   // Table layout checks need the values; on the CPU they are free.
   std::vector<uint64_t> mod_p(L * H), mod_magic(L * H);
+  bool dmod_ok = true;
   const int64_t* p = primes_c.data_ptr<int64_t>();
   const int64_t* o = off_c.data_ptr<int64_t>();
   for (int64_t c = 0; c < L * H; ++c) {
@@ -135,6 +177,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     const FastMod f = make_fastmod(static_cast<uint64_t>(p[c]));
     mod_p[c] = f.p;
     mod_magic[c] = f.magic;
+    dmod_ok = dmod_ok && dmod_exact(f.p);
     if (out_dtype == at::kInt) {
       TORCH_CHECK(o[c] + p[c] <= (int64_t{1} << 31),
                   "ngram_hash: out_dtype=int32 needs fewer than 2^31 rows per layer, but table ", c,
@@ -145,16 +188,32 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
-  // Widening int32 ids once keeps one kernel per output type.
-  auto ids_l = ids_c.to(at::kLong);
-  HashArgs a{ids_l.data_ptr<int64_t>(), ids.size(0), ids.size(1), L, multipliers.size(1), H,
+  // int32 ids are read as they are (no widened copy to allocate and fault in).
+  const bool ids32 = ids_c.scalar_type() == at::kInt;
+  HashArgs a{ids32 ? nullptr : ids_c.data_ptr<int64_t>(), ids32 ? ids_c.data_ptr<int32_t>() : nullptr,
+             ids.size(0), ids.size(1), L, multipliers.size(1), H,
              lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
              pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
+  // The AVX-512 kernel takes half chunks of 8 heads of one order; the dmod constants serve it and
+  // the portable kernel alike.
+  const bool use_dmod = dmod_ok && has_fast_fma();
+  const HashIsa best = cpu::ngram_hash_isa();  // read (and checked) at every call
+  const HashIsa isa = use_dmod && (H / (a.N - 1)) % 8 == 0 ? best : HashIsa::kPortable;
+  const DmodPlan plan = use_dmod ? cpu::make_dmod_plan(a) : DmodPlan{};
+  const DmodPlan* dplan = use_dmod ? &plan : nullptr;
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, a.B * a.T, 2048, [&](int64_t begin, int64_t end) {
-    const int64_t bad = out_dtype == at::kInt ? hash_range_i32(a, begin, end, out.data_ptr<int32_t>())
-                                              : hash_range_i64(a, begin, end, out.data_ptr<int64_t>());
+    int64_t bad;
+    if (out_dtype == at::kInt) {
+      int32_t* o32 = out.data_ptr<int32_t>();
+      bad = isa == HashIsa::kAvx512 ? cpu::hash_range_avx512(a, plan, begin, end, o32)
+                                    : cpu::hash_range_portable(a, dplan, begin, end, o32);
+    } else {
+      int64_t* o64 = out.data_ptr<int64_t>();
+      bad = isa == HashIsa::kAvx512 ? cpu::hash_range_avx512(a, plan, begin, end, o64)
+                                    : cpu::hash_range_portable(a, dplan, begin, end, o64);
+    }
     if (bad >= 0) {
       int64_t expected = -1;
       bad_index.compare_exchange_strong(expected, bad);
@@ -162,7 +221,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   });
   const int64_t bad = bad_index.load();
   TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",
-              a.x[bad], " at [", bad / a.T, ", ", bad % a.T, "]; pass oov_to_pad=True to map such ids to the pad id");
+              cpu::raw_id(a, bad), " at [", bad / a.T, ", ", bad % a.T,
+              "]; pass oov_to_pad=True to map such ids to the pad id");
   return out;
 }
 

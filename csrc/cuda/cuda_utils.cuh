@@ -38,6 +38,12 @@ inline unsigned grid_for(int64_t work, int64_t per_block, int waves = 8) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(need, cap)));
 }
 
+// Typed data pointer of a tensor (usable in generic lambdas, where t.data_ptr<T>() is not).
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // V elements of T moved as one aligned vector (16 bytes when V = 16 / sizeof(T)).

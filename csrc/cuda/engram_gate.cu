@@ -26,6 +26,7 @@ namespace engram {
 namespace {
 
 using cuda::block_sum;
+using cuda::ptr;
 using cuda::load_vec;
 using cuda::store_vec;
 
@@ -218,9 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
     auto launch = [&](auto vec) {
       constexpr int kV = decltype(vec)::value;
       gate_forward_kernel<scalar_t, acc_t, kV><<<grid, threads, 0, stream>>>(
-          static_cast<scalar_t*>(x.data_ptr()), static_cast<scalar_t*>(k.data_ptr()), static_cast<scalar_t*>(v.data_ptr()), static_cast<acc_t*>(w.data_ptr()), N * M,
-          static_cast<int>(M), D, static_cast<acc_t>(eps), inv_sqrt_d, static_cast<scalar_t*>(out.data_ptr()),
-          static_cast<acc_t*>(alpha.data_ptr()), static_cast<acc_t*>(r_x.data_ptr()), static_cast<acc_t*>(r_k.data_ptr()), static_cast<acc_t*>(raw.data_ptr()));
+          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<scalar_t>(v), ptr<acc_t>(w), N * M, static_cast<int>(M), D,
+          static_cast<acc_t>(eps), inv_sqrt_d, ptr<scalar_t>(out), ptr<acc_t>(alpha), ptr<acc_t>(r_x),
+          ptr<acc_t>(r_k), ptr<acc_t>(raw));
     };
     if (V > 1) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
@@ -275,11 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_
         auto kernel = gate_backward_kernel<scalar_t, acc_t, kV>;
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks.count), threads, smem, stream>>>(
-            static_cast<scalar_t*>(g.data_ptr()), static_cast<scalar_t*>(x.data_ptr()), static_cast<scalar_t*>(k.data_ptr()), static_cast<scalar_t*>(v.data_ptr()),
-            static_cast<acc_t*>(w.data_ptr()), static_cast<acc_t*>(a.data_ptr()), static_cast<acc_t*>(rx.data_ptr()), static_cast<acc_t*>(rk.data_ptr()),
-            static_cast<acc_t*>(rw.data_ptr()), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d, in_shared,
-            static_cast<scalar_t*>(grad_hidden.data_ptr()), static_cast<scalar_t*>(grad_key.data_ptr()), static_cast<scalar_t*>(grad_value.data_ptr()),
-            static_cast<acc_t*>(partials.data_ptr()));
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<scalar_t>(v), ptr<acc_t>(w), ptr<acc_t>(a),
+            ptr<acc_t>(rx), ptr<acc_t>(rk), ptr<acc_t>(rw), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d,
+            in_shared, ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_key), ptr<scalar_t>(grad_value),
+            ptr<acc_t>(partials));
       };
       if (V > 1) {
         launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduce_chunks_kernel<acc_t><<<cuda::grid_for(M * D, cuda::kBlock), cuda::kBlock, 0, stream>>>(
-          static_cast<acc_t*>(partials.data_ptr()), chunks.count, M * D, static_cast<acc_t*>(grad_weight.data_ptr()));
+          ptr<acc_t>(partials), chunks.count, M * D, ptr<acc_t>(grad_weight));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

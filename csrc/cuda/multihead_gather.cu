@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include "cuda_utils.cuh"
+#include "engram/multihead_gather.h"
+#include "engram/multihead_gather_check.h"
 
 namespace engram {
 namespace {
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kBlock)
       src[u] = nullptr;
       if (look[u] < n) {
         const int64_t r = static_cast<int64_t>(rows[look[u]]);
-        CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < num_rows, "multihead_gather: rows must lie in [0, table.size(0))");
+        CUDA_KERNEL_ASSERT_MSG(row_in_range(r, num_rows), "multihead_gather: rows must lie in [0, table.size(0))");
         src[u] = reinterpret_cast<const chunk_t*>(table + r * pitch_bytes);
       }
     }
@@ -70,16 +72,7 @@ void launch_gather(const at::Tensor& table, const at::Tensor& rows, at::Tensor& 
 }
 
 at::Tensor multihead_gather_cuda(const at::Tensor& table, const at::Tensor& rows, bool sparse_grad) {
-  TORCH_CHECK(table.dim() == 2, "multihead_gather: table must be [num_rows, d_head], got shape ", table.sizes());
-  TORCH_CHECK(rows.dim() >= 1, "multihead_gather: rows must be [..., H] with at least one dimension, got shape ",
-              rows.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt,
-              "multihead_gather: rows must be int64 or int32, got ", rows.scalar_type());
-  const auto dt = table.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "multihead_gather: table must be float32, bfloat16, float16 or float64, got ", dt);
-  TORCH_CHECK(rows.device() == table.device(), "multihead_gather: rows must be on table's device ", table.device(),
-              ", got ", rows.device());
+  check_multihead_gather_args(table, rows);
   const c10::cuda::CUDAGuard guard(table.device());
 
   const int64_t R = table.size(0), d_head = table.size(1), H = rows.size(-1);

@@ -28,6 +28,8 @@
 
 #include "cuda_utils.cuh"
 #include "engram/gather_launch.h"
+#include "engram/multihead_gather.h"
+#include "engram/multihead_gather_check.h"
 
 namespace engram {
 namespace {
@@ -46,23 +48,9 @@ struct GradArgs {
 };
 
 GradArgs check_grad_args(const char* op, const at::Tensor& grad_e, const at::Tensor& rows) {
-  TORCH_CHECK(rows.dim() >= 1, op, ": rows must be [..., H] with at least one dimension, got shape ", rows.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, op,
-              ": rows must be int64 or int32, got ", rows.scalar_type());
-  const auto dt = grad_e.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
-              ": grad_e must be float32, bfloat16, float16 or float64, got ", dt);
-  TORCH_CHECK(grad_e.device() == rows.device(), op, ": grad_e must be on rows' device ", rows.device(), ", got ",
-              grad_e.device());
-  const int64_t H = rows.size(-1);
-  TORCH_CHECK(grad_e.dim() == rows.dim() && grad_e.sizes().slice(0, rows.dim() - 1) == rows.sizes().slice(0, rows.dim() - 1),
-              op, ": grad_e must be [..., H * d_head] with the leading shape of rows ", rows.sizes(), ", got ",
-              grad_e.sizes());
-  TORCH_CHECK(H > 0 ? grad_e.size(-1) % H == 0 : grad_e.size(-1) == 0, op, ": grad_e's last dimension ",
-              grad_e.size(-1), " must be a multiple of H=", H);
+  const int64_t d_head = check_multihead_gather_backward_args(grad_e, rows, op);
   const int64_t n = rows.numel();
-  const int64_t d_head = H > 0 ? grad_e.size(-1) / H : 0;
-  TORCH_CHECK(n < (int64_t{1} << 31), op, ": at most 2^31 - 1 lookups per call, got ", n);
+  TORCH_CHECK(n < (int64_t{1} << 31), op, ": at most 2^31 - 1 lookups per call on CUDA, got ", n);
   return {grad_e.contiguous().view({n, d_head}), rows.contiguous().view({n}), n, d_head};
 }
 
@@ -87,7 +75,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t l = static_cast<int64_t>(blockIdx.x) * (kBlock >> log2_group) + (threadIdx.x >> log2_group); l < n;
        l += groups_total) {
     const int64_t r = static_cast<int64_t>(rows[l]);
-    CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < num_rows, "multihead_gather_backward: rows must lie in [0, num_rows)");
+    CUDA_KERNEL_ASSERT_MSG(row_in_range(r, num_rows), "multihead_gather_backward: rows must lie in [0, num_rows)");
     const vec_t* src = reinterpret_cast<const vec_t*>(grad + l * d_head);
     acc_t* dst = out + r * d_head;
     for (int64_t c = lane; c < chunks; c += group) {
@@ -107,7 +95,7 @@ void launch_scatter_add(const GradArgs& a, int64_t num_rows, at::Tensor& acc) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(a.rows.scalar_type(), "multihead_gather_backward_atomic", [&] {
     scatter_add_kernel<scalar_t, acc_t, V, index_t><<<grid, kBlock, 0, stream>>>(
-        a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head, static_cast<acc_t*>(acc.data_ptr()),
+        a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head, cuda::ptr<acc_t>(acc),
         log2_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -311,7 +299,7 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
                                                  end_bit, stream));
 
   sg.unique = at::empty({n}, a.rows.options().dtype(at::kLong));
-  sg.counts = at::empty({n}, i32);
+  sg.counts = at::zeros({n}, i32);  // entries past U stay 0, so the scan below sums no garbage
   sg.num_runs = at::empty({1}, i32);
   bytes = 0;
   C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, bytes, keys_out, sg.unique.data_ptr<int64_t>(),
@@ -322,7 +310,7 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
                                                     sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(),
                                                     n32, stream));
 
-  // The scan runs over the bound n; entries past U (unwritten) only affect outputs past U.
+  // The scan runs over the bound n (U is on the device); entries past U are never read.
   sg.seg_start = at::empty({n}, i32);
   bytes = 0;
   C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, sg.counts.data_ptr<int32_t>(),
@@ -374,9 +362,9 @@ Segments backward_sorted(const GradArgs& a, int64_t num_rows, at::Tensor* out_va
 
 at::Tensor multihead_gather_backward_cuda(const at::Tensor& grad_e, const at::Tensor& rows, int64_t num_rows) {
   const char* op = "multihead_gather_backward";
-  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
-  const c10::cuda::CUDAGuard guard(grad_e.device());
   GradArgs a = check_grad_args(op, grad_e, rows);
+  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be non-negative, got ", num_rows);
+  const c10::cuda::CUDAGuard guard(grad_e.device());
   TORCH_CHECK(a.n == 0 || num_rows > 0, op, ": rows must lie in [0, num_rows=0), but there are ", a.n, " lookups");
   // float64 always takes the sorted path: it is the dtype of exact checks (gradcheck, references),
   // where a run-to-run difference in the last bit would be noise, and speed does not matter.
@@ -392,8 +380,8 @@ at::Tensor multihead_gather_backward_cuda(const at::Tensor& grad_e, const at::Te
 std::tuple<at::Tensor, at::Tensor> multihead_gather_backward_sparse_cuda(const at::Tensor& grad_e,
                                                                          const at::Tensor& rows) {
   const char* op = "multihead_gather_backward_sparse";
-  const c10::cuda::CUDAGuard guard(grad_e.device());
   GradArgs a = check_grad_args(op, grad_e, rows);
+  const c10::cuda::CUDAGuard guard(grad_e.device());
   if (a.n == 0) {
     return {at::empty({0}, a.rows.options().dtype(at::kLong)), at::empty({0, a.d_head}, a.grad.options())};
   }

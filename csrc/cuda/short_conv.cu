@@ -25,6 +25,7 @@ namespace engram {
 namespace {
 
 using cuda::block_sum;
+using cuda::ptr;
 using cuda::load_vec;
 using cuda::store_vec;
 
@@ -259,14 +260,11 @@ std::tuple<at::Tensor, at::Tensor> short_conv_forward_cuda(const at::Tensor& u, 
       constexpr int kV = decltype(vec)::value;
       const int64_t rows = s.B * s.T * s.M;
       rstd_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(rows, 1, 32), row_threads(s.D / kV), 0, stream>>>(
-          static_cast<const scalar_t*>(x.data_ptr()), rows, s.D, static_cast<acc_t>(eps),
-          static_cast<acc_t*>(rstd.data_ptr()));
+          ptr<scalar_t>(x), rows, s.D, static_cast<acc_t>(eps), ptr<acc_t>(rstd));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t work = s.B * s.T * (s.C / kV);
       conv_forward_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(
-          static_cast<const scalar_t*>(x.data_ptr()), static_cast<const acc_t*>(rstd.data_ptr()),
-          static_cast<const acc_t*>(nw.data_ptr()), static_cast<const acc_t*>(wt.data_ptr()), s, activation,
-          static_cast<scalar_t*>(out.data_ptr()));
+          ptr<scalar_t>(x), ptr<acc_t>(rstd), ptr<acc_t>(nw), ptr<acc_t>(wt), s, activation, ptr<scalar_t>(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -305,9 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
         constexpr int kV = decltype(vec)::value;
         const int64_t work = tokens * (s.C / kV);
         grad_pre_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(
-            static_cast<const scalar_t*>(g.data_ptr()), static_cast<const scalar_t*>(x.data_ptr()),
-            static_cast<const acc_t*>(r.data_ptr()), static_cast<const acc_t*>(nw.data_ptr()),
-            static_cast<const acc_t*>(wt.data_ptr()), s, activation, static_cast<acc_t*>(grad_pre.data_ptr()));
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), s, activation,
+            ptr<acc_t>(grad_pre));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const size_t a_bytes = s.D * sizeof(acc_t), part_bytes = part * sizeof(acc_t);
         const size_t limit = cuda::max_shared_optin() - 1024;  // static scratch
@@ -317,16 +314,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
         auto kernel = conv_backward_kernel<scalar_t, acc_t, kV>;
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks), row_threads(s.D / kV), smem, stream>>>(
-            static_cast<const scalar_t*>(g.data_ptr()), static_cast<const scalar_t*>(x.data_ptr()),
-            static_cast<const acc_t*>(r.data_ptr()), static_cast<const acc_t*>(nw.data_ptr()),
-            static_cast<const acc_t*>(wt.data_ptr()), static_cast<const acc_t*>(grad_pre.data_ptr()), s,
-            chunk_size, in_shared, static_cast<scalar_t*>(grad_u.data_ptr()),
-            static_cast<acc_t*>(partials.data_ptr()));
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), ptr<acc_t>(grad_pre),
+            s, chunk_size, in_shared, ptr<scalar_t>(grad_u), ptr<acc_t>(partials));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       auto total = at::empty({part}, x.options().dtype(acc));
       reduce_chunks_kernel<acc_t><<<cuda::grid_for(part, cuda::kBlock), cuda::kBlock, 0, stream>>>(
-          static_cast<const acc_t*>(partials.data_ptr()), chunks, part, static_cast<acc_t*>(total.data_ptr()));
+          ptr<acc_t>(partials), chunks, part, ptr<acc_t>(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       grad_nw.copy_(total.narrow(0, 0, s.C).view({s.M, s.D}));
       // The conv weight gradient's norm_weight factor, applied once after the reduction.

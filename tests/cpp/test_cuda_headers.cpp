@@ -18,8 +18,8 @@ using HashFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, i
                           const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
                           at::ScalarType, bool);
 
-at::Tensor cpu_hash(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids, const at::Tensor& mult,
-                    const at::Tensor& primes, const at::Tensor& offsets, int64_t pad,
+at::Tensor cpu_hash(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
+                    const at::Tensor& mult, const at::Tensor& primes, const at::Tensor& offsets, int64_t pad,
                     const std::optional<at::Tensor>& doc_start, bool oov_to_pad) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("engram::ngram_hash", "").typed<HashFn>();
   return op.call(ids, lut, num_ids, mult, primes, offsets, pad, doc_start, at::kLong, oov_to_pad);

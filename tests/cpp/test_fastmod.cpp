@@ -82,7 +82,9 @@ TEST(FastMod, EqualsModuloForAnyDivisor) {
   // Not only primes: 1, powers of two and their neighbours, and the largest 64-bit values.
   std::mt19937_64 rng(7);
   std::vector<uint64_t> ds = {1, 2, 4, 6, 10, 1000, ~uint64_t{0}, ~uint64_t{0} - 1, uint64_t{1} << 63};
-  for (int s = 1; s < 64; s += 3) ds.insert(ds.end(), {(uint64_t{1} << s) - 1, uint64_t{1} << s, (uint64_t{1} << s) + 1});
+  for (int s = 1; s < 64; s += 3) {
+    ds.insert(ds.end(), {(uint64_t{1} << s) - 1, uint64_t{1} << s, (uint64_t{1} << s) + 1});
+  }
   for (int i = 0; i < 200; ++i) ds.push_back(rng() >> (rng() % 64) | 1);
   for (uint64_t d : ds) {
     const engram::FastMod f = engram::make_fastmod(d);

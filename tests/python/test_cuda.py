@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import torch_engram as te
+from torch_engram import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
@@ -88,7 +89,7 @@ def test_hash_matches_cpu_bitwise(N, K, T, use_lut, use_doc):
     for id_dtype in INDEX_DTYPES:
         for out_dtype in INDEX_DTYPES:
             cpu, gpu = hash_both(hasher, ids.to(id_dtype), doc, out_dtype)
-            assert gpu.dtype == out_dtype and gpu.device.type == "cuda"
+            assert gpu.dtype == out_dtype and gpu.device.type == CUDA
             assert torch.equal(gpu.cpu(), cpu), (id_dtype, out_dtype)
 
 
@@ -103,7 +104,8 @@ def test_hash_demo_and_v41_layouts_bitwise():
             cpu, gpu = hash_both(hasher, ids, doc, out_dtype)
             assert torch.equal(gpu.cpu(), cpu)
         # The module path on CUDA picks the same output dtype as on the CPU.
-        assert torch.equal(hasher.to(CUDA)(ids.to(CUDA), doc_start=doc.to(CUDA)).cpu(), hasher.cpu()(ids, doc_start=doc))
+        on_gpu = hasher.to(CUDA)(ids.to(CUDA), doc_start=doc.to(CUDA)).cpu()
+        assert torch.equal(on_gpu, hasher.cpu()(ids, doc_start=doc))
 
 
 def test_hash_wide_heads_unstaged_path():
@@ -155,7 +157,7 @@ def test_hash_out_of_range_id_is_a_device_assert():
 
 
 def test_hash_bad_arguments_raise_before_launch():
-    hasher = hasher_for().to(CUDA)
+    hasher = hasher_for().to(CUDA)  # a CPU lut below: the device check fires before any launch
     ids = torch.randint(0, 10, (2, 5), device=CUDA)
     with pytest.raises(RuntimeError, match=r"ngram_hash: ids must be \[batch, seq\]"):
         torch.ops.engram.ngram_hash(ids[0], hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
@@ -351,3 +353,203 @@ def test_compile_fullgraph_cuda(dynamic):
     assert torch.equal(rows_comp, rows_eager)
     torch.testing.assert_close(l_comp, l_eager)
     torch.testing.assert_close(t_comp.grad, t_eager.grad)
+
+
+# --- gate and short conv ----------------------------------------------------------------------
+
+# (atol relative to the largest reference magnitude, rtol) of CUDA against a float64 reference
+# on the same rounded inputs; CUDA reduces over D in another order than the CPU op.
+FLOAT_TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (4e-6, 2e-5), torch.float16: (2e-3, 2e-3),
+             torch.bfloat16: (1e-2, 1e-2)}
+
+
+def close(actual, expected, dtype, loosen=1.0):
+    atol, rtol = (loosen * t for t in FLOAT_TOL[dtype])
+    expected = expected.double().cpu()
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double().cpu(), expected, atol=atol * scale, rtol=rtol)
+
+
+def gate_inputs(lead, M, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, k = (torch.randn(*lead, M, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(*lead, D, generator=g, dtype=torch.float64)
+    w = 1 + 0.5 * torch.randn(M, D, generator=g, dtype=torch.float64)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [x.to(dtype), k.to(dtype), v.to(dtype), w.to(w_dtype)]
+
+
+def conv_inputs(B, T, M, D, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, T, M, D, generator=g, dtype=torch.float64)
+    nw = 1 + 0.3 * torch.randn(M, D, generator=g, dtype=torch.float64)
+    cw = 0.5 * torch.randn(M * D, K, generator=g, dtype=torch.float64)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [u.to(dtype), nw.to(w_dtype), cw.to(w_dtype)]
+
+
+def grads_of(fn, inputs, grad, device):
+    leaves = [t.detach().to(device).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad.to(device))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 4])
+# D: vector and scalar paths (37 is odd), wide rows, and M * D large enough that the backward's
+# weight partials leave shared memory for global memory.
+@pytest.mark.parametrize("lead,D", [((2, 7), 40), ((5,), 37), ((), 64), ((2, 33), 1024), ((3, 5), 16384)])
+def test_gate_forward_backward_vs_cpu_and_reference(dtype, M, lead, D):
+    if D == 16384 and (M == 1 or dtype == torch.float64):
+        pytest.skip("the global-partial path needs a large M * D only once")
+    x, k, v, w = gate_inputs(lead, M, D, dtype)
+    grad = torch.randn(*lead, M, D, dtype=torch.float64).to(dtype)
+    eps = 1e-6
+    out, got = grads_of(lambda *a: te.ops.engram_gate(*a, eps), [x, k, v, w], grad, CUDA)
+    out_cpu, want_cpu = grads_of(lambda *a: te.ops.engram_gate(*a, eps), [x, k, v, w], grad, "cpu")
+    out64, want64 = grads_of(lambda *a: reference.engram_gate(*a, eps), [t.double() for t in (x, k, v, w)],
+                             grad.double(), "cpu")
+    assert out.dtype == dtype and out.device.type == CUDA
+    # Wide rows sum more terms; grad_w also sums over tokens, and a branch whose score s sits
+    # near 0 (slope 0.5/sqrt|s|) amplifies the fp32 rounding of raw, which CPU and CUDA round
+    # differently. A wrong kernel misses by orders of magnitude more than these allowances.
+    loosen = 4.0 if D >= 512 else 1.0
+    close(out, out64, dtype, loosen)
+    close(out, out_cpu.double(), dtype, 2 * loosen)
+    for name, a, b, c, t in zip("xkvw", got, want64, want_cpu, (x, k, v, w)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        tol_dtype = dtype if name != "w" or dtype == torch.float64 else torch.float32
+        w_loosen = (50.0 if D >= 512 else 4.0) if name == "w" else 1.0
+        close(a, b, tol_dtype, loosen * w_loosen)
+        close(a, c.double(), tol_dtype, 2 * loosen * w_loosen)
+
+
+def test_gate_saved_statistics_vs_cpu():
+    x, k, v, w = gate_inputs((3, 5), 4, 24, torch.float32)
+    cuda_stats = torch.ops.engram.engram_gate_forward(*(t.to(CUDA) for t in (x, k, v, w)), 1e-5)
+    cpu_stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-5)
+    for name, a, b in zip(("out", "alpha", "r_x", "r_k", "raw"), cuda_stats, cpu_stats):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("B,T,D,K,dilation", [(2, 13, 24, 4, 3), (2, 4, 37, 4, 3), (1, 1, 8, 3, 1),
+                                              (2, 50, 512, 4, 3), (1, 9, 4096, 4, 2)])
+@pytest.mark.parametrize("activation", [True, False])
+def test_short_conv_forward_backward_vs_cpu_and_reference(dtype, M, B, T, D, K, dilation, activation):
+    if D == 4096 and (M == 1 or dtype == torch.float64 or not activation):
+        pytest.skip("the global-partial path needs a large M * D only once")
+    u, nw, cw = conv_inputs(B, T, M, D, K, dtype)
+    grad = torch.randn(B, T, M, D, dtype=torch.float64).to(dtype)
+
+    def fn(*a):
+        return te.ops.short_conv(*a, dilation, 1e-5, activation)
+
+    def fn_ref(*a):
+        return reference.short_conv(*a, dilation, 1e-5, activation)
+
+    out, got = grads_of(fn, [u, nw, cw], grad, CUDA)
+    out_cpu, want_cpu = grads_of(fn, [u, nw, cw], grad, "cpu")
+    out64, want64 = grads_of(fn_ref, [t.double() for t in (u, nw, cw)], grad.double(), "cpu")
+    loosen = 4.0 if D >= 512 else 1.0
+    close(out, out64, dtype, loosen)
+    close(out, out_cpu.double(), dtype, 2 * loosen)
+    for name, a, b, c, t in zip(("u", "norm_weight", "conv_weight"), got, want64, want_cpu, (u, nw, cw)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        tol_dtype = dtype if name == "u" or dtype == torch.float64 else torch.float32
+        w_loosen = 1.0 if name == "u" else 4.0
+        close(a, b, tol_dtype, loosen * w_loosen)
+        close(a, c.double(), tol_dtype, 2 * loosen * w_loosen)
+
+
+def test_gate_and_conv_backward_bitwise_repeatable():
+    x, k, v, w = (t.to(CUDA) for t in gate_inputs((4, 257), 4, 256, torch.bfloat16))
+    grad = torch.randn(4, 257, 4, 256, device=CUDA, dtype=torch.bfloat16)
+    stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
+    first = torch.ops.engram.engram_gate_backward(grad, x, k, v, w, *stats[1:])
+    for _ in range(2):
+        again = torch.ops.engram.engram_gate_backward(grad, x, k, v, w, *stats[1:])
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    u, nw, cw = (t.to(CUDA) for t in conv_inputs(4, 257, 4, 256, 4, torch.bfloat16))
+    _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5, True)
+    first = torch.ops.engram.short_conv_backward(grad, u, nw, cw, rstd, 3, True)
+    for _ in range(2):
+        again = torch.ops.engram.short_conv_backward(grad, u, nw, cw, rstd, 3, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_gate_and_conv_gradcheck_float64():
+    x, k, v, w = (t.to(CUDA).requires_grad_() for t in gate_inputs((2, 3), 2, 12, torch.float64, seed=3))
+    assert torch.autograd.gradcheck(lambda *a: te.ops.engram_gate(*a, 1e-6), (x, k, v, w))
+    u, nw, cw = (t.to(CUDA).requires_grad_() for t in conv_inputs(2, 11, 2, 6, 4, torch.float64, seed=4))
+    for activation in (True, False):
+        assert torch.autograd.gradcheck(lambda *a: te.ops.short_conv(*a, 3, 1e-5, activation), (u, nw, cw))
+
+
+def test_gate_and_conv_opcheck_cuda():
+    x, k, v, w = (t.to(CUDA) for t in gate_inputs((2, 3), 2, 16, torch.float32))
+    torch.library.opcheck(torch.ops.engram.engram_gate, (x, k, v, w, 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate, (x.clone().requires_grad_(), k, v, w, 1e-6))
+    stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
+    torch.library.opcheck(torch.ops.engram.engram_gate_forward, (x, k, v, w, 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate_backward, (torch.randn_like(x), x, k, v, w, *stats[1:]))
+    u, nw, cw = (t.to(CUDA) for t in conv_inputs(2, 9, 2, 8, 4, torch.float32))
+    torch.library.opcheck(torch.ops.engram.short_conv, (u, nw, cw, 3, 1e-5, True))
+    torch.library.opcheck(torch.ops.engram.short_conv, (u.clone().requires_grad_(), nw, cw, 3, 1e-5, True))
+    _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5, True)
+    torch.library.opcheck(torch.ops.engram.short_conv_forward, (u, nw, cw, 3, 1e-5, True))
+    torch.library.opcheck(torch.ops.engram.short_conv_backward, (torch.randn_like(u), u, nw, cw, rstd, 3, True))
+
+
+# --- the whole layer --------------------------------------------------------------------------
+
+def small_layer(dtype=torch.float32, M=2, D=64, use_conv=True):
+    cfg = te.EngramConfig(engram_vocab_size=(5003, 5003), max_ngram_size=3, n_head_per_ngram=4,
+                          n_embed_per_ngram=64, layer_ids=(1,), compressed_vocab_size=500, pad_id=0,
+                          use_conv=use_conv)
+    torch.manual_seed(0)
+    mod = te.Engram(cfg, 1, D, hc_mult=M, hasher=te.NgramHasher(cfg), dtype=dtype)
+    with torch.no_grad():
+        if use_conv:
+            mod.conv_weight.normal_(0, 0.3)  # the zero init would hide the conv from the check
+    return mod
+
+
+@pytest.mark.parametrize("use_conv", [True, False])
+def test_layer_cuda_matches_cpu(use_conv):
+    mod = small_layer(use_conv=use_conv)
+    ids = torch.randint(0, 500, (2, 19))
+    hidden = torch.randn(2, 19, 2, 64)
+    out_cpu = mod(hidden, input_ids=ids)
+    out_cpu.square().sum().backward()
+    grads_cpu = {n: p.grad.clone() for n, p in mod.named_parameters()}
+    mod.zero_grad()
+    mod.to(CUDA)
+    out = mod(hidden.to(CUDA), input_ids=ids.to(CUDA))
+    out.square().sum().backward()
+    torch.testing.assert_close(out.cpu(), out_cpu, atol=1e-4, rtol=1e-4)
+    for n, p in mod.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], atol=1e-3, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_layer_compile_fullgraph_cuda(dynamic):
+    mod = small_layer().to(CUDA)
+    ids = torch.randint(0, 500, (2, 13), device=CUDA)
+    hidden = torch.randn(2, 13, 2, 64, device=CUDA)
+
+    def loss(h, x):
+        return mod(h, input_ids=x).square().sum()
+
+    eager = loss(hidden, ids)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in mod.named_parameters()}
+    mod.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)(hidden, ids)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for n, p in mod.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-4, msg=n)

@@ -60,7 +60,7 @@ def test_v41_layout_golden_and_fast():
     assert elapsed < 1.0, f"building the V4.1 layout took {elapsed:.3f}s"
 
 
-def test_golden_file_matches_op():
+def test_golden_file_matches_op(cpu_kernel):
     lines = GOLDEN.read_text().splitlines()
     cases = 0
     i = 0
@@ -112,6 +112,74 @@ def test_matches_numpy_official(name, T, device):
     assert np.array_equal(out.cpu().numpy().astype(np.int64), expected)
     assert np.array_equal(hasher(ids.to(device), out_dtype=torch.int64).cpu().numpy(), expected)
     assert torch.equal(hasher(ids.to(device).int(), out_dtype=torch.int64).cpu(), torch.from_numpy(expected))
+
+
+@pytest.fixture(params=["portable", "avx512"])
+def cpu_kernel(request, monkeypatch):
+    """One CPU ngram_hash kernel, forced through ENGRAM_NGRAM_HASH_ISA (a cap, read at each call);
+    kernels this CPU lacks are skipped."""
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", request.param)
+    if te._C.ngram_hash_isa() != request.param:
+        pytest.skip(f"this CPU has no {request.param} ngram_hash kernel")
+    return request.param
+
+
+def assert_simd_eligible(hasher):
+    """The AVX-512 kernel, and dmod in the portable one, take tables whose primes lie in [2^14, 2^31)
+    (and, for AVX-512, whose heads per order are a multiple of 8); other tables silently use the
+    portable kernel with its Barrett reduction."""
+    assert hasher.config.n_head_per_ngram % 8 == 0
+    assert int(hasher.primes.min()) >= 2**14 and int(hasher.primes.max()) < 2**31
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("B, T", [(3, 1), (3, 2), (2, 5), (3, 64), (3, 1500)])
+def test_cpu_kernels_match_numpy_official(name, B, T, cpu_kernel):
+    # 4500 tokens exceed the parallel grain, so with several threads a range starts mid-sequence.
+    cfg = CONFIGS[name]
+    hasher = te.NgramHasher(cfg)
+    assert_simd_eligible(hasher)
+    v_comp = cfg.compressed_vocab_size
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, v_comp, (B, T), generator=g)
+    ids[0, 0] = v_comp - 1
+    expected = numpy_official_rows(ids.numpy(), cfg, v_comp, te.layer_primes(cfg.engram_vocab_size,
+                                   len(cfg.layer_ids), cfg.n_head_per_ngram), cfg.pad_id)
+    assert np.array_equal(hasher(ids).numpy().astype(np.int64), expected)
+    assert np.array_equal(hasher(ids, out_dtype=torch.int64).numpy(), expected)
+    assert np.array_equal(hasher(ids.int()).numpy().astype(np.int64), expected)  # int32 ids read as is
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64])
+def test_cpu_kernels_lut_doc_start_oov_match_reference(out_dtype, cpu_kernel):
+    g = torch.Generator().manual_seed(1)
+    lut = torch.randint(0, 9000, (12000,), generator=g)
+    lut[:9000] = torch.randperm(9000, generator=g)
+    configs = (te.EngramConfig.official_demo(), te.EngramConfig.v41_flash(compressed_vocab_size=None),
+               te.EngramConfig.official_demo(n_head_per_ngram=16, n_embed_per_ngram=1024,
+                                             layer_ids=(0, 3, 9)))
+    for cfg in configs:
+        hasher = te.NgramHasher(cfg, lut=lut)
+        assert_simd_eligible(hasher)
+        ids = torch.randint(0, 12000, (4, 300), generator=g)
+        ids[1, ::13] = -100
+        ids[2, 5::17] = 12000
+        doc = torch.rand(4, 300, generator=g) < 0.1
+        out = hasher(ids, doc_start=doc, out_dtype=out_dtype, oov_to_pad=True)
+        ref = reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
+                                   hasher.offsets, hasher._pad_id, doc_start=doc, oov_to_pad=True)
+        assert out.dtype == out_dtype
+        assert torch.equal(out.long(), ref)
+
+
+def test_cpu_kernel_env_rejects_unknown_name(monkeypatch):
+    hasher = te.NgramHasher(CONFIGS["demo"])
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="ENGRAM_NGRAM_HASH_ISA must be auto, portable or avx512, "
+                                           "got 'sse9'"):
+        hasher(torch.tensor([[1, 2, 3]]))
+    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "portable")
+    assert te._C.ngram_hash_isa() == "portable"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,6 +243,8 @@ def test_bad_input_errors():
         hasher(torch.tensor([[1, -100, 3]]))
     with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 100\).*got 100 at \[0, 2\]"):
         hasher(torch.tensor([[1, 2, 100]]))
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 100\).*got -7 at \[1, 0\]"):
+        hasher(torch.tensor([[1, 2, 3], [-7, 4, 5]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="ids must be \\[batch, seq\\]"):
         hasher(torch.tensor([1, 2, 3]))
     with pytest.raises(RuntimeError, match="ids must be int64 or int32"):

@@ -4,7 +4,9 @@
 // floor-vs-truncate modulo ambiguity can arise.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "engram/common.h"
 
@@ -55,6 +57,44 @@ ENGRAM_HOST_DEVICE uint64_t fastmod_split(uint64_t h, uint64_t p, uint64_t magic
   r = r - p < r ? r - p : r;
   r = r - p < r ? r - p : r;
   return r;
+}
+
+// Modulo through a double-precision quotient estimate: the scalar form of what the CPU SIMD
+// kernels compute per lane (one fused multiply-add, then 32-bit integer lanes). Exact for any
+// 64-bit h when kDmodMinP <= p < kDmodMaxP:
+// - Q = h / p < 2^64 / 2^14 = 2^50. double(h) and inv_p = double(1 / p) are each within a
+//   relative 2^-53 of the exact values, so P = double(h) * inv_p (exact inside the FMA) is
+//   within Q * (2^-52 + 2^-106) < 0.2501 of Q.
+// - P + 2^52 lies in [2^52, 2^53), where doubles are the integers: the FMA rounds it to
+//   2^52 + q with q = round(P), |q - Q| < 0.7501, so q is floor(Q) or floor(Q) + 1, and q < 2^51
+//   sits in the low mantissa bits of the result.
+// - h - q * p is then h mod p or h mod p - p, in [-p, p), inside int32 since p < 2^31: it equals
+//   its own value mod 2^32, computed from the low 32 bits of h, q and p alone. One conditional
+//   add of p ends in [0, p).
+// Smaller p lets the estimate err by more than one quotient step; larger p leaves int32.
+constexpr uint64_t kDmodMinP = uint64_t{1} << 14;
+constexpr uint64_t kDmodMaxP = uint64_t{1} << 31;
+constexpr double kDmodRound = 4503599627370496.0;  // 2^52
+
+ENGRAM_HOST_DEVICE bool dmod_exact(uint64_t p) { return p >= kDmodMinP && p < kDmodMaxP; }
+
+// Low 32 bits of the quotient estimate q = round(h * inv_p).
+ENGRAM_HOST_DEVICE uint32_t dmod_quotient_lo(uint64_t h, double inv_p) {
+  const double t = fma(static_cast<double>(h), inv_p, kDmodRound);
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__double_as_longlong(t));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  return static_cast<uint32_t>(bits);
+#endif
+}
+
+// h mod p for dmod_exact(p), inv_p = 1.0 / p.
+ENGRAM_HOST_DEVICE uint32_t dmod(uint64_t h, uint32_t p, double inv_p) {
+  const uint32_t q = dmod_quotient_lo(h, inv_p);
+  const int32_t r = static_cast<int32_t>(static_cast<uint32_t>(h) - q * p);
+  return static_cast<uint32_t>(r < 0 ? r + static_cast<int32_t>(p) : r);
 }
 
 // One step of the rolling mix: h ^= x'[t-k] * m[k].

@@ -18,17 +18,19 @@ def multihead_gather(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool 
 def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Dense table gradient [num_rows, d_head]: grad_table[r] = sum of grad_e's rows that read r."""
     d_head = grad_e.shape[-1] // rows.shape[-1]
-    flat = rows.reshape(-1).long()
-    acc = torch.zeros(num_rows, d_head, dtype=torch.float64, device=grad_e.device)
-    acc.index_add_(0, flat, grad_e.reshape(-1, d_head).double())
-    return acc.to(grad_e.dtype)
+    # Summed on the CPU, whose index_add_ adds in lookup order: on CUDA it uses atomics, whose
+    # order (and so the last bits of a float64 oracle) would change from run to run.
+    flat = rows.reshape(-1).long().cpu()
+    acc = torch.zeros(num_rows, d_head, dtype=torch.float64)
+    acc.index_add_(0, flat, grad_e.reshape(-1, d_head).double().cpu())
+    return acc.to(device=grad_e.device, dtype=grad_e.dtype)
 
 
 def multihead_gather_backward_sparse(grad_e: torch.Tensor,
                                      rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (ascending unique rows [U] int64, their summed gradients [U, d_head])."""
     d_head = grad_e.shape[-1] // rows.shape[-1]
-    unique_rows, inverse = torch.unique(rows.reshape(-1).long(), sorted=True, return_inverse=True)
-    acc = torch.zeros(unique_rows.numel(), d_head, dtype=torch.float64, device=grad_e.device)
-    acc.index_add_(0, inverse, grad_e.reshape(-1, d_head).double())
-    return unique_rows, acc.to(grad_e.dtype)
+    unique_rows, inverse = torch.unique(rows.reshape(-1).long().cpu(), sorted=True, return_inverse=True)
+    acc = torch.zeros(unique_rows.numel(), d_head, dtype=torch.float64)
+    acc.index_add_(0, inverse, grad_e.reshape(-1, d_head).double().cpu())  # CPU: lookup order, as above
+    return unique_rows.to(grad_e.device), acc.to(device=grad_e.device, dtype=grad_e.dtype)
