@@ -125,3 +125,16 @@ def test_bad_configs():
     model = TransformerLM(config(engram=None))
     with pytest.raises(ValueError, match="sequence length must be <= max_seq_len=32, got 33"):
         model(torch.zeros(1, 33, dtype=torch.int64))
+
+
+def test_bf16_autocast_trains():
+    # The GPU preset runs under bf16 autocast; the CPU autocast exercises the same dtype mixing.
+    torch.manual_seed(0)
+    model = TransformerLM(config(), table_grad="sparse")
+    ids = torch.randint(0, V, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    (out.loss + out.aux_loss).backward()
+    assert all(t.grad.is_sparse for t in model.table_parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.dense_parameters() if p.grad is not None)

@@ -70,8 +70,9 @@ class MoE(nn.Module):
             if xe.shape[0]:
                 outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
         ys = torch.cat(outs) if outs else xs
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+        # Weighted top-k sum in fp32 (expert outputs are bf16 under autocast), back to x's dtype.
+        ys = ys.float() * weights.flatten()[order].unsqueeze(-1)
+        y = x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, token_of_slot, ys).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
 
