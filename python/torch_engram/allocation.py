@@ -90,6 +90,21 @@ class ParamCounts:
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse": self.sparse, "rho": self.rho}
 
+    @classmethod
+    def from_parts(cls, total: int, routed: int, routed_inactive: int, tables: int, tables_read: int,
+                   engram_dense: int, excluded: int) -> "ParamCounts":
+        """P_act is everything but the unused routed experts and the table values not read."""
+        return cls(
+            total=total,
+            active=total - routed_inactive - (tables - tables_read),
+            routed=routed,
+            routed_inactive=routed_inactive,
+            engram_tables=tables,
+            engram_inactive=tables - tables_read,
+            engram_dense=engram_dense,
+            excluded=excluded,
+        )
+
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """P_tot, P_act and their parts, from the config alone (tables through TableLayout)."""
@@ -110,16 +125,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
         eng_dense = len(e.layer_ids) * engram_dense_params(e, D, cfg.hc_mult)
     total = dense + routed + eng_dense + tables
     excluded = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
-    return ParamCounts(
-        total=total,
-        active=total - routed_inactive - (tables - tables_read),
-        routed=routed,
-        routed_inactive=routed_inactive,
-        engram_tables=tables,
-        engram_inactive=tables - tables_read,
-        engram_dense=eng_dense,
-        excluded=excluded,
-    )
+    return ParamCounts.from_parts(total, routed, routed_inactive, tables, tables_read, eng_dense, excluded)
 
 
 def count_model_params(model) -> ParamCounts:
@@ -137,16 +143,7 @@ def count_model_params(model) -> ParamCounts:
         tables += sum(p.numel() for p in eng.table_parameters())
         tables_read += model.cfg.engram.num_heads * model.cfg.engram.d_head
         eng_dense += sum(p.numel() for p in eng.dense_parameters())
-    return ParamCounts(
-        total=total,
-        active=total - routed_inactive - (tables - tables_read),
-        routed=routed,
-        routed_inactive=routed_inactive,
-        engram_tables=tables,
-        engram_inactive=tables - tables_read,
-        engram_dense=eng_dense,
-        excluded=excluded,
-    )
+    return ParamCounts.from_parts(total, routed, routed_inactive, tables, tables_read, eng_dense, excluded)
 
 
 # Allocation ------------------------------------------------------------------------------------
