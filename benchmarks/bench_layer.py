@@ -2,6 +2,9 @@
 pure-PyTorch layer a user would write from the official demo (one nn.Embedding over the
 concatenated tables, dense gradient), eager and under torch.compile, side by side in one run:
 median step time, ratios, and peak memory (RSS, each implementation in its own process).
+Our steps include the table's Adam update (inside backward for "fused", the default; through
+EngramTable.step() for "sparse" and "dense"); the peer's step is forward + backward only, without
+any optimizer, so the ratios understate our advantage.
 
     python benchmarks/bench_layer.py [--tokens 2048] [--hidden 1024] [--hc-mult 4] [--repeat 3]
 """
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import torch_engram as te  # noqa: E402
 from torch_engram.reference import OfficialEngram  # noqa: E402
 
-IMPLS = ("official-eager", "official-compile", "engram-dense", "engram-sparse")
+IMPLS = ("official-eager", "official-compile", "engram-fused", "engram-sparse", "engram-dense")
 
 
 def rss_mb() -> float:
@@ -40,7 +43,7 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
     rows = hasher(ids)[0]
     x = torch.randn(B, T, M, hidden, requires_grad=True)
     mod = te.Engram(config, config.layer_ids[0], hidden, hc_mult=M, hasher=hasher,
-                    table_grad="sparse" if impl == "engram-sparse" else "dense")
+                    table_grad=impl.split("-")[1] if impl.startswith("engram") else "dense")
     base = rss_mb()
     if impl.startswith("official"):
         peer = OfficialEngram(hasher.primes[0].tolist(), config.d_head, hidden, M, dilation=config.dilation)
@@ -53,15 +56,22 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         table = peer.embedding.weight
     else:
         params = [p for n, p in mod.named_parameters() if not n.startswith("hasher")]
-        step_fn = lambda: mod(x, rows=rows)  # noqa: E731
-        table = mod.table
+
+        def step_fn():
+            out = mod(x, rows=rows)
+            out.backward(torch.ones_like(out))
+            mod.table.step()  # sparse and dense modes; fused updated the table inside backward
+            mod.table.zero_grad()
+            return None
+        table = mod.table.weight
 
     def step():
         for p in params:
             p.grad = None
         x.grad = None
         out = step_fn()
-        out.backward(torch.ones_like(out))
+        if out is not None:
+            out.backward(torch.ones_like(out))
 
     t0 = time.perf_counter()
     step()  # warm-up (compilation for the compiled peer)
@@ -72,8 +82,8 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     g = table.grad
-    grad_bytes = (g._values().numel() * g.element_size() + g._indices().numel() * 8) if g.is_sparse \
-        else g.numel() * g.element_size()
+    grad_bytes = 0 if g is None else (g._values().numel() * g.element_size() + g._indices().numel() * 8) \
+        if g.is_sparse else g.numel() * g.element_size()
     return dict(impl=impl, median_s=statistics.median(times), first_s=first, peak_rss_mb=rss_mb(),
                 rss_after_build_mb=base, table_grad_mb=grad_bytes / 2**20,
                 table_mb=table.numel() * table.element_size() / 2**20, tokens=B * T)

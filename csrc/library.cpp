@@ -61,23 +61,38 @@ TORCH_LIBRARY(engram, m) {
       "short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
       "int dilation, bool activation) -> (Tensor grad_u, Tensor grad_norm_weight, Tensor grad_conv_weight)");
 
-  // ---- Optimizer ops (tables far larger than memory: ENGRAM.md section 7) ----
-  // Fused lazy Adam on the touched rows of a table [num_rows, d_head], in place. rows [U] (int64
-  // or int32) must be strictly increasing (hence unique) and in [0, num_rows): the sorted output
-  // of multihead_gather_backward_sparse or of a coalesced sparse COO gradient. grads [U, d_head]
-  // in the table's dtype or float32. For each listed row r, with s = ++row_step[r] (int32
-  // [num_rows], that row's own update count):
-  //   table[r] *= 1 - lr * weight_decay                      (decoupled, AdamW)
-  //   m = exp_avg[r] = lerp(exp_avg[r], g, 1 - beta1)
-  //   v = exp_avg_sq[r] = beta2 * exp_avg_sq[r] + (1 - beta2) * g^2
-  //   table[r] -= lr / (1 - beta1^s) * m / (sqrt(v) / sqrt(1 - beta2^s) + eps)
-  // Rows not listed are untouched: no moment decay, no weight decay (lazy, as torch.optim.SparseAdam).
-  // Bias correction uses the per-row count s, not a global step (as FBGEMM's row-wise bias
-  // correction): a row first seen at global step 10^4 starts with an unbiased first update
-  // instead of one ~3x too large. Maths in float32 (float64 for float64 tables); exp_avg and
-  // exp_avg_sq are float32 (float64 for float64 tables) or bfloat16.
+  // ---- Table optimizer ops (docs/SPEC.md, "Training tables") ----
+  // State of a table [R, d_head] under each optimizer (unused slots are empty [0] tensors):
+  //   sgd                   momentum1 [0], momentum2 [0], row_step [0]
+  //   adam                  momentum1 [R, d_head], momentum2 [R, d_head], row_step int32 [R]
+  //   partial_rowwise_adam  momentum1 [R, d_head], momentum2 [R], row_step int32 [R]
+  //   rowwise_adagrad       momentum1 [R] (the accumulator), momentum2 [0], row_step [0]
+  // [R, d_head] moments are the weight's maths dtype (float32; float64 for float64 weights) or
+  // bfloat16; per-row state is the maths dtype. step int64 [1] counts the table's updates (it
+  // seeds stochastic rounding). hparams float64 CPU [5] = (lr, beta1, beta2, eps, weight_decay),
+  // read at each call, so a learning-rate schedule that writes it needs no recompilation.
+  // seed >= 0 rounds bfloat16 weights stochastically (deterministic given seed, step, row and
+  // column); seed < 0 rounds to nearest. Maths in engram/table_optim.h; rows not updated keep
+  // weight and state (lazy), and row-wise bias correction uses each row's own row_step.
+
+  // One update of the listed rows: rows [U] strictly increasing in [0, R) (the sorted output of
+  // multihead_gather_backward_sparse or of a coalesced sparse gradient), grads [U, d_head] in the
+  // weight's dtype or float32.
   m.def(
-      "sparse_adam_step(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
-      "Tensor rows, Tensor grads, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
-  // ---- end of optimizer ops ----
+      "table_update(Tensor(a!) weight, Tensor(b!) momentum1, Tensor(c!) momentum2, Tensor(d!) row_step, "
+      "Tensor(e!) step, Tensor rows, Tensor grads, Tensor hparams, str optimizer, int seed) -> ()");
+  // The fused backward of multihead_gather: sorts the lookups, sums each touched row's gradient
+  // in lookup order (fp32 accumulation, fp64 for float64) and updates the row and its state,
+  // with no gradient tensor formed. grad_e [..., H * d_head] in the weight's dtype, rows [..., H].
+  m.def(
+      "multihead_gather_fused_update(Tensor grad_e, Tensor rows, Tensor(a!) weight, Tensor(b!) momentum1, "
+      "Tensor(c!) momentum2, Tensor(d!) row_step, Tensor(e!) step, Tensor hparams, str optimizer, int seed) -> ()");
+  // multihead_gather whose backward is multihead_gather_fused_update on the same weight and state:
+  // the table learns inside backward and gets no gradient (weight.grad stays None). The forward
+  // reads the state tensors only to hand them to backward. A weight that does not require grad
+  // is not updated (frozen).
+  m.def(
+      "multihead_gather_fused(Tensor weight, Tensor rows, Tensor momentum1, Tensor momentum2, Tensor row_step, "
+      "Tensor step, Tensor hparams, str optimizer, int seed) -> Tensor");
+  // ---- end of table optimizer ops ----
 }

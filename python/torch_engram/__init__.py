@@ -6,8 +6,9 @@ from . import _C, _fake, ops  # noqa: F401
 from .config import PRESETS, EngramConfig
 from .hashing import NgramHasher, TableLayout, layer_multipliers, layer_primes
 from .modules import Engram
+from .table import EngramTable
 from .tokenizer import Compression, build_compression, compress
 
-__all__ = ["Engram", "EngramConfig", "PRESETS", "NgramHasher", "TableLayout", "layer_multipliers", "layer_primes", "ops",
+__all__ = ["Engram", "EngramTable", "EngramConfig", "PRESETS", "NgramHasher", "TableLayout", "layer_multipliers", "layer_primes", "ops",
            "Compression", "build_compression", "compress"]
 __version__ = "0.1.0"

@@ -135,18 +135,37 @@ def _short_conv_backward_fake(grad_out, u, norm_weight, conv_weight, rstd, dilat
             conv_weight.new_empty(conv_weight.shape))
 
 
-# ---- Optimizer ops ----
-@torch.library.register_fake("engram::sparse_adam_step")
-def _sparse_adam_step_fake(table, exp_avg, exp_avg_sq, row_step, rows, grads, lr, beta1, beta2, eps,
-                           weight_decay):
-    # In place on table, exp_avg, exp_avg_sq and row_step; nothing to allocate. The shape rules are
-    # checked here too so traced programs fail where eager ones would.
-    torch._check(table.dim() == 2,
-                 lambda: f"sparse_adam_step: table must be [num_rows, d_head], got {tuple(table.shape)}")
-    torch._check(rows.dim() == 1, lambda: f"sparse_adam_step: rows must be [U], got {tuple(rows.shape)}")
+# ---- Table optimizer ops ----
+def _check_table_weight(weight, op):
+    torch._check(weight.dim() == 2,
+                 lambda: f"{op}: weight must be [num_rows, d_head], got {tuple(weight.shape)}")
+
+
+@torch.library.register_fake("engram::table_update")
+def _table_update_fake(weight, momentum1, momentum2, row_step, step, rows, grads, hparams, optimizer, seed):
+    # In place on weight and state; nothing to allocate. Shapes are checked so that traced
+    # programs fail where eager ones would.
+    _check_table_weight(weight, "table_update")
+    torch._check(rows.dim() == 1, lambda: f"table_update: rows must be [U], got {tuple(rows.shape)}")
     torch._check(
-        grads.dim() == 2 and grads.shape[0] == rows.shape[0] and grads.shape[1] == table.shape[1],
-        lambda: f"sparse_adam_step: grads must be [U={rows.shape[0]}, d_head={table.shape[1]}], "
+        grads.dim() == 2 and grads.shape[0] == rows.shape[0] and grads.shape[1] == weight.shape[1],
+        lambda: f"table_update: grads must be [U={rows.shape[0]}, d_head={weight.shape[1]}], "
                 f"got {tuple(grads.shape)}",
     )
     return None
+
+
+@torch.library.register_fake("engram::multihead_gather_fused_update")
+def _multihead_gather_fused_update_fake(grad_e, rows, weight, momentum1, momentum2, row_step, step, hparams,
+                                        optimizer, seed):
+    _check_table_weight(weight, "multihead_gather_fused_update")
+    d_head = _check_gather_grad(grad_e, rows, "multihead_gather_fused_update")
+    torch._check(d_head == weight.shape[1],
+                 lambda: f"multihead_gather_fused_update: grad_e's last dimension must be H * d_head with "
+                         f"d_head={weight.shape[1]}, got d_head {d_head}")
+    return None
+
+
+@torch.library.register_fake("engram::multihead_gather_fused")
+def _multihead_gather_fused_fake(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed):
+    return _multihead_gather_fake(weight, rows)

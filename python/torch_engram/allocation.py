@@ -140,7 +140,7 @@ def count_model_params(model) -> ParamCounts:
         routed_inactive += n * (moe.n_experts - moe.top_k) // moe.n_experts
     tables = tables_read = eng_dense = 0
     for eng in model.engram_modules():
-        tables += sum(p.numel() for p in eng.table_parameters())
+        tables += eng.table.weight.numel()
         tables_read += model.cfg.engram.num_heads * model.cfg.engram.d_head
         eng_dense += sum(p.numel() for p in eng.dense_parameters())
     return ParamCounts.from_parts(total, routed, routed_inactive, tables, tables_read, eng_dense, excluded)

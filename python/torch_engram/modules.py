@@ -12,8 +12,8 @@ from torch import nn
 from . import ops
 from .config import EngramConfig
 from .hashing import NgramHasher, TableLayout
-
-TABLE_GRAD_MODES = ("dense", "sparse", "fused")
+from .table import GRAD_MODES as TABLE_GRAD_MODES
+from .table import EngramTable
 
 
 class Engram(nn.Module):
@@ -25,20 +25,24 @@ class Engram(nn.Module):
         hasher: an NgramHasher shared by all Engram layers; needed to call forward with input_ids
             (precomputed `rows` work without one). When given it is a submodule, so its buffers
             (LUT, multipliers, primes, offsets) are in the state_dict.
-        table_grad: "dense" (ordinary .grad), "sparse" (coalesced sparse COO .grad) or "fused"
-            (the table optimizer runs inside backward; see torch_engram.optim).
+        table_grad: "fused" (default: the table's optimizer runs inside backward), "sparse"
+            (coalesced sparse COO .grad) or "dense" (ordinary .grad); see torch_engram.table.
+        table_optimizer: the table's optimizer ("adam", "partial_rowwise_adam",
+            "rowwise_adagrad", "sgd"); table_options: further EngramTable arguments (lr,
+            state_dtype, seed, ...).
         fold_gains: one fp32 gate gain w = w_q * w_k per branch (TileKernels/V4.1) instead of
             separate query and key RMSNorm gains (official demo).
         table_init_std: tables start as N(0, std^2); 1.0 matches nn.Embedding in the official demo.
 
-    Parameters: `table` [rows, d_head]; `kv_proj` one fused GEMM producing M keys and the value
+    Submodules and parameters: `table` (an EngramTable: weight [rows, d_head] and its optimizer state); `kv_proj` one fused GEMM producing M keys and the value
     ([(M + 1) * D, d_mem], keys first); gate gains; conv RMSNorm gains and depthwise conv weight
     [M * D, kernel_size] (zero-initialised, so the conv branch starts as the identity).
     """
 
     def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
-                 hasher: NgramHasher | None = None, table_grad: str = "dense", fold_gains: bool = False,
-                 table_init_std: float = 1.0, device=None, dtype=None):
+                 hasher: NgramHasher | None = None, table_grad: str = "fused", fold_gains: bool = False,
+                 table_init_std: float = 1.0, table_optimizer: str = "adam", table_options: dict | None = None,
+                 device=None, dtype=None):
         super().__init__()
         if layer_id not in config.layer_ids:
             raise ValueError(f"Engram: layer_id must be one of config.layer_ids={config.layer_ids}, got {layer_id}")
@@ -63,8 +67,8 @@ class Engram(nn.Module):
         self.num_rows = rows[self.layer_index]
         factory = dict(device=device, dtype=dtype)
         D, M = hidden_size, hc_mult
-        self.table = nn.Parameter(torch.empty(self.num_rows, config.d_head, **factory))
-        self.table._engram_table = True  # lets optimizer helpers find tables
+        self.table = EngramTable(self.num_rows, config.d_head, grad=table_grad, optimizer=table_optimizer,
+                                 init_std=table_init_std, **(table_options or {}), **factory)
         self.kv_proj = nn.Linear(config.d_mem, (M + 1) * D, bias=config.proj_bias, **factory)
         gain = dict(device=device, dtype=torch.float32 if dtype in (None, torch.float32, torch.bfloat16,
                                                                      torch.float16) else dtype)
@@ -76,11 +80,11 @@ class Engram(nn.Module):
         if config.use_conv:
             self.conv_norm_weight = nn.Parameter(torch.empty(M, D, **gain))
             self.conv_weight = nn.Parameter(torch.empty(M * D, config.kernel_size, **gain))
-        self._fused_state = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.table, mean=0.0, std=self.table_init_std)
+        self.table.init_std = self.table_init_std
+        self.table.reset_parameters()
         self.kv_proj.reset_parameters()
         for name in ("gate_weight", "norm_q_weight", "norm_k_weight", "conv_norm_weight"):
             if hasattr(self, name):
@@ -88,12 +92,10 @@ class Engram(nn.Module):
         if self.config.use_conv:
             nn.init.zeros_(self.conv_weight)
 
-    def table_parameters(self):
-        yield self.table
-
     def dense_parameters(self):
+        """Every parameter but the table's weight and the hasher's (the dense optimizer's share)."""
         for name, p in self.named_parameters():
-            if name != "table" and not name.startswith("hasher."):
+            if not name.startswith(("table.", "hasher.")):
                 yield p
 
     def gate_gain(self) -> torch.Tensor:
@@ -102,14 +104,7 @@ class Engram(nn.Module):
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """e [..., d_mem]: this layer's H rows per token, concatenated order-major, head-minor."""
-        if self.table_grad == "fused":
-            if self._fused_state is None:
-                raise RuntimeError("Engram: table_grad='fused' needs an optimizer attached with "
-                                   "torch_engram.optim.attach_fused_adam(module, ...)")
-            from .optim import fused_multihead_gather
-
-            return fused_multihead_gather(self.table, rows, self._fused_state)
-        return ops.multihead_gather(self.table, rows, sparse_grad=self.table_grad == "sparse")
+        return self.table(rows)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,5 +144,5 @@ class Engram(nn.Module):
         c = self.config
         return (f"layer_id={self.layer_id}, rows={self.num_rows}, d_head={c.d_head}, heads={c.num_heads}, "
                 f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, conv={c.use_conv}, "
-                f"bias={c.proj_bias}, table_grad={self.table_grad!r}, fold_gains={self.fold_gains}")
+                f"bias={c.proj_bias}, fold_gains={self.fold_gains}")
 

@@ -59,17 +59,20 @@ def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Te
     return torch.ops.engram.short_conv(u, norm_weight, conv_weight, dilation, eps, activation)
 
 
-# ---- Optimizer ops ----
-def sparse_adam_step(table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                     row_step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, lr: float,
-                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                     weight_decay: float = 0.0) -> None:
-    """Lazy row-wise Adam, in place: updates table[rows] and its moments with grads [U, d_head].
+# ---- Table optimizer ops (state layouts: csrc/library.cpp; use them through EngramTable) ----
+def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch.Tensor, row_step: torch.Tensor,
+                 step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, hparams: torch.Tensor, optimizer: str,
+                 seed: int = -1) -> None:
+    """One optimizer update of weight[rows] and their state with grads [U, d_head], in place.
 
-    rows must be strictly increasing (unique and sorted, as multihead_gather_backward_sparse and a
-    coalesced sparse gradient give them); row_step (int32 [num_rows]) counts each row's own updates
-    and sets its bias correction. Rows not listed keep their weights and moments. Call under
-    torch.no_grad(). Full semantics: csrc/library.cpp.
-    """
-    torch.ops.engram.sparse_adam_step(table, exp_avg, exp_avg_sq, row_step, rows, grads, lr, beta1, beta2,
-                                      eps, weight_decay)
+    rows strictly increasing; hparams float64 CPU [5] = (lr, beta1, beta2, eps, weight_decay);
+    seed >= 0 rounds a bfloat16 weight stochastically. Call under torch.no_grad()."""
+    torch.ops.engram.table_update(weight, momentum1, momentum2, row_step, step, rows, grads, hparams, optimizer, seed)
+
+
+def multihead_gather_fused(weight: torch.Tensor, rows: torch.Tensor, momentum1: torch.Tensor,
+                           momentum2: torch.Tensor, row_step: torch.Tensor, step: torch.Tensor,
+                           hparams: torch.Tensor, optimizer: str, seed: int = -1) -> torch.Tensor:
+    """multihead_gather whose backward updates weight and state in place (no table gradient)."""
+    return torch.ops.engram.multihead_gather_fused(weight, rows, momentum1, momentum2, row_step, step, hparams,
+                                                   optimizer, seed)

@@ -116,7 +116,7 @@ PRESETS: dict[str, Preset] = {
         },
         engram_layers=None,
         train=TrainConfig(
-            steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="sparse"
+            steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="fused"
         ),
         rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4),
         seeds=(0, 1),
@@ -352,6 +352,7 @@ def run_sweep(
             lut=data.lut if a.config.engram is not None else None,
             engram_factory=engram_factory,
             table_grad=preset.train.table_grad,
+            table_optimizer=preset.train.table_optimizer,
         ).to(device)
         desc = f"rho={a.rho:.2f} seed={seed}"
         steps_bar = (
@@ -457,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="base (backbone) learning rate; tables use 5x")
     p.add_argument(
         "--table-optimizer",
-        choices=["lazy_adam", "adam"],
-        help="lazy_adam: row-wise lazy Adam (torch_engram.optim); adam: torch.optim.Adam",
+        choices=["adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd"],
+        help="the Engram tables' optimizer (torch_engram.table; default adam: lazy, row-wise bias correction)",
     )
-    p.add_argument("--table-grad", choices=["dense", "sparse"], help="Engram table gradient layout")
+    p.add_argument("--table-grad", choices=["fused", "sparse", "dense"],
+                   help="how Engram tables learn: fused into backward (default), sparse or dense gradients")
     p.add_argument("--text-files", nargs="+", help="your own UTF-8 text files instead of the built-in corpus")
     p.add_argument(
         "--tokenizer",

@@ -141,7 +141,7 @@ def test_analytic_counts_equal_built_model(case, rho):
     if cfg.engram is not None:
         rows = engram_rows_per_layer(cfg.engram)
         assert tuple(model.hasher.rows_per_layer) == rows
-        assert [e.table.shape[0] for e in model.engram_modules()] == list(rows)
+        assert [e.table.weight.shape[0] for e in model.engram_modules()] == list(rows)
 
 
 def test_counts_by_hand():

@@ -16,6 +16,7 @@ SMALL = te.EngramConfig(engram_vocab_size=(211, 307), max_ngram_size=3, n_embed_
 
 def make(config=SMALL, M=1, D=16, dtype=torch.float32, device="cpu", layer_id=1, **kw):
     torch.manual_seed(0)
+    kw.setdefault("table_grad", "dense")  # these tests look at the table's gradient
     hasher = te.NgramHasher(config).to(device)
     mod = te.Engram(config, layer_id, D, hc_mult=M, hasher=hasher, device=device, dtype=dtype, **kw)
     with torch.no_grad():  # non-trivial conv and gains so every branch of the maths is exercised
@@ -89,7 +90,7 @@ def test_gradcheck_whole_layer(device, M, use_conv):
     names = [n for n, _ in mod.named_parameters() if not n.startswith("hasher")]
     params = [p.detach().clone().requires_grad_() for n, p in mod.named_parameters() if not n.startswith("hasher")]
     # Only the touched table rows matter; a small table keeps gradcheck's Jacobian cheap.
-    table_idx = names.index("table")
+    table_idx = names.index("table.weight")
 
     def f(h, *ps):
         state = dict(zip(names, ps))
@@ -107,8 +108,8 @@ def test_table_gradient_only_touches_looked_up_rows():
     mod(hidden, rows=rows).sum().backward()
     touched = torch.zeros(mod.num_rows, dtype=torch.bool)
     touched[rows.long().flatten()] = True
-    assert mod.table.grad[~touched].abs().max() == 0
-    assert mod.table.grad[touched].abs().sum(dim=1).gt(0).all()
+    assert mod.table.weight.grad[~touched].abs().max() == 0
+    assert mod.table.weight.grad[touched].abs().sum(dim=1).gt(0).all()
 
 
 def test_sparse_table_grad_equals_dense():
@@ -118,8 +119,8 @@ def test_sparse_table_grad_equals_dense():
     ids, hidden = inputs(dense, T=11)
     dense(hidden, input_ids=ids).square().sum().backward()
     sparse(hidden, input_ids=ids).square().sum().backward()
-    assert sparse.table.grad.is_sparse
-    torch.testing.assert_close(sparse.table.grad.to_dense(), dense.table.grad, rtol=1e-6, atol=1e-7)
+    assert sparse.table.weight.grad.is_sparse
+    torch.testing.assert_close(sparse.table.weight.grad.to_dense(), dense.table.weight.grad, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(sparse.kv_proj.weight.grad, dense.kv_proj.weight.grad)
 
 
@@ -143,7 +144,7 @@ def test_state_dict_round_trip_bitwise():
 
 def test_meta_device_and_repr():
     mod = te.Engram(te.EngramConfig.official_demo(compressed_vocab_size=129280), 1, 1024, hc_mult=4, device="meta")
-    assert mod.table.shape == (10_344_164, 64) and mod.table.is_meta
+    assert mod.table.weight.shape == (10_344_164, 64) and mod.table.weight.is_meta
     assert "rows=10344164" in repr(mod)
     assert mod.kv_proj.weight.shape == (5 * 1024, 1024)
 
@@ -169,10 +170,10 @@ def test_torch_compile_fullgraph_matches_eager():
         return out.square().sum()
 
     eager = step(hidden, rows)
-    g_eager = torch.autograd.grad(eager, [hidden, mod.table, mod.kv_proj.weight])
+    g_eager = torch.autograd.grad(eager, [hidden, mod.table.weight, mod.kv_proj.weight])
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(hidden, rows)
-    g = torch.autograd.grad(out, [hidden, mod.table, mod.kv_proj.weight])
+    g = torch.autograd.grad(out, [hidden, mod.table.weight, mod.kv_proj.weight])
     torch.testing.assert_close(out, eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)

@@ -46,7 +46,7 @@ def config(**changes):
 def test_forward_backward_and_causality(hc_mult, routing):
     torch.manual_seed(0)
     cfg = config(hc_mult=hc_mult, routing=routing, n_dense_layers=1)
-    model = TransformerLM(cfg)
+    model = TransformerLM(cfg, table_grad="dense")
     ids = torch.randint(0, V, (2, 12))
     out = model(ids, ids)
     assert out.logits.shape == (2, 12, V) and out.loss.ndim == 0 and out.aux_loss.ndim == 0
@@ -69,7 +69,7 @@ def test_engram_update_reaches_the_residual_before_attention():
     ids = torch.randint(0, V, (1, 10))
     with torch.no_grad():
         before = model(ids).logits
-        model.blocks[1].engram.table.mul_(3.0)
+        model.blocks[1].engram.table.weight.mul_(3.0)
         after = model(ids).logits
     assert (before - after).abs().max() > 1e-4
     assert [b.layer_id for b in model.blocks if b.engram is not None] == [1, 2]

@@ -1,11 +1,9 @@
 """Training recipe for the reference model: optimizer groups, LR schedule, batches, evaluation.
 
 Optimizer groups (the paper's recipe, ENGRAM.md section 7, with AdamW standing in for Muon):
-- Engram tables: Adam, LR = table_lr_mult (5) x base LR, no weight decay, chosen by name from
-  TABLE_OPTIMIZERS: "lazy_adam" (default; torch_engram.optim.SparseTableAdam: only rows with a
-  gradient move, row-wise bias correction; takes dense or sparse COO table gradients) or "adam"
-  (torch.optim.Adam on dense gradients: every row's moments decay, and momentum keeps moving rows
-  after their last lookup).
+- Engram tables: each EngramTable's own optimizer (TrainConfig.table_optimizer: "adam", lazy with
+  row-wise bias correction, by default; "partial_rowwise_adam", "rowwise_adagrad" or "sgd"),
+  LR = table_lr_mult (5) x base LR, no weight decay, fused into backward by default.
 - Everything else: AdamW at the base LR, weight decay on matrices (dim >= 2) only; norm gains and
   biases are not decayed.
 Both follow the same schedule: linear warmup, then cosine decay to min_lr_ratio x their peak LR.
@@ -37,8 +35,8 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    table_optimizer: str = "lazy_adam"
-    table_grad: str = "dense"  # Engram table gradients: "dense" or "sparse" (COO, touched rows only)
+    table_optimizer: str = "adam"  # an EngramTable optimizer (torch_engram.table.OPTIMIZERS)
+    table_grad: str = "fused"  # "fused" (update inside backward), "sparse" (COO) or "dense"
     eval_batch_size: int = 32
 
     @property
@@ -49,52 +47,22 @@ class TrainConfig:
         return asdict(self)
 
 
-def _dense_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(
-        params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, weight_decay=0.0
-    )
-
-
-def _lazy_adam(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
-    from ..optim import SparseTableAdam
-
-    return SparseTableAdam(
-        params, lr=tc.lr * tc.table_lr_mult, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, weight_decay=0.0
-    )
-
-
-TABLE_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
-    "adam": _dense_adam,
-    "lazy_adam": _lazy_adam,
-}
-
-
 def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
-    """[dense AdamW] or [dense AdamW, table optimizer]; every group remembers its peak LR."""
-    dense = model.dense_parameters()
-    decay = [p for p in dense if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in dense if p.requires_grad and p.dim() < 2]
-    opts = [
-        torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr,
-            betas=(tc.beta1, tc.beta2),
-            eps=tc.adam_eps,
+    """[AdamW of the rest] or [AdamW, TableOptimizer] through torch_engram.optim.make_optimizers;
+    every group remembers its peak LR. AdamW decays matrices (dim >= 2) only."""
+    from ..optim import make_optimizers as engram_optimizers
+
+    def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+        params = groups[0]["params"]
+        return torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
         )
-    ]
-    tables = [p for p in model.table_parameters() if p.requires_grad]
-    if tables:
-        if tc.table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(
-                f"make_optimizers: table_optimizer must be one of {sorted(TABLE_OPTIMIZERS)}, "
-                f"got {tc.table_optimizer!r}"
-            )
-        if tc.table_grad == "sparse" and tc.table_optimizer == "adam":
-            raise ValueError(
-                "make_optimizers: table_grad='sparse' needs table_optimizer='lazy_adam' "
-                "(torch.optim.Adam takes dense gradients only), got 'adam'"
-            )
-        opts.append(TABLE_OPTIMIZERS[tc.table_optimizer](tables, tc))
+
+    table_opt, rest_opt = engram_optimizers(model, tc.lr, tc.weight_decay, tc.table_lr_mult, optimizer_factory=adamw,
+                                            betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)
+    opts = [o for o in (rest_opt, table_opt) if o is not None]
     for opt in opts:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]

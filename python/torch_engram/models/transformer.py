@@ -83,10 +83,12 @@ class LMOutput:
     aux_loss: torch.Tensor  # mean load-balancing loss over MoE blocks (unscaled)
 
 
-def _default_engram_factory(cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str) -> nn.Module:
+def _default_engram_factory(cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str,
+                            table_optimizer: str = "adam") -> nn.Module:
     from ..modules import Engram
 
-    return Engram(cfg, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult, table_grad=table_grad)
+    return Engram(cfg, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult, table_grad=table_grad,
+                  table_optimizer=table_optimizer)
 
 
 EngramFactory = Callable[..., nn.Module]
@@ -97,9 +99,10 @@ class TransformerLM(nn.Module):
     when cfg.engram.compressed_vocab_size is set). Row ids of all Engram layers are hashed once per
     forward from the token ids, then each Engram block reads its own slice.
 
-    table_grad: how Engram tables receive gradients ("dense", "sparse" COO, or "fused" into the
-    table optimizer; see torch_engram.optim). engram_factory(engram_config, layer_id=,
-    hidden_size=, hc_mult=, table_grad=) builds each Engram layer (default: torch_engram.Engram).
+    table_grad, table_optimizer: how Engram tables learn ("fused" into backward, "sparse" COO or
+    "dense" gradients; "adam", "partial_rowwise_adam", "rowwise_adagrad" or "sgd"; see
+    torch_engram.table). engram_factory(engram_config, layer_id=, hidden_size=, hc_mult=,
+    table_grad=, table_optimizer=) builds each Engram layer (default: torch_engram.Engram).
     """
 
     def __init__(
@@ -107,7 +110,8 @@ class TransformerLM(nn.Module):
         cfg: ModelConfig,
         lut: torch.Tensor | None = None,
         engram_factory: EngramFactory | None = None,
-        table_grad: str = "dense",
+        table_grad: str = "fused",
+        table_optimizer: str = "adam",
     ):
         super().__init__()
         self.cfg = cfg
@@ -120,7 +124,8 @@ class TransformerLM(nn.Module):
             Block(
                 cfg,
                 i,
-                factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad)
+                factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad,
+                        table_optimizer=table_optimizer)
                 if i in engram_ids
                 else None,
             )
@@ -155,8 +160,8 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(ffn.w2, std=out_std)
             if block.engram is None:
                 continue
-            for table in block.engram.table_parameters():
-                nn.init.normal_(table, std=self.cfg.engram_table_init_std)
+            with torch.no_grad():
+                nn.init.normal_(block.engram.table.weight, std=self.cfg.engram_table_init_std)
             kv = getattr(block.engram, "kv_proj", None)
             if kv is not None:
                 # The value rows get the residual-output std, like attention's output projection,
@@ -177,7 +182,7 @@ class TransformerLM(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def table_parameters(self) -> list[nn.Parameter]:
-        return [p for e in self.engram_modules() for p in e.table_parameters()]
+        return [e.table.weight for e in self.engram_modules()]
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not an Engram table (backbone, Engram projections/norms/conv)."""

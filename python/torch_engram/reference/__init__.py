@@ -6,8 +6,9 @@ from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
 from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse
 from .hashing import ngram_hash
 from .layer import OfficialEngram, engram_layer, engram_module_reference
-from .sparse_adam import sparse_adam_step
+from .table_optim import multihead_gather_fused_update, table_update
 
 __all__ = ["DemoGate", "DemoShortConv", "OfficialEngram", "engram_gate", "engram_gate_separate", "engram_layer",
            "engram_module_reference", "multihead_gather", "multihead_gather_backward",
-           "multihead_gather_backward_sparse", "ngram_hash", "short_conv", "signed_sqrt", "sparse_adam_step"]
+           "multihead_gather_backward_sparse", "ngram_hash", "short_conv", "signed_sqrt", "table_update",
+           "multihead_gather_fused_update"]

@@ -39,7 +39,7 @@ def engram_module_reference(module, hidden: torch.Tensor, rows: torch.Tensor) ->
         wq, wk = module.norm_q_weight, module.norm_k_weight
     gate_eps = c.gate_eps if c.gate_eps is not None else torch.finfo(hidden.dtype).eps
     out = engram_layer(
-        h, rows, module.table, module.kv_proj.weight, module.kv_proj.bias, wq, wk,
+        h, rows, module.table.weight, module.kv_proj.weight, module.kv_proj.bias, wq, wk,
         module.conv_norm_weight if c.use_conv else None, module.conv_weight if c.use_conv else None,
         gate_eps=gate_eps, conv_eps=c.conv_eps, dilation=c.dilation)
     return out.squeeze(2) if squeeze else out
@@ -79,7 +79,7 @@ class OfficialEngram(nn.Module):
     def load_from(self, module) -> "OfficialEngram":
         """Copy an Engram module's weights (same layout) into this formulation."""
         M, D = self.hc_mult, self.hidden_size
-        self.embedding.weight.copy_(module.table)
+        self.embedding.weight.copy_(module.table.weight)
         w, b = module.kv_proj.weight, module.kv_proj.bias
         for m in range(M):
             self.key_projs[m].weight.copy_(w[m * D:(m + 1) * D])

@@ -1,0 +1,268 @@
+"""EngramTable: one Engram layer's concatenated table as one object.
+
+It owns the weight [num_rows, d_head], how it learns (gradient mode, optimizer, the optimizer's
+state), where its rows live (placement) and its checkpoint (weight and state in its state_dict,
+restored bit for bit). `Engram` composes one; a user who wants only the memory uses it alone:
+
+    table = EngramTable(num_rows, d_head, optimizer="adam", lr=2e-3)
+    e = table(rows)              # [..., H] -> [..., H * d_head]
+    loss.backward()              # grad="fused": the rows and their state are updated here
+
+Gradient modes:
+* "fused" (default): the update runs inside backward (the multihead_gather_fused op: sort the
+  lookups, sum each row's gradient in a fixed order, update row and state in one pass). No
+  gradient tensor of the table exists, `weight.grad` stays None, and `step()` has nothing to do.
+  Each backward pass is one update: gradient accumulation over k micro-batches gives k updates
+  of a fused table (the dense and sparse modes give one, with the summed gradient), and a table
+  looked up twice in one forward is updated twice.
+* "sparse": backward leaves a coalesced sparse COO `weight.grad` holding only the touched rows;
+  `step()` applies the table's optimizer to them (or bring your own, e.g. torch.optim.SparseAdam).
+* "dense": an ordinary dense `weight.grad`; `step()` updates the rows whose lookups backward
+  reached since the last `zero_grad()` (the table records them, so no table-sized scan is needed).
+
+The three modes apply the same update for the same gradients (tests check it bit for bit).
+Fused tables have no `.grad`, so gradient clipping and GradScaler never see them (as FBGEMM's
+fused tables): clip the rest of the model, and do not train fused float16 tables under a
+GradScaler (the scaled gradient would reach the update; bfloat16 autocast needs no scaler).
+
+Optimizers (state per row, d = d_head, fp32 state): "adam" (lazy, per-row bias correction;
+8d + 4 bytes), "partial_rowwise_adam" (full first moment, one second moment per row; 4d + 8),
+"rowwise_adagrad" (one accumulator per row; 4) and "sgd" (0). `state_dtype=torch.bfloat16`
+halves the [R, d] moments. bfloat16 weights round stochastically by default (deterministic given
+`seed`): with round-to-nearest, updates under half a bfloat16 ulp would vanish.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import platform
+import sys
+
+import torch
+from torch import nn
+
+from . import _C  # noqa: F401  (registers torch.ops.engram.*)
+
+GRAD_MODES = ("fused", "sparse", "dense")
+OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd")
+PLACEMENTS = ("device",)  # host, file and sharded placements build on this seam
+
+# Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and platform.machine() in (
+    "x86_64", "AMD64", "i686", "aarch64", "arm64", "armv7l", "riscv64") else 0)
+
+
+def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """Zeros whose host memory is committed only when written.
+
+    torch.zeros writes every byte, so the Adam moments of a 10^8-row table would take their full
+    size at once although a step touches ~10^5 rows. An anonymous mmap is zero-filled by the kernel
+    page by page on first write: the state of untouched rows costs address space, not memory
+    (page granularity, 4 KiB = 16 rows of 64 float32). Huge pages are refused for the mapping,
+    since one touched row would commit 2 MiB. Elsewhere (CUDA, meta, small states) torch.zeros.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < (1 << 20) or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # No swap reservation: the state may be larger than memory (only touched rows must fit).
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # keeps `buf` alive
+
+
+def state_bytes_per_row(optimizer: str, d_head: int, state_dtype: torch.dtype = torch.float32) -> int:
+    """Optimizer state bytes of one row (the table in TABLES.md; measured in bench_table.py)."""
+    moment = torch.empty((), dtype=state_dtype).element_size()
+    return {"adam": 2 * d_head * moment + 4, "partial_rowwise_adam": d_head * moment + 4 + 4,
+            "rowwise_adagrad": 4, "sgd": 0}[optimizer]
+
+
+class EngramTable(nn.Module):
+    """A trainable table [num_rows, d_head] looked up H rows per token (see the module docstring).
+
+    Args:
+        num_rows, d_head: the table's shape (all H hashed tables of a layer, concatenated).
+        grad: "fused" | "sparse" | "dense".
+        optimizer: "adam" | "partial_rowwise_adam" | "rowwise_adagrad" | "sgd".
+        lr, betas, eps, weight_decay: the optimizer's settings (decoupled weight decay, applied to a
+            row only when it is updated). `torch_engram.optim.make_optimizers` sets lr to 5x the
+            base learning rate and weight_decay to 0 (the Engram recipe).
+        state_dtype: dtype of the [R, d_head] moments: None (float32; float64 for float64 tables)
+            or torch.bfloat16. Row-wise state is always the maths dtype.
+        stochastic_rounding: round bfloat16 weights stochastically (default: True for bfloat16).
+        seed: seed of the stochastic rounding (the result depends on it, not on thread counts).
+        state_alloc: "on_touch" (CPU state takes memory only for rows already updated) or "eager".
+        init_std: the weight starts as N(0, init_std^2).
+        placement: "device" (rows in the compute device's memory; other placements build on it).
+    """
+
+    def __init__(self, num_rows: int, d_head: int, *, grad: str = "fused", optimizer: str = "adam",
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool | None = None, seed: int = 0, state_alloc: str = "on_touch",
+                 init_std: float = 1.0, placement: str = "device", device=None, dtype=None):
+        super().__init__()
+        if num_rows < 1 or d_head < 1:
+            raise ValueError(f"EngramTable: num_rows and d_head must be >= 1, got {num_rows} and {d_head}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"EngramTable: grad must be one of {GRAD_MODES}, got {grad!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"EngramTable: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"EngramTable: placement must be one of {PLACEMENTS}, got {placement!r}")
+        if state_alloc not in ("on_touch", "eager"):
+            raise ValueError(f"EngramTable: state_alloc must be 'on_touch' or 'eager', got {state_alloc!r}")
+        if seed < 0:
+            raise ValueError(f"EngramTable: seed must be >= 0, got {seed}")
+        weight = torch.empty(num_rows, d_head, device=device, dtype=dtype)
+        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"EngramTable: dtype must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+        maths = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if state_dtype not in (None, maths, torch.bfloat16):
+            raise ValueError(f"EngramTable: state_dtype must be None, {maths} or torch.bfloat16, got {state_dtype}")
+        if stochastic_rounding is None:
+            stochastic_rounding = weight.dtype == torch.bfloat16
+        if stochastic_rounding and weight.dtype != torch.bfloat16:
+            raise ValueError(f"EngramTable: stochastic_rounding is for bfloat16 weights, got {weight.dtype}")
+        self.num_rows, self.d_head = num_rows, d_head
+        self.grad_mode = grad
+        self.optimizer = optimizer
+        self.placement = placement
+        self.init_std = init_std
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self.weight = nn.Parameter(weight)
+        # Read by the kernels at every update: a CPU tensor, not a buffer, since it must stay on the
+        # host when the table moves, and a learning-rate schedule writes it in place without
+        # retracing. Settings, not state: like torch.optim's lr they are saved by the optimizer
+        # (TableOptimizer's param groups), while the state_dict holds weight and optimizer state.
+        self.hparams = torch.zeros(5, dtype=torch.float64, device="cpu")
+        self.set_hparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        dev = weight.device
+        zeros = zeros_on_touch if state_alloc == "on_touch" else (lambda s, dt, d: torch.zeros(s, dtype=dt, device=d))
+        mdt = state_dtype or maths
+        R, D = num_rows, d_head
+        empty = (0,)
+        shapes = {"adam": ((R, D), (R, D), (R,)), "partial_rowwise_adam": ((R, D), (R,), (R,)),
+                  "rowwise_adagrad": ((R,), empty, empty), "sgd": (empty, empty, empty)}[optimizer]
+        dtypes = {"adam": (mdt, mdt), "partial_rowwise_adam": (mdt, maths),
+                  "rowwise_adagrad": (maths, maths), "sgd": (maths, maths)}[optimizer]
+        self.register_buffer("momentum1", zeros(shapes[0], dtypes[0], dev))
+        self.register_buffer("momentum2", zeros(shapes[1], dtypes[1], dev))
+        self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
+        self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
+        self._pending_rows: list[torch.Tensor] = []  # dense mode: rows looked up since zero_grad
+        self.reset_parameters()
+
+    # ---- settings ---------------------------------------------------------------------------
+    def set_hparams(self, *, lr: float | None = None, betas: tuple[float, float] | None = None,
+                    eps: float | None = None, weight_decay: float | None = None) -> None:
+        """Change the optimizer's settings; they apply from the next update on."""
+        h = self.hparams.tolist()
+        if lr is not None:
+            h[0] = float(lr)
+        if betas is not None:
+            h[1], h[2] = float(betas[0]), float(betas[1])
+        if eps is not None:
+            h[3] = float(eps)
+        if weight_decay is not None:
+            h[4] = float(weight_decay)
+        if not (math.isfinite(h[0]) and h[0] >= 0):
+            raise ValueError(f"EngramTable: lr must be finite and >= 0, got {h[0]}")
+        if not (0 <= h[1] < 1 and 0 <= h[2] < 1):
+            raise ValueError(f"EngramTable: betas must lie in [0, 1), got ({h[1]}, {h[2]})")
+        if not (math.isfinite(h[3]) and h[3] >= 0):
+            raise ValueError(f"EngramTable: eps must be finite and >= 0, got {h[3]}")
+        if not (math.isfinite(h[4]) and h[4] >= 0):
+            raise ValueError(f"EngramTable: weight_decay must be finite and >= 0, got {h[4]}")
+        with torch.no_grad():
+            self.hparams.copy_(torch.tensor(h, dtype=torch.float64, device="cpu"))
+
+    @property
+    def lr(self) -> float:
+        return float(self.hparams[0])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.set_hparams(lr=value)
+
+    @property
+    def weight_decay(self) -> float:
+        return float(self.hparams[4])
+
+    def reset_parameters(self) -> None:
+        """Weight N(0, init_std^2); optimizer state zero (every row as if never updated)."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+            for b in (self.momentum1, self.momentum2, self.row_step, self.step_count):
+                if b.numel() and b.device.type != "meta":
+                    b.zero_()
+        self._pending_rows.clear()
+
+    # ---- lookup -----------------------------------------------------------------------------
+    def _rounding_seed(self) -> int:
+        return self.seed if self.stochastic_rounding else -1
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """e[..., H * d_head]: the rows named by rows[..., H], concatenated head-minor."""
+        w = self.weight
+        if self.grad_mode == "fused":
+            if torch.is_grad_enabled() and w.requires_grad:
+                return torch.ops.engram.multihead_gather_fused(w, rows, self.momentum1, self.momentum2,
+                                                               self.row_step, self.step_count, self.hparams,
+                                                               self.optimizer, self._rounding_seed())
+            return torch.ops.engram.multihead_gather(w, rows, False)
+        e = torch.ops.engram.multihead_gather(w, rows, self.grad_mode == "sparse")
+        if self.grad_mode == "dense" and e.requires_grad:
+            # Recorded when backward reaches the lookup, so a zero_grad() between forward and
+            # backward (a common loop order) does not forget them.
+            pending, looked_up = self._pending_rows, rows.detach()
+            e.register_hook(lambda grad: pending.append(looked_up))
+        return e
+
+    # ---- the update of the sparse and dense modes ------------------------------------------
+    def _gradient_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        g = self.weight.grad
+        if g is None:
+            return None
+        if g.layout == torch.sparse_coo:
+            if g.sparse_dim() != 1 or g.dense_dim() != 1:
+                raise ValueError("EngramTable.step: a sparse weight gradient must have sparse_dim=1 and "
+                                 f"dense_dim=1, got sparse_dim={g.sparse_dim()}, dense_dim={g.dense_dim()}")
+            rows = g._indices()[0]
+            # AccumulateGrad rebuilds a sparse .grad without its is_coalesced flag, so the sorted
+            # unique rows of the backward arrive flagged uncoalesced; coalescing again would sort
+            # and sum for nothing. Rows strictly increasing are coalesced.
+            if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+                g = g.coalesce()
+                rows = g._indices()[0]
+            return rows, g._values()
+        if not self._pending_rows:
+            raise RuntimeError("EngramTable.step: a dense weight gradient is set but no lookup was recorded since "
+                               "zero_grad(); grad='dense' updates the rows whose lookups backward reached")
+        rows = torch.unique(torch.cat([r.reshape(-1).to(torch.int64) for r in self._pending_rows]))
+        return rows, g.index_select(0, rows)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply the optimizer to the gradient of the sparse and dense modes (fused: nothing to do)."""
+        if self.grad_mode == "fused":
+            return
+        got = self._gradient_rows()
+        if got is None:
+            return
+        rows, values = got
+        torch.ops.engram.table_update(self.weight, self.momentum1, self.momentum2, self.row_step, self.step_count,
+                                      rows, values, self.hparams, self.optimizer, self._rounding_seed())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.weight.grad = None
+        self._pending_rows.clear()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_rows}, {self.d_head}, grad={self.grad_mode!r}, optimizer={self.optimizer!r}, "
+                f"lr={self.lr:g}, dtype={self.weight.dtype}, placement={self.placement!r}")
