@@ -17,8 +17,9 @@ Gradient modes:
   looked up twice in one forward is updated twice.
 * "sparse": backward leaves a coalesced sparse COO `weight.grad` holding only the touched rows;
   `step()` applies the table's optimizer to them (or bring your own, e.g. torch.optim.SparseAdam).
-* "dense": an ordinary dense `weight.grad`; `step()` updates the rows whose lookups backward
-  reached since the last `zero_grad()` (the table records them, so no table-sized scan is needed).
+* "dense": an ordinary dense `weight.grad`; `step()` updates the rows looked up since the last
+  `step()` (recorded in forward once TableOptimizer drives the table, so no table-sized scan of
+  the gradient is needed), or bring your own optimizer for the dense gradient.
 
 The three modes apply the same update for the same gradients (tests check it bit for bit).
 Fused tables have no `.grad`, so gradient clipping and GradScaler never see them (as FBGEMM's
@@ -155,7 +156,11 @@ class EngramTable(nn.Module):
         self.register_buffer("momentum2", zeros(shapes[1], dtypes[1], dev))
         self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
-        self._pending_rows: list[torch.Tensor] = []  # dense mode: rows looked up since zero_grad
+        # Dense mode: rows looked up since the last step(), recorded once an optimizer drives this
+        # table's own update (TableOptimizer sets track_rows); a user's optimizer on the dense
+        # gradient needs no record, and none accumulates.
+        self.track_rows = False
+        self._pending_rows: list[torch.Tensor] = []
         self.reset_parameters()
 
     # ---- settings ---------------------------------------------------------------------------
@@ -216,13 +221,11 @@ class EngramTable(nn.Module):
                                                                self.row_step, self.step_count, self.hparams,
                                                                self.optimizer, self._rounding_seed())
             return torch.ops.engram.multihead_gather(w, rows, False)
-        e = torch.ops.engram.multihead_gather(w, rows, self.grad_mode == "sparse")
-        if self.grad_mode == "dense" and e.requires_grad:
-            # Recorded when backward reaches the lookup, so a zero_grad() between forward and
-            # backward (a common loop order) does not forget them.
-            pending, looked_up = self._pending_rows, rows.detach()
-            e.register_hook(lambda grad: pending.append(looked_up))
-        return e
+        if self.grad_mode == "dense" and self.track_rows and torch.is_grad_enabled() and w.requires_grad:
+            # Consumed by step(), not by zero_grad(): a zero_grad() between forward and backward is
+            # a common loop order. (A backward hook would be exact but breaks compiled graphs.)
+            self._pending_rows.append(rows.detach())
+        return torch.ops.engram.multihead_gather(w, rows, self.grad_mode == "sparse")
 
     # ---- the update of the sparse and dense modes ------------------------------------------
     def _gradient_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -242,9 +245,11 @@ class EngramTable(nn.Module):
                 rows = g._indices()[0]
             return rows, g._values()
         if not self._pending_rows:
-            raise RuntimeError("EngramTable.step: a dense weight gradient is set but no lookup was recorded since "
-                               "zero_grad(); grad='dense' updates the rows whose lookups backward reached")
+            raise RuntimeError("EngramTable.step: a dense weight gradient is set but no lookup was recorded since the "
+                               "last step(); grad='dense' updates the rows looked up in forward, recorded when "
+                               "track_rows is True (TableOptimizer sets it)")
         rows = torch.unique(torch.cat([r.reshape(-1).to(torch.int64) for r in self._pending_rows]))
+        self._pending_rows.clear()
         return rows, g.index_select(0, rows)
 
     @torch.no_grad()
@@ -261,7 +266,6 @@ class EngramTable(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.weight.grad = None
-        self._pending_rows.clear()
 
     def extra_repr(self) -> str:
         return (f"{self.num_rows}, {self.d_head}, grad={self.grad_mode!r}, optimizer={self.optimizer!r}, "
