@@ -22,24 +22,26 @@ TORCH_LIBRARY(engram, m) {
   m.def("multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
   // -- gather/scatter internals go here --
 
-  // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D], key k [..., M, D] (the M key
-  // projections), value v [..., D], folded RMSNorm gains w = w_q * w_k [M, D] float32, RMSNorm
-  // eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, k, v and w.
-  // key and value share hidden's dtype; weight is float32 or hidden's dtype.
-  m.def("engram_gate(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> Tensor");
+  // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D]; kv [..., (M + 1) * D], the
+  // fused K/V projection output as it comes from its GEMM (the M keys first, then the value
+  // shared by the branches), read in place; folded RMSNorm gains w = w_q * w_k [M, D] float32;
+  // RMSNorm eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, kv and w;
+  // the kv gradient comes back as one [..., (M + 1) * D] tensor, the layout the GEMM's backward
+  // takes. kv shares hidden's dtype; weight is float32 or hidden's dtype.
+  m.def("engram_gate(Tensor hidden, Tensor kv, Tensor weight, float eps) -> Tensor");
   // -- gate internals (forward with saved statistics, backward) go here --
   // Forward with the statistics the backward needs, all [..., M] in the accumulation dtype
   // (float64 for float64 hidden, float32 otherwise): alpha, the RMS reciprocals r_x and r_k,
   // and raw = sum(x * w * k), so s = raw * r_x * r_k / sqrt(D).
   m.def(
-      "engram_gate_forward(Tensor hidden, Tensor key, Tensor value, Tensor weight, float eps) -> (Tensor out, "
+      "engram_gate_forward(Tensor hidden, Tensor kv, Tensor weight, float eps) -> (Tensor out, "
       "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw)");
-  // Gradients w.r.t. hidden, key, value (input dtype) and weight (weight's dtype); grad_weight
-  // is summed in a fixed order (bitwise reproducible).
+  // Gradients w.r.t. hidden, kv (input dtype) and weight (weight's dtype); grad_weight is summed
+  // in a fixed order (bitwise reproducible).
   m.def(
-      "engram_gate_backward(Tensor grad_out, Tensor hidden, Tensor key, Tensor value, Tensor weight, "
-      "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw) -> (Tensor grad_hidden, Tensor grad_key, "
-      "Tensor grad_value, Tensor grad_weight)");
+      "engram_gate_backward(Tensor grad_out, Tensor hidden, Tensor kv, Tensor weight, "
+      "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw) -> (Tensor grad_hidden, Tensor grad_kv, "
+      "Tensor grad_weight)");
 
   // Short causal convolution (ENGRAM.md section 5): u [B, T, M, D], per-branch RMSNorm gains
   // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d; tap i reads

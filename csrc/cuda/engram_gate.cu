@@ -50,8 +50,8 @@ GateChunks gate_chunks(int64_t N) {
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ k,
-                                    const scalar_t* __restrict__ v, const acc_t* __restrict__ w, int64_t rows, int M,
+__global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ kv,
+                                    const acc_t* __restrict__ w, int64_t rows, int M,
                                     int64_t D, acc_t eps, acc_t inv_sqrt_d, scalar_t* __restrict__ out,
                                     acc_t* __restrict__ alpha, acc_t* __restrict__ r_x, acc_t* __restrict__ r_k,
                                     acc_t* __restrict__ raw) {
@@ -60,7 +60,7 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t n = row / M, m = row - n * M;
     const scalar_t* xr = x + row * D;
-    const scalar_t* kr = k + row * D;
+    const scalar_t* kr = kv + n * (M + 1) * D + m * D;  // the fused K/V row of token n, read in place
     const acc_t* wr = w + m * D;
     acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // sum(x^2), sum(k^2), sum(x*w*k)
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
@@ -84,7 +84,7 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
       r_k[row] = rk;
       raw[row] = sums[2];
     }
-    const scalar_t* vr = v + n * D;
+    const scalar_t* vr = kv + n * (M + 1) * D + M * D;
     scalar_t* orow = out + row * D;
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
       acc_t vv[V];
@@ -100,13 +100,12 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
 // [M, D]; otherwise the partial lives in global memory (still owned by this block alone).
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                                     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                                     const acc_t* __restrict__ w, const acc_t* __restrict__ alpha,
+                                     const scalar_t* __restrict__ kv, const acc_t* __restrict__ w,
+                                     const acc_t* __restrict__ alpha,
                                      const acc_t* __restrict__ r_x, const acc_t* __restrict__ r_k,
                                      const acc_t* __restrict__ raw, int64_t N, int M, int64_t D, int64_t chunk_size,
                                      acc_t inv_sqrt_d, bool partial_in_shared, scalar_t* __restrict__ gx,
-                                     scalar_t* __restrict__ gk, scalar_t* __restrict__ gv,
-                                     acc_t* __restrict__ partials) {
+                                     scalar_t* __restrict__ gkv, acc_t* __restrict__ partials) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* gv_acc = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t scratch[32];
@@ -121,8 +120,9 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scala
     }
   }
   const int64_t n_end = min(N, (chunk + 1) * chunk_size);
+  const int64_t S = (M + 1) * D;  // fused K/V row width: M keys, then the value
   for (int64_t n = chunk * chunk_size; n < n_end; ++n) {
-    const scalar_t* vr = v + n * D;
+    const scalar_t* vr = kv + n * S + M * D;
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
 #pragma unroll
       for (int j = 0; j < V; ++j) gv_acc[c * V + j] = acc_t(0);
@@ -144,28 +144,28 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scala
       const acc_t term_x = gate_norm_term(rw, rx, D), term_k = gate_norm_term(rw, rk, D);
       const acc_t* wr = w + m * D;
       for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
-        acc_t gg[V], xv[V], kv[V], ox[V], ok[V];
+        acc_t gg[V], xv[V], kk[V], ox[V], ok[V];
         load_vec<acc_t, scalar_t, V>(gr + c * V, gg);
         load_vec<acc_t, scalar_t, V>(x + row * D + c * V, xv);
-        load_vec<acc_t, scalar_t, V>(k + row * D + c * V, kv);
+        load_vec<acc_t, scalar_t, V>(kv + n * S + m * D + c * V, kk);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const int64_t d = c * V + j;
           const acc_t wd = wr[d];
           gv_acc[d] += gg[j] * a;
-          gw[m * D + d] += coef * xv[j] * kv[j];
-          ox[j] = coef * (kv[j] * wd - xv[j] * term_x);
-          ok[j] = coef * (xv[j] * wd - kv[j] * term_k);
+          gw[m * D + d] += coef * xv[j] * kk[j];
+          ox[j] = coef * (kk[j] * wd - xv[j] * term_x);
+          ok[j] = coef * (xv[j] * wd - kk[j] * term_k);
         }
         store_vec<acc_t, scalar_t, V>(gx + row * D + c * V, ox);
-        store_vec<acc_t, scalar_t, V>(gk + row * D + c * V, ok);
+        store_vec<acc_t, scalar_t, V>(gkv + n * S + m * D + c * V, ok);
       }
     }
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
       acc_t out[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) out[j] = gv_acc[c * V + j];
-      store_vec<acc_t, scalar_t, V>(gv + n * D + c * V, out);
+      store_vec<acc_t, scalar_t, V>(gkv + n * S + M * D + c * V, out);
     }
   }
   if (partial_in_shared) {
@@ -191,16 +191,15 @@ __global__ void reduce_chunks_kernel(const acc_t* __restrict__ partials, int64_t
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_forward_cuda(
-    const at::Tensor& hidden, const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight, double eps) {
-  check_engram_gate_args("engram_gate_forward", hidden, key, value, weight);
+    const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight, double eps) {
+  check_engram_gate_args("engram_gate_forward", hidden, kv, weight);
   check_gate_eps("engram_gate_forward", eps);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto acc = gate_acc_dtype(hidden.scalar_type());
   const int64_t M = hidden.size(-2), D = hidden.size(-1);
   const int64_t N = hidden.numel() / (M * D);
   auto x = hidden.contiguous();
-  auto k = key.contiguous();
-  auto v = value.contiguous();
+  auto k = kv.contiguous();  // the GEMM's output is: no copy
   auto w = weight.to(acc).contiguous();
   auto out = at::empty(hidden.sizes(), x.options());
   const auto stat_shape = gate_stat_shape(hidden);
@@ -212,14 +211,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "engram_gate_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int V = cuda::row_vec<scalar_t>(D, {x.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()});
+    const int V = cuda::row_vec<scalar_t>(D, {x.data_ptr(), k.data_ptr(), out.data_ptr()});
     const int threads = row_threads(D / V);
     const unsigned grid = cuda::grid_for(N * M, 1, 32);
     const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(static_cast<acc_t>(D));
     auto launch = [&](auto vec) {
       constexpr int kV = decltype(vec)::value;
       gate_forward_kernel<scalar_t, acc_t, kV><<<grid, threads, 0, stream>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<scalar_t>(v), ptr<acc_t>(w), N * M, static_cast<int>(M), D,
+          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), N * M, static_cast<int>(M), D,
           static_cast<acc_t>(eps), inv_sqrt_d, ptr<scalar_t>(out), ptr<acc_t>(alpha), ptr<acc_t>(r_x),
           ptr<acc_t>(r_k), ptr<acc_t>(raw));
     };
@@ -233,27 +232,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
   return {out, alpha, r_x, r_k, raw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k,
-    const at::Tensor& raw) {
-  check_engram_gate_backward_args(grad_out, hidden, key, value, weight, alpha, r_x, r_k, raw);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight,
+    const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k, const at::Tensor& raw) {
+  check_engram_gate_backward_args(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto acc = gate_acc_dtype(hidden.scalar_type());
   const int64_t M = hidden.size(-2), D = hidden.size(-1);
   const int64_t N = hidden.numel() / (M * D);
   auto g = grad_out.contiguous();
   auto x = hidden.contiguous();
-  auto k = key.contiguous();
-  auto v = value.contiguous();
+  auto k = kv.contiguous();
   auto w = weight.to(acc).contiguous();
   auto a = alpha.contiguous();
   auto rx = r_x.contiguous();
   auto rk = r_k.contiguous();
   auto rw = raw.contiguous();
   auto grad_hidden = at::empty(hidden.sizes(), x.options());
-  auto grad_key = at::empty(key.sizes(), x.options());
-  auto grad_value = at::empty(value.sizes(), x.options());
+  auto grad_kv = at::empty(kv.sizes(), x.options());
   auto grad_weight = at::zeros({M, D}, x.options().dtype(acc));
   if (N > 0) {
     const GateChunks chunks = gate_chunks(N);
@@ -262,8 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "engram_gate_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int V = cuda::row_vec<scalar_t>(
-          D, {g.data_ptr(), x.data_ptr(), k.data_ptr(), v.data_ptr(), grad_hidden.data_ptr(), grad_key.data_ptr(),
-              grad_value.data_ptr()});
+          D, {g.data_ptr(), x.data_ptr(), k.data_ptr(), grad_hidden.data_ptr(), grad_kv.data_ptr()});
       const int threads = row_threads(D / V);
       const size_t gv_bytes = D * sizeof(acc_t), gw_bytes = M * D * sizeof(acc_t);
       const size_t limit = cuda::max_shared_optin() - 1024;  // static scratch
@@ -276,10 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_
         auto kernel = gate_backward_kernel<scalar_t, acc_t, kV>;
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks.count), threads, smem, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<scalar_t>(v), ptr<acc_t>(w), ptr<acc_t>(a),
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), ptr<acc_t>(a),
             ptr<acc_t>(rx), ptr<acc_t>(rk), ptr<acc_t>(rw), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d,
-            in_shared, ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_key), ptr<scalar_t>(grad_value),
-            ptr<acc_t>(partials));
+            in_shared, ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_kv), ptr<acc_t>(partials));
       };
       if (V > 1) {
         launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
@@ -292,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {grad_hidden, grad_key, grad_value, grad_weight.to(weight.scalar_type())};
+  return {grad_hidden, grad_kv, grad_weight.to(weight.scalar_type())};
 }
 
 }  // namespace

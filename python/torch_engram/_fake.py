@@ -74,37 +74,35 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_gate_shapes(op, hidden, key, value, weight):
+def _check_gate_shapes(op, hidden, kv, weight):
     torch._check(hidden.dim() >= 2, lambda: f"{op}: hidden must be [..., M, D], got {tuple(hidden.shape)}")
-    torch._check(key.shape == hidden.shape,
-                 lambda: f"{op}: key must have the shape of hidden {tuple(hidden.shape)}, "
-                         f"got {tuple(key.shape)}")
-    torch._check(tuple(value.shape) == tuple(hidden.shape[:-2]) + (hidden.shape[-1],),
-                 lambda: f"{op}: value must be [..., D], got {tuple(value.shape)}")
+    M, D = hidden.shape[-2], hidden.shape[-1]
+    torch._check(tuple(kv.shape) == tuple(hidden.shape[:-2]) + ((M + 1) * D,),
+                 lambda: f"{op}: kv must be [..., (M + 1) * D] = {tuple(hidden.shape[:-2]) + ((M + 1) * D,)} "
+                         f"(the M keys, then the value), got {tuple(kv.shape)}")
     torch._check(tuple(weight.shape) == tuple(hidden.shape[-2:]),
                  lambda: f"{op}: weight must be [M, D] = {tuple(hidden.shape[-2:])}, "
                          f"got {tuple(weight.shape)}")
 
 
 @torch.library.register_fake("engram::engram_gate")
-def _engram_gate_fake(hidden, key, value, weight, eps):
-    _check_gate_shapes("engram_gate", hidden, key, value, weight)
+def _engram_gate_fake(hidden, kv, weight, eps):
+    _check_gate_shapes("engram_gate", hidden, kv, weight)
     return hidden.new_empty(hidden.shape)
 
 
 @torch.library.register_fake("engram::engram_gate_forward")
-def _engram_gate_forward_fake(hidden, key, value, weight, eps):
-    _check_gate_shapes("engram_gate_forward", hidden, key, value, weight)
+def _engram_gate_forward_fake(hidden, kv, weight, eps):
+    _check_gate_shapes("engram_gate_forward", hidden, kv, weight)
     stat = hidden.new_empty(hidden.shape[:-1], dtype=_acc_dtype(hidden.dtype))
     return (hidden.new_empty(hidden.shape), stat, torch.empty_like(stat), torch.empty_like(stat),
             torch.empty_like(stat))
 
 
 @torch.library.register_fake("engram::engram_gate_backward")
-def _engram_gate_backward_fake(grad_out, hidden, key, value, weight, alpha, r_x, r_k, raw):
-    _check_gate_shapes("engram_gate_backward", hidden, key, value, weight)
-    return (hidden.new_empty(hidden.shape), key.new_empty(key.shape), value.new_empty(value.shape),
-            weight.new_empty(weight.shape))
+def _engram_gate_backward_fake(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw):
+    _check_gate_shapes("engram_gate_backward", hidden, kv, weight)
+    return hidden.new_empty(hidden.shape), kv.new_empty(kv.shape), weight.new_empty(weight.shape)
 
 
 def _check_conv_shapes(op, u, norm_weight, conv_weight):

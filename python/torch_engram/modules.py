@@ -131,11 +131,9 @@ class Engram(nn.Module):
             raise ValueError(f"Engram: rows {tuple(rows.shape[:2])} and hidden {tuple(hidden.shape[:2])} "
                              "must share [B, T]")
         e = self.gather(rows).to(self.kv_proj.weight.dtype)
-        kv = self.kv_proj(e)
-        key = kv[..., : M * D].unflatten(-1, (M, D)).to(hidden.dtype)
-        value = kv[..., M * D:].to(hidden.dtype)
+        kv = self.kv_proj(e).to(hidden.dtype)  # [B, T, (M + 1) * D]: M keys, then the value
         eps = self.config.gate_eps if self.config.gate_eps is not None else torch.finfo(hidden.dtype).eps
-        u = ops.engram_gate(hidden, key, value, self.gate_gain(), eps)
+        u = ops.engram_gate(hidden, kv, self.gate_gain(), eps)  # reads kv in place, no key/value copies
         if self.config.use_conv:
             u = ops.short_conv(u, self.conv_norm_weight, self.conv_weight, self.config.dilation, self.config.conv_eps)
         return u.squeeze(2) if squeeze else u

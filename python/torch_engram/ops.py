@@ -37,15 +37,21 @@ def multihead_gather_backward_sparse(grad_e: torch.Tensor,
     return torch.ops.engram.multihead_gather_backward_sparse(grad_e, rows)
 
 
-def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> torch.Tensor:
+def engram_gate(hidden: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Context-aware gate u^(m) = sigmoid(s') * v (ENGRAM.md section 4).
 
-    hidden, key [..., M, D]; value [..., D]; weight [M, D] = w_q * w_k, float32 or hidden's dtype;
-    eps the RMSNorm eps. Returns [..., M, D] in hidden's dtype.
-    Differentiable in all four tensors.
+    hidden [..., M, D]; kv [..., (M + 1) * D], the fused K/V projection output (M keys, then the
+    value), read in place; weight [M, D] = w_q * w_k, float32 or hidden's dtype; eps the RMSNorm
+    eps. Returns [..., M, D] in hidden's dtype. Differentiable in all three tensors; the kv
+    gradient is one [..., (M + 1) * D] tensor, as the projection's backward takes it.
     """
-    return torch.ops.engram.engram_gate(hidden, key, value, weight, eps)
+    return torch.ops.engram.engram_gate(hidden, kv, weight, eps)
+
+
+def gate_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """kv [..., (M + 1) * D] of separate keys [..., M, D] and value [..., D] (a copy; a model
+    gets kv straight from one fused projection instead)."""
+    return torch.cat([key.flatten(-2), value], dim=-1)
 
 
 def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,

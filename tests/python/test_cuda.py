@@ -18,6 +18,16 @@ import torch
 import torch_engram as te
 from torch_engram import reference
 
+def kv_of(k, v):
+    """The fused K/V layout [..., (M + 1) * D] the gate op reads (keys, then the value)."""
+    return te.ops.gate_kv(k, v)
+
+
+def gate(x, k, v, w, eps):
+    """engram_gate on separate keys and value (differentiable in each through the concatenation)."""
+    return te.ops.engram_gate(x, kv_of(k, v), w, eps)
+
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 CUDA = "cuda"
@@ -405,8 +415,8 @@ def test_gate_forward_backward_vs_cpu_and_reference(dtype, M, lead, D):
     x, k, v, w = gate_inputs(lead, M, D, dtype)
     grad = torch.randn(*lead, M, D, dtype=torch.float64).to(dtype)
     eps = 1e-6
-    out, got = grads_of(lambda *a: te.ops.engram_gate(*a, eps), [x, k, v, w], grad, CUDA)
-    out_cpu, want_cpu = grads_of(lambda *a: te.ops.engram_gate(*a, eps), [x, k, v, w], grad, "cpu")
+    out, got = grads_of(lambda *a: gate(*a, eps), [x, k, v, w], grad, CUDA)
+    out_cpu, want_cpu = grads_of(lambda *a: gate(*a, eps), [x, k, v, w], grad, "cpu")
     out64, want64 = grads_of(lambda *a: reference.engram_gate(*a, eps), [t.double() for t in (x, k, v, w)],
                              grad.double(), "cpu")
     assert out.dtype == dtype and out.device.type == CUDA
@@ -426,8 +436,8 @@ def test_gate_forward_backward_vs_cpu_and_reference(dtype, M, lead, D):
 
 def test_gate_saved_statistics_vs_cpu():
     x, k, v, w = gate_inputs((3, 5), 4, 24, torch.float32)
-    cuda_stats = torch.ops.engram.engram_gate_forward(*(t.to(CUDA) for t in (x, k, v, w)), 1e-5)
-    cpu_stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-5)
+    cuda_stats = torch.ops.engram.engram_gate_forward(x.to(CUDA), kv_of(k, v).to(CUDA), w.to(CUDA), 1e-5)
+    cpu_stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-5)
     for name, a, b in zip(("out", "alpha", "r_x", "r_k", "raw"), cuda_stats, cpu_stats):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
@@ -467,10 +477,10 @@ def test_short_conv_forward_backward_vs_cpu_and_reference(dtype, M, B, T, D, K, 
 def test_gate_and_conv_backward_bitwise_repeatable():
     x, k, v, w = (t.to(CUDA) for t in gate_inputs((4, 257), 4, 256, torch.bfloat16))
     grad = torch.randn(4, 257, 4, 256, device=CUDA, dtype=torch.bfloat16)
-    stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
-    first = torch.ops.engram.engram_gate_backward(grad, x, k, v, w, *stats[1:])
+    stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    first = torch.ops.engram.engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
     for _ in range(2):
-        again = torch.ops.engram.engram_gate_backward(grad, x, k, v, w, *stats[1:])
+        again = torch.ops.engram.engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     u, nw, cw = (t.to(CUDA) for t in conv_inputs(4, 257, 4, 256, 4, torch.bfloat16))
     _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5, True)
@@ -482,7 +492,7 @@ def test_gate_and_conv_backward_bitwise_repeatable():
 
 def test_gate_and_conv_gradcheck_float64():
     x, k, v, w = (t.to(CUDA).requires_grad_() for t in gate_inputs((2, 3), 2, 12, torch.float64, seed=3))
-    assert torch.autograd.gradcheck(lambda *a: te.ops.engram_gate(*a, 1e-6), (x, k, v, w))
+    assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-6), (x, k, v, w))
     u, nw, cw = (t.to(CUDA).requires_grad_() for t in conv_inputs(2, 11, 2, 6, 4, torch.float64, seed=4))
     for activation in (True, False):
         assert torch.autograd.gradcheck(lambda *a: te.ops.short_conv(*a, 3, 1e-5, activation), (u, nw, cw))
@@ -490,11 +500,11 @@ def test_gate_and_conv_gradcheck_float64():
 
 def test_gate_and_conv_opcheck_cuda():
     x, k, v, w = (t.to(CUDA) for t in gate_inputs((2, 3), 2, 16, torch.float32))
-    torch.library.opcheck(torch.ops.engram.engram_gate, (x, k, v, w, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate, (x.clone().requires_grad_(), k, v, w, 1e-6))
-    stats = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
-    torch.library.opcheck(torch.ops.engram.engram_gate_forward, (x, k, v, w, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate_backward, (torch.randn_like(x), x, k, v, w, *stats[1:]))
+    torch.library.opcheck(torch.ops.engram.engram_gate, (x, kv_of(k, v), w, 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate, (x.clone().requires_grad_(), kv_of(k, v), w, 1e-6))
+    stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    torch.library.opcheck(torch.ops.engram.engram_gate_forward, (x, kv_of(k, v), w, 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate_backward, (torch.randn_like(x), x, kv_of(k, v), w, *stats[1:]))
     u, nw, cw = (t.to(CUDA) for t in conv_inputs(2, 9, 2, 8, 4, torch.float32))
     torch.library.opcheck(torch.ops.engram.short_conv, (u, nw, cw, 3, 1e-5, True))
     torch.library.opcheck(torch.ops.engram.short_conv, (u.clone().requires_grad_(), nw, cw, 3, 1e-5, True))

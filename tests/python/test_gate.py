@@ -11,6 +11,16 @@ import torch_engram  # noqa: F401
 from torch_engram import ops
 from torch_engram import reference as ref
 
+def kv_of(k, v):
+    """The fused K/V layout [..., (M + 1) * D] the gate op reads (keys, then the value)."""
+    return ops.gate_kv(k, v)
+
+
+def gate(x, k, v, w, eps):
+    """engram_gate on separate keys and value (differentiable in each through the concatenation)."""
+    return ops.engram_gate(x, kv_of(k, v), w, eps)
+
+
 # (atol, rtol) of the op against the float64 reference on the same (rounded) inputs; atol is
 # relative to the largest reference magnitude.
 TOL = {
@@ -49,7 +59,7 @@ def ref64(x, k, v, w, eps):
 @pytest.mark.parametrize("lead", [(2, 7), (5,), ()])
 def test_values_match_reference(device, dtype, M, lead):
     x, k, v, w = make_inputs(lead, M, 40, dtype, device)
-    out = ops.engram_gate(x, k, v, w, 1e-6)
+    out = gate(x, k, v, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
 
@@ -57,7 +67,7 @@ def test_values_match_reference(device, dtype, M, lead):
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_statistics(device):
     x, k, v, w = make_inputs((3, 5), 4, 24, torch.float32, device)
-    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-5)
+    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-5)
     xd, kd, wd = x.double(), k.double(), w.double()
     rx = torch.rsqrt(xd.pow(2).mean(-1) + 1e-5)
     rk = torch.rsqrt(kd.pow(2).mean(-1) + 1e-5)
@@ -77,7 +87,7 @@ def test_gradients_match_reference(device, dtype, M):
     grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grad = grad.to(device, dtype)
     inputs = [t.detach().requires_grad_() for t in (x, k, v, w)]
-    out = ops.engram_gate(*inputs, 1e-6)
+    out = gate(*inputs, 1e-6)
     got = torch.autograd.grad(out, inputs, grad)
     ref_inputs = [t.detach().double().requires_grad_() for t in (x, k, v, w)]
     want = torch.autograd.grad(ref.engram_gate(*ref_inputs, 1e-6), ref_inputs, grad.double())
@@ -91,7 +101,7 @@ def test_gradients_match_reference(device, dtype, M):
 def test_gradcheck(M, lead):
     x, k, v, w = make_inputs(lead, M, 12, torch.float64, seed=3)
     inputs = [t.requires_grad_() for t in (x, k, v, w)]
-    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 1e-6), inputs)
+    assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-6), inputs)
 
 
 def _place_scores(x, k, w, targets):
@@ -117,14 +127,14 @@ def test_gradcheck_near_signed_sqrt_clamp():
     targets = torch.tensor([[4e-7, -4e-7, 3e-6, -3e-6], [2e-7, 0.3, -2e-6, 5e-7], [-0.7, -5e-7, 2e-6, 1.2]],
                            dtype=torch.float64)
     k = _place_scores(x, k, w, targets)
-    _, _, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, k, v, w, 0.0)
+    _, _, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 0.0)
     s = raw * r_x * r_k / math.sqrt(10)
     torch.testing.assert_close(s, targets, rtol=1e-3, atol=0)
     inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
     # Steps that move s by ~1e-9: no branch crosses the clamp edge or the sign jump at 0.
-    assert torch.autograd.gradcheck(lambda *a: ops.engram_gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6,
+    assert torch.autograd.gradcheck(lambda *a: gate(*a, 0.0), inputs, eps=1e-8, atol=1e-6,
                                     rtol=1e-4)
-    out = ops.engram_gate(*inputs, 0.0)
+    out = gate(*inputs, 0.0)
     grads = torch.autograd.grad(out.sum(), inputs)
     clamped = targets.abs() < 1e-6
     assert bool((grads[0][clamped] == 0).all()) and bool((grads[1][clamped] == 0).all())
@@ -150,7 +160,7 @@ def test_matches_official_demo_formulation(dtype, M):
     inputs = [t.requires_grad_() for t in (x, k, v)]
     want = demo(*inputs)
     weight = demo.folded_weight().requires_grad_()
-    got = ops.engram_gate(*inputs, weight, demo.eps_for(dtype))
+    got = gate(*inputs, weight, demo.eps_for(dtype))
     # Both sides round in float32 for float32 inputs, hence a looser bound there.
     loosen = 10.0 if dtype == torch.float32 else 1.0
     assert_close(got, want, dtype, loosen)
@@ -171,7 +181,7 @@ def test_matches_official_demo_formulation(dtype, M):
 def test_weight_in_float32_or_input_dtype(dtype, w_dtype):
     x, k, v, w = make_inputs((4,), 2, 16, dtype, w_dtype=w_dtype)
     w.requires_grad_()
-    out = ops.engram_gate(x, k, v, w, 1e-6)
+    out = gate(x, k, v, w, 1e-6)
     assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
     (gw,) = torch.autograd.grad(out.sum(), [w])
     assert gw.dtype == w_dtype
@@ -186,7 +196,7 @@ def test_weight_gradient_is_deterministic():
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             for _ in range(2):
-                (gw,) = torch.autograd.grad(ops.engram_gate(x, k, v, w, 1e-6).sum(), [w])
+                (gw,) = torch.autograd.grad(gate(x, k, v, w, 1e-6).sum(), [w])
                 grads.append(gw)
     finally:
         torch.set_num_threads(threads)
@@ -197,32 +207,33 @@ def test_weight_gradient_is_deterministic():
 def test_empty_batch_and_inference_mode():
     x, k, v, w = make_inputs((0, 3), 4, 8, torch.float32)
     inputs = [t.requires_grad_() for t in (x, k, v, w)]
-    out = ops.engram_gate(*inputs, 1e-6)
+    out = gate(*inputs, 1e-6)
     assert out.shape == (0, 3, 4, 8)
     grads = torch.autograd.grad(out.sum(), inputs)
     assert grads[3].shape == (4, 8) and bool((grads[3] == 0).all())
     x, k, v, w = make_inputs((2,), 4, 8, torch.float32)
     with torch.inference_mode():
-        out = ops.engram_gate(x, k, v, w, 1e-6)
+        out = gate(x, k, v, w, 1e-6)
     assert_close(out, ref64(x, k, v, w, 1e-6), torch.float32)
 
 
 def test_opcheck_public_and_internal():
     x, k, v, w = make_inputs((2, 3), 4, 16, torch.float32, seed=8)
     grad_inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
-    torch.library.opcheck(torch.ops.engram.engram_gate.default, (*grad_inputs, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate.default, (x, k, v, w, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate_forward.default, (x, k, v, w, 1e-6))
-    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
+    kv = kv_of(k, v).requires_grad_()
+    torch.library.opcheck(torch.ops.engram.engram_gate.default, (grad_inputs[0], kv, grad_inputs[3], 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate.default, (x, kv_of(k, v), w, 1e-6))
+    torch.library.opcheck(torch.ops.engram.engram_gate_forward.default, (x, kv_of(k, v), w, 1e-6))
+    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
     torch.library.opcheck(torch.ops.engram.engram_gate_backward.default,
-                          (torch.randn_like(out), x, k, v, w, alpha, r_x, r_k, raw))
+                          (torch.randn_like(out), x, kv_of(k, v), w, alpha, r_x, r_k, raw))
 
 
 def test_torch_compile_matches_eager():
     x, k, v, w = make_inputs((2, 5), 4, 16, torch.float32, seed=9)
 
     def f(x, k, v, w):
-        return (ops.engram_gate(x, k, v, w, 1e-6) * 2).sum(-1)
+        return (gate(x, k, v, w, 1e-6) * 2).sum(-1)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     eager_in = [t.clone().requires_grad_() for t in (x, k, v, w)]
@@ -238,7 +249,7 @@ def test_torch_compile_inductor_fullgraph():
     x, k, v, w = make_inputs((3,), 2, 8, torch.float32, seed=10)
 
     def f(x, k, v, w):
-        return ops.engram_gate(x.sin(), k, v, w, 1e-6) + 1
+        return gate(x.sin(), k, v, w, 1e-6) + 1
 
     compiled = torch.compile(f, fullgraph=True)
     eager_in = [t.clone().requires_grad_() for t in (x, k, v, w)]
@@ -256,7 +267,7 @@ def test_non_contiguous_and_broadcast_inputs():
     w = w.expand(4, 16).clone()
     hidden = base.expand(2, 5, 4, 16).requires_grad_()
     inputs = [hidden, k.requires_grad_(), v.requires_grad_(), w.requires_grad_()]
-    out = ops.engram_gate(*inputs, 1e-6)
+    out = gate(*inputs, 1e-6)
     want = ref.engram_gate(*inputs, 1e-6)
     assert_close(out, want, torch.float64)
     g = torch.randn_like(out)
@@ -267,23 +278,21 @@ def test_non_contiguous_and_broadcast_inputs():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda x, k, v, w: (x[0, 0, 0], k[0, 0, 0], v[0, 0], w), "hidden must be \\[..., M, D\\]"),
-        (lambda x, k, v, w: (x, k[:, :1], v, w), "key must have the shape of hidden"),
-        (lambda x, k, v, w: (x, k, v[..., :3], w), "value must be \\[..., D\\]"),
-        (lambda x, k, v, w: (x, k, v.unsqueeze(-2), w), "value must be \\[..., D\\]"),
-        (lambda x, k, v, w: (x, k, v, w[:1]), "weight must be \\[M=4, D=8\\]"),
-        (lambda x, k, v, w: (x, k.double(), v, w), "key must have hidden's dtype"),
-        (lambda x, k, v, w: (x, k, v.half(), w), "value must have hidden's dtype"),
-        (lambda x, k, v, w: (x, k, v, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32 or "
+        (lambda x, kv, w: (x[0, 0, 0], kv, w), "hidden must be \\[..., M, D\\]"),
+        (lambda x, kv, w: (x, kv[..., :-1], w), "kv must be \\[..., \\(M \\+ 1\\) \\* D\\]"),
+        (lambda x, kv, w: (x, kv.unsqueeze(-2), w), "kv must be \\[..., \\(M \\+ 1\\) \\* D\\]"),
+        (lambda x, kv, w: (x, kv, w[:1]), "weight must be \\[M=4, D=8\\]"),
+        (lambda x, kv, w: (x, kv.double(), w), "kv must have hidden's dtype"),
+        (lambda x, kv, w: (x, kv, w.bfloat16()), "weight \\(folded RMSNorm gains\\) must be float32 or "
          "hidden's dtype Float, got BFloat16"),
-        (lambda x, k, v, w: (x, k, v, w.double()), "weight .* must be float32 or hidden's dtype Float, "
-         "got Double"),
-        (lambda x, k, v, w: (x.int(), k.int(), v.int(), w), "hidden must be float32, bfloat16"),
-        (lambda x, k, v, w: (x[..., :0], k[..., :0], v[..., :0], w[:, :0]), "D >= 1"),
+        (lambda x, kv, w: (x, kv, w.double()), "weight .* must be float32 or hidden's dtype Float, got Double"),
+        (lambda x, kv, w: (x.int(), kv.int(), w), "hidden must be float32, bfloat16"),
+        (lambda x, kv, w: (x[..., :0], kv[..., :0], w[:, :0]), "D >= 1"),
     ],
 )
 def test_bad_inputs_name_the_argument(change, match):
-    args = change(*make_inputs((2, 3), 4, 8, torch.float32))
+    x, k, v, w = make_inputs((2, 3), 4, 8, torch.float32)
+    args = change(x, kv_of(k, v), w)
     with pytest.raises(RuntimeError, match=match):
         ops.engram_gate(*args, 1e-6)
 
@@ -291,15 +300,15 @@ def test_bad_inputs_name_the_argument(change, match):
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
 def test_bad_eps(eps):
     with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
-        ops.engram_gate(*make_inputs((2,), 1, 8, torch.float32), eps)
+        gate(*make_inputs((2,), 1, 8, torch.float32), eps)
 
 
 def test_backward_rejects_mismatched_statistics():
     x, k, v, w = make_inputs((2, 3), 4, 8, torch.float32)
-    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, k, v, w, 1e-6)
+    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
     with pytest.raises(RuntimeError, match="r_k must be \\[..., M\\]"):
-        torch.ops.engram.engram_gate_backward(out, x, k, v, w, alpha, r_x, r_k[:1], raw)
+        torch.ops.engram.engram_gate_backward(out, x, kv_of(k, v), w, alpha, r_x, r_k[:1], raw)
     with pytest.raises(RuntimeError, match="alpha must be Float"):
-        torch.ops.engram.engram_gate_backward(out, x, k, v, w, alpha.double(), r_x, r_k, raw)
+        torch.ops.engram.engram_gate_backward(out, x, kv_of(k, v), w, alpha.double(), r_x, r_k, raw)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of hidden"):
-        torch.ops.engram.engram_gate_backward(out[:1], x, k, v, w, alpha, r_x, r_k, raw)
+        torch.ops.engram.engram_gate_backward(out[:1], x, kv_of(k, v), w, alpha, r_x, r_k, raw)

@@ -198,3 +198,28 @@ def test_bad_inputs():
         te.Engram(SMALL, 1, 8, table_grad="lazy")
     with pytest.raises(ValueError, match="input_ids need a hasher"):
         te.Engram(SMALL, 1, 8)(torch.randn(2, 5, 8), input_ids=ids)
+
+
+def test_gate_reads_the_kv_projection_in_place():
+    # Forward and backward of the layer make no copies of key/value views: the gate reads the
+    # fused projection output as it is and returns its gradient in one [..., (M + 1) * D] tensor.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    mod = make(SMALL.replace(use_conv=False), M=2, D=8)
+    ids, hidden = inputs(mod, T=6)
+    rows = mod.hasher(ids)[mod.layer_index]
+    hidden.requires_grad_()
+    with Ops() as mode:
+        mod(hidden, rows=rows).sum().backward()
+    copies = [op for op in mode.seen if any(c in op for c in ("copy", "clone", "cat", "slice_backward", "contiguous"))]
+    assert copies == [], copies
+    assert any("engram_gate" in op for op in mode.seen)

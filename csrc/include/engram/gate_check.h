@@ -21,8 +21,18 @@ inline std::vector<int64_t> gate_stat_shape(const at::Tensor& hidden) {
   return s;
 }
 
-inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, const at::Tensor& key,
-                                   const at::Tensor& value, const at::Tensor& weight) {
+// The leading shape [...] of hidden [..., M, D] with kv's width (M + 1) * D appended.
+inline std::vector<int64_t> gate_kv_shape(const at::Tensor& hidden) {
+  auto s = hidden.sizes().vec();
+  const int64_t D = s.back();
+  s.pop_back();
+  const int64_t M = s.back();
+  s.back() = (M + 1) * D;
+  return s;
+}
+
+inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, const at::Tensor& kv,
+                                   const at::Tensor& weight) {
   TORCH_CHECK(hidden.dim() >= 2, op, ": hidden must be [..., M, D], got shape ", hidden.sizes());
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
@@ -30,25 +40,20 @@ inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, con
   const int64_t M = hidden.size(-2), D = hidden.size(-1);
   TORCH_CHECK(M >= 1 && D >= 1, op, ": hidden must have M >= 1 branches and D >= 1 channels, got shape ",
               hidden.sizes());
-  TORCH_CHECK(key.sizes() == hidden.sizes(), op, ": key must have the shape of hidden ", hidden.sizes(), ", got ",
-              key.sizes());
-  auto value_shape = hidden.sizes().vec();
-  value_shape.erase(value_shape.end() - 2);
-  TORCH_CHECK(value.sizes() == at::IntArrayRef(value_shape), op, ": value must be [..., D] = ", value_shape,
-              " (one value shared by the M branches), got ", value.sizes());
+  const auto kv_shape = gate_kv_shape(hidden);
+  TORCH_CHECK(kv.sizes() == at::IntArrayRef(kv_shape), op, ": kv must be [..., (M + 1) * D] = ", kv_shape,
+              " (the M keys, then the value), got ", kv.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == D, op, ": weight must be [M=", M,
               ", D=", D, "], got shape ", weight.sizes());
-  TORCH_CHECK(key.scalar_type() == dt, op, ": key must have hidden's dtype ", dt, ", got ", key.scalar_type());
-  TORCH_CHECK(value.scalar_type() == dt, op, ": value must have hidden's dtype ", dt, ", got ",
-              value.scalar_type());
+  TORCH_CHECK(kv.scalar_type() == dt, op, ": kv must have hidden's dtype ", dt, ", got ", kv.scalar_type());
   // fp32 gains are the norm (TileKernels folds them in fp32); gains in hidden's own dtype are
   // accepted too (a model cast with .to(dtype)), maths in the accumulation dtype either way.
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dt, op,
               ": weight (folded RMSNorm gains) must be float32 or hidden's dtype ", dt, ", got ",
               weight.scalar_type());
-  for (const auto* t : {&key, &value, &weight}) {
-    TORCH_CHECK(t->device() == hidden.device(), op, ": key, value and weight must be on hidden's device ",
-                hidden.device(), ", got ", t->device());
+  for (const auto* t : {&kv, &weight}) {
+    TORCH_CHECK(t->device() == hidden.device(), op, ": kv and weight must be on hidden's device ", hidden.device(),
+                ", got ", t->device());
   }
 }
 
@@ -57,11 +62,10 @@ inline void check_gate_eps(const char* op, double eps) {
 }
 
 inline void check_engram_gate_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,
-                                            const at::Tensor& key, const at::Tensor& value, const at::Tensor& weight,
-                                            const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k,
+                                            const at::Tensor& kv, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k,
                                             const at::Tensor& raw) {
   constexpr const char* op = "engram_gate_backward";
-  check_engram_gate_args(op, hidden, key, value, weight);
+  check_engram_gate_args(op, hidden, kv, weight);
   TORCH_CHECK(grad_out.sizes() == hidden.sizes(), op, ": grad_out must have the shape of hidden ", hidden.sizes(),
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == hidden.scalar_type(), op, ": grad_out must have hidden's dtype ",
