@@ -134,6 +134,18 @@ def bench_scatter(copy_bw: float, quick: bool) -> None:
         record("scatter", f"engram sparse (sorted) {tag}", t, sparse_bytes, copy_bw)
         t_peer = cuda_time(lambda: torch.unique(rows_l, return_inverse=True))
         record("scatter", f"torch.unique(return_inverse) alone {tag}", t_peer, None, None, speedup=t_peer / t)
+        # The fused backward (sort, per-row sums, Adam update of row and state, no gradient
+        # tensor): useful traffic = the gradient and ids read, plus a read-modify-write of each
+        # touched row, its two fp32 moments and its step count.
+        for opt in ("adam", "rowwise_adagrad"):
+            table = te.EngramTable(num_rows, d_head, optimizer=opt, dtype=dtype, device="cuda")
+            state_row = te.table.state_bytes_per_row(opt, d_head)
+            fused_bytes = n * d_head * b + n * 4 + 2 * unique * (d_head * b + state_row)
+            t = cuda_time(lambda: torch.ops.engram.multihead_gather_fused_update(
+                grad, rows, table.weight.detach(), table.momentum1, table.momentum2, table.row_step,
+                table.step_count, table.hparams, opt, table.seed if table.stochastic_rounding else -1))
+            record("scatter", f"engram fused backward {opt} {tag}", t, fused_bytes, copy_bw)
+            del table
         del grad, grad2
         torch.cuda.empty_cache()
 
