@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -185,6 +186,18 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     }
   }
 
+  // Compressed ids (LUT entries, ids without a LUT, the pad id) must keep x' * m within int64.
+  uint64_t m_max = 1;
+  const int64_t* mv = mult_c.data_ptr<int64_t>();
+  for (int64_t c = 0; c < mult_c.numel(); ++c) {
+    TORCH_CHECK(mv[c] >= 1, "ngram_hash: multipliers must be positive, got ", mv[c], " at flat index ", c);
+    m_max = std::max(m_max, static_cast<uint64_t>(mv[c]));
+  }
+  const uint64_t max_id = std::min<uint64_t>(static_cast<uint64_t>(num_ids - 1),
+                                             static_cast<uint64_t>(INT64_MAX) / m_max);
+  TORCH_CHECK(static_cast<uint64_t>(pad_id) <= max_id, "ngram_hash: pad_id must be a compressed id in [0, ", max_id + 1,
+              ") (below num_ids and such that pad_id * multiplier fits in int64), got ", pad_id);
+
   auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
@@ -194,7 +207,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
              ids.size(0), ids.size(1), L, multipliers.size(1), H,
              lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
-             pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad};
+             pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad, max_id};
   // The AVX-512 kernel takes half chunks of 8 heads of one order; the dmod constants serve it and
   // the portable kernel alike.
   const bool use_dmod = dmod_ok && has_fast_fma();
@@ -220,6 +233,16 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     }
   });
   const int64_t bad = bad_index.load();
+  if (bad >= 0) {
+    const int64_t raw = cpu::raw_id(a, bad);
+    if (raw >= 0 && raw < num_ids) {
+      const int64_t c = a.lut ? a.lut[raw] : raw;
+      TORCH_CHECK(false, "ngram_hash: ", a.lut ? "lut entries" : "ids", " must be compressed ids in [0, ", max_id + 1,
+                  ") (below num_ids and such that id * multiplier fits in int64), got ",
+                  a.lut ? "lut[" + std::to_string(raw) + "] = " : std::string(), c, " at [", bad / a.T, ", ",
+                  bad % a.T, "]");
+    }
+  }
   TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",
               cpu::raw_id(a, bad), " at [", bad / a.T, ", ", bad % a.T,
               "]; pass oov_to_pad=True to map such ids to the pad id");

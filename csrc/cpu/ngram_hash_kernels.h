@@ -23,6 +23,9 @@ struct HashArgs {
   int64_t pad_id;
   const bool* doc_start;  // nullptr: no document boundaries
   bool oov_to_pad;
+  // Largest compressed id allowed: below num_ids, and small enough that x' * m cannot overflow
+  // for any multiplier (a LUT entry past the compressed vocabulary would silently wrap).
+  uint64_t max_id;
 };
 
 // Constants of dmod (engram/hash.h), for calls whose primes all satisfy dmod_exact. Heads are
@@ -100,6 +103,11 @@ inline void compress_ids(const HashArgs& a, const id_t* x, int64_t b, int64_t fi
       c = a.pad_id;
     } else {
       c = a.lut ? a.lut[raw] : raw;
+      // A bad LUT entry is an error whatever oov_to_pad says: the id itself was valid.
+      if (static_cast<uint64_t>(c) > a.max_id) {
+        if (bad < 0) bad = b * a.T + s;
+        c = a.pad_id;
+      }
     }
     store(s, static_cast<uint64_t>(c));
   }

@@ -100,10 +100,22 @@ inline size_t max_shared_optin() {
   return static_cast<size_t>(bytes);
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KiB needs the opt-in).
+// Dynamic shared memory `kernel` may use: the opt-in maximum less the kernel's own static shared
+// memory (block-reduction scratch and the like), which counts against the same budget.
+template <typename Kernel>
+size_t dynamic_shared_limit(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t optin = max_shared_optin();
+  return optin > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory. The 48 KiB default budget covers static and
+// dynamic shared memory together, so the attribute is set for any dynamic size: comparing only
+// the dynamic bytes with 48 KiB let launches whose static part pushed the sum past it fail.
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
+  if (bytes > 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }

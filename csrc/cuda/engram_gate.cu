@@ -261,14 +261,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(
           D, {g.data_ptr(), x.data_ptr(), k.data_ptr(), grad_hidden.data_ptr(), grad_kv.data_ptr()});
       const int threads = row_threads(D / V);
       const size_t gv_bytes = D * sizeof(acc_t), gw_bytes = M * D * sizeof(acc_t);
-      const size_t limit = cuda::max_shared_optin() - 1024;  // static scratch
-      TORCH_CHECK(gv_bytes <= limit, "engram_gate_backward (CUDA): D=", D, " is too wide for shared memory");
-      const bool in_shared = gv_bytes + gw_bytes <= limit;
-      const size_t smem = gv_bytes + (in_shared ? gw_bytes : 0);
       const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(static_cast<acc_t>(D));
       auto launch = [&](auto vec) {
         constexpr int kV = decltype(vec)::value;
         auto kernel = gate_backward_kernel<scalar_t, acc_t, kV>;
+        const size_t limit = cuda::dynamic_shared_limit(kernel);
+        TORCH_CHECK(gv_bytes <= limit, "engram_gate_backward (CUDA): D=", D, " is too wide for shared memory (",
+                    gv_bytes, " bytes needed, ", limit, " available)");
+        const bool in_shared = gv_bytes + gw_bytes <= limit;
+        const size_t smem = gv_bytes + (in_shared ? gw_bytes : 0);
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks.count), threads, smem, stream>>>(
             ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), ptr<acc_t>(a),

@@ -1,10 +1,11 @@
 // CUDA kernels of the table gradient of multihead_gather, in two modes.
 //
-// Sorted (multihead_gather_backward_sparse always; the dense op for float64 and whenever
+// Sorted (the default, and always for the sparse op, for float64 and under
 // torch.use_deterministic_algorithms(True)): row_segments.cuh, deterministic and bitwise equal
 // to the CPU kernel.
-// Atomic (the dense op otherwise, float32/bfloat16/float16): float atomicAdd of every looked-up
-// gradient row into a zeroed float [num_rows, d_head] buffer, then a cast to the table dtype.
+// Atomic (the dense op with ENGRAM_GATHER_BACKWARD=atomic, float32/bfloat16/float16): float
+// atomicAdd of every looked-up gradient row into a zeroed float [num_rows, d_head] buffer, then
+// a cast to the table dtype; run-to-run differences in the last bits.
 //
 // Synchronisation: the dense op never synchronises (the unique count U stays on the device and
 // every kernel after the sort loops up to it). The sparse op must return [U]-sized tensors, so it
@@ -16,6 +17,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string_view>
 
 #include "row_segments.cuh"
 
@@ -77,15 +81,25 @@ at::Tensor backward_atomic(const GradArgs& a, int64_t num_rows) {
   return acc.scalar_type() == dt ? acc : acc.to(dt);
 }
 
+bool atomic_requested() {
+  const char* v = std::getenv("ENGRAM_GATHER_BACKWARD");
+  if (v == nullptr || std::string_view(v) == "sorted" || *v == '\0') return false;
+  TORCH_CHECK(std::string_view(v) == "atomic", "ENGRAM_GATHER_BACKWARD must be 'sorted' (default) or 'atomic', got '",
+              v, "'");
+  return true;
+}
+
 at::Tensor multihead_gather_backward_cuda(const at::Tensor& grad_e, const at::Tensor& rows, int64_t num_rows) {
   const char* op = "multihead_gather_backward";
   GradArgs a = check_grad_args(op, grad_e, rows);
   TORCH_CHECK(num_rows >= 0, op, ": num_rows must be non-negative, got ", num_rows);
   const c10::cuda::CUDAGuard guard(grad_e.device());
   TORCH_CHECK(a.n == 0 || num_rows > 0, op, ": rows must lie in [0, num_rows=0), but there are ", a.n, " lookups");
-  // float64 always takes the sorted path: it is the dtype of exact checks (gradcheck, references),
-  // where a run-to-run difference in the last bit would be noise, and speed does not matter.
-  if (!at::globalContext().deterministicAlgorithms() && a.grad.scalar_type() != at::kDouble) {
+  // Deterministic by default, as the schema promises: the sorted path. The atomic path (faster for
+  // a dense gradient, order-dependent in its fp32 sums) only on request, with
+  // ENGRAM_GATHER_BACKWARD=atomic, never under torch.use_deterministic_algorithms(True) and never
+  // for float64, the dtype of exact checks (gradcheck, references).
+  if (atomic_requested() && !at::globalContext().deterministicAlgorithms() && a.grad.scalar_type() != at::kDouble) {
     return backward_atomic(a, num_rows);
   }
   auto out = at::zeros({num_rows, a.d_head}, a.grad.options());

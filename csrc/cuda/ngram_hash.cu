@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "cuda_utils.cuh"
 #include "engram/hash.h"
 #include "engram/ngram_hash_check.h"
@@ -65,6 +67,12 @@ __global__ void __launch_bounds__(kTokensPerBlock) ngram_hash_kernel(HashParams 
   }
   for (int c = threadIdx.x; c < p.L * p.N; c += blockDim.x) mult[c] = p.mult[c];
   __syncthreads();
+  // Compressed ids (LUT entries, the pad id) must keep x' * m within int64, as on the CPU.
+  uint64_t m_max = 1;
+  for (int c = 0; c < p.L * p.N; ++c) m_max = mult[c] > m_max ? mult[c] : m_max;
+  const uint64_t max_id_mult = static_cast<uint64_t>(INT64_MAX) / m_max;
+  const uint64_t max_id = max_id_mult < static_cast<uint64_t>(p.num_ids - 1) ? max_id_mult
+                                                                              : static_cast<uint64_t>(p.num_ids - 1);
 
   const int64_t BT = p.B * p.T;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock;
@@ -82,6 +90,11 @@ __global__ void __launch_bounds__(kTokensPerBlock) ngram_hash_kernel(HashParams 
                                            p.num_ids, p.pad_id, xs);
     CUDA_KERNEL_ASSERT_MSG(bad < 0 || p.oov_to_pad,
                            "ngram_hash: ids must lie in [0, num_ids); pass oov_to_pad=True to map them to pad_id");
+    for (int k = 0; k < p.N; ++k) {
+      CUDA_KERNEL_ASSERT_MSG(xs[k] <= max_id,
+                             "ngram_hash: lut entries and pad_id must be compressed ids below num_ids whose "
+                             "products with the multipliers fit in int64");
+    }
   }
 
   out_t* out = static_cast<out_t*>(p.out);

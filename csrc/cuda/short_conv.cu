@@ -307,11 +307,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
             ptr<acc_t>(grad_pre));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const size_t a_bytes = s.D * sizeof(acc_t), part_bytes = part * sizeof(acc_t);
-        const size_t limit = cuda::max_shared_optin() - 1024;  // static scratch
-        TORCH_CHECK(a_bytes <= limit, "short_conv_backward (CUDA): D=", s.D, " is too wide for shared memory");
+        auto kernel = conv_backward_kernel<scalar_t, acc_t, kV>;
+        const size_t limit = cuda::dynamic_shared_limit(kernel);
+        TORCH_CHECK(a_bytes <= limit, "short_conv_backward (CUDA): D=", s.D, " is too wide for shared memory (",
+                    a_bytes, " bytes needed, ", limit, " available)");
         const bool in_shared = a_bytes + part_bytes <= limit;
         const size_t smem = a_bytes + (in_shared ? part_bytes : 0);
-        auto kernel = conv_backward_kernel<scalar_t, acc_t, kV>;
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks), row_threads(s.D / kV), smem, stream>>>(
             ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), ptr<acc_t>(grad_pre),

@@ -88,9 +88,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optim
     _fsync_dir(directory)
 
 
-def _load_optimizers(optimizers: Optimizers | None, states) -> None:
+def _optimizer_pairs(optimizers: Optimizers | None, states) -> list:
+    """[(optimizer, saved state, key)], checking that the structure matches the saved one."""
     if optimizers is None:
-        return
+        return []
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizers, states = [optimizers], [states]
     if isinstance(optimizers, Mapping):
@@ -111,8 +112,27 @@ def _load_optimizers(optimizers: Optimizers | None, states) -> None:
             saved = "none" if state is None else "a state"
             raise ValueError(f"load_checkpoint: optimizer {key!r} is {given} but the checkpoint has {saved} "
                              "for it")
-        if opt is not None:
-            opt.load_state_dict(state)
+    return [(o, s, k) for o, s, k in pairs if o is not None]
+
+
+def _check_model_state(model: nn.Module, saved: Mapping, strict: bool) -> None:
+    """Every key, shape and dtype of `saved` against the model's state_dict, before anything changes
+    (load_state_dict copies the matching tensors before it reports a mismatch)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_checkpoint: the checkpoint does not match the model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for key in sorted(set(own) & set(saved)):
+        a, b = own[key], saved[key]
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            raise ValueError(f"load_checkpoint: {key!r} is a {type(b).__name__} in the checkpoint, "
+                             f"a {type(a).__name__} in the model")
+        if isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
+            raise ValueError(f"load_checkpoint: {key!r} is {tuple(b.shape)} {b.dtype} in the checkpoint but "
+                             f"{tuple(a.shape)} {a.dtype} in the model")
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None, *,
@@ -121,15 +141,30 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optim
     """Load a save_checkpoint file into `model` and `optimizers` (same structure as saved; None
     skips them) and return its `extra`. Tensors are read to `map_location` (default CPU) and then
     copied to where the parameters live; optimizer state keeps its saved dtypes. `restore_rng`
-    restores the generator states saved with rng=True, so dropout and sampling resume exactly."""
+    restores the generator states saved with rng=True, so dropout and sampling resume exactly.
+    Keys, shapes and dtypes (hashing buffers included) and the optimizers' structure are all
+    checked first: a checkpoint that does not fit raises and changes nothing."""
     payload = torch.load(os.fspath(path), map_location=map_location, weights_only=weights_only)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a torch_engram checkpoint")
     if payload.get("version", 0) > VERSION:
         raise ValueError(f"load_checkpoint: checkpoint version {payload['version']} is newer than this "
                          f"torch_engram's {VERSION}")
+    # Everything is checked before anything changes: a failed load leaves model and optimizers as
+    # they were.
+    _check_model_state(model, payload["model"], strict)
+    pairs = _optimizer_pairs(optimizers, payload["optimizers"])
+    before = [opt.state_dict() for opt, _, _ in pairs]  # references, not copies: loading replaces them
+    done = []
+    try:
+        for opt, state, _ in pairs:
+            opt.load_state_dict(state)
+            done.append(opt)
+    except BaseException:
+        for opt, old in zip(done, before):
+            opt.load_state_dict(old)
+        raise
     model.load_state_dict(payload["model"], strict=strict)
-    _load_optimizers(optimizers, payload["optimizers"])
     rng = payload.get("rng")
     if restore_rng and rng is not None:
         torch.set_rng_state(rng["cpu"])

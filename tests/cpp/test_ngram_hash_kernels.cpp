@@ -102,7 +102,8 @@ struct Problem {
   HashArgs args() const {
     return HashArgs{ids.data(), nullptr, B, T, L, N, H(), lut.empty() ? nullptr : lut.data(), num_ids,
                     m.data(), p.data(), magic.data(), off.data(), pad,
-                    doc.empty() ? nullptr : reinterpret_cast<const bool*>(doc.data()), oov_to_pad};
+                    doc.empty() ? nullptr : reinterpret_cast<const bool*>(doc.data()), oov_to_pad,
+                    static_cast<uint64_t>(INT64_MAX)};
   }
 };
 

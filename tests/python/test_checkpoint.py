@@ -133,3 +133,36 @@ def test_optimizer_structure_must_match(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a torch_engram checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "other.pt", model)
+
+
+def test_failed_load_changes_nothing(tmp_path):
+    # Another hidden size: the table matches, the head does not. Nothing may change.
+    model, opts, _ = _fresh(torch.float32)
+    _run(model, opts, _Sched(), 0, 2)
+    checkpoint.save_checkpoint(tmp_path / "a.pt", model, opts)
+    torch.manual_seed(7)
+    other = Model(d=64)
+    other.head = nn.Linear(2 * 64, 2)
+    other_opts = [o for o in optim.make_optimizers(other, base_lr=1e-3) if o is not None]
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    opt_before = [o.state_dict() for o in other_opts]
+    with pytest.raises(ValueError, match=r"'head.bias' is \(1,\) torch.float32 in the checkpoint but "
+                                         r"\(2,\)"):
+        checkpoint.load_checkpoint(tmp_path / "a.pt", other, other_opts)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert [o.state_dict()["param_groups"] for o in other_opts] == [s["param_groups"] for s in opt_before]
+    # An optimizer that does not fit (another parameter count) is refused before the model changes.
+    small = Model()
+    small_opts = [optim.make_optimizers(small, base_lr=1e-3)[0],
+                  torch.optim.AdamW(list(small.head.parameters())[:1])]
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(ValueError):
+        checkpoint.load_checkpoint(tmp_path / "a.pt", small, small_opts)
+    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())
+    with pytest.raises(ValueError, match="missing keys"):
+        checkpoint.load_checkpoint(tmp_path / "a.pt", nn.Linear(2, 2))
+
+
+class _Sched:
+    def step(self):
+        pass

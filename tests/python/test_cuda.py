@@ -50,13 +50,27 @@ def deterministic():
 
 
 @pytest.fixture
-def nondeterministic():
+def nondeterministic(monkeypatch):
+    """The atomic dense backward: requested with ENGRAM_GATHER_BACKWARD=atomic, outside
+    deterministic mode (the sorted path is the default)."""
     prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("ENGRAM_GATHER_BACKWARD", "atomic")
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+def test_dense_backward_is_sorted_by_default():
+    # Without any setting, the dense table gradient is the deterministic sorted one: bitwise
+    # equal to the CPU op.
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 300, (64, 16), generator=g)
+    grad = torch.randn(64, 16 * 8, generator=g)
+    want = te.ops.multihead_gather_backward(grad, rows, 300)
+    got = te.ops.multihead_gather_backward(grad.to(CUDA), rows.to(CUDA), 300)
+    assert torch.equal(got.cpu(), want)
 
 
 # --- hashing ----------------------------------------------------------------------------------
@@ -441,6 +455,33 @@ def test_gate_saved_statistics_vs_cpu():
     for name, a, b in zip(("out", "alpha", "r_x", "r_k", "raw"), cuda_stats, cpu_stats):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# Shapes whose backward needs close to 48 KiB of dynamic shared memory or more (4 * D * (M + 1)
+# bytes for the gate, float64 doubling it): with the kernels' static shared memory on top, these
+# launches failed when only the dynamic bytes were compared with the 48 KiB default.
+@pytest.mark.parametrize("M,D,dtype", [(2, 4096, torch.float32), (3, 3072, torch.float32), (1, 6144, torch.float32),
+                                       (5, 2048, torch.float32), (2, 2048, torch.float64)])
+def test_gate_backward_near_the_shared_memory_limit(M, D, dtype):
+    x, k, v, w = gate_inputs((3,), M, D, dtype)
+    grad = torch.randn(3, M, D, dtype=torch.float64).to(dtype)
+    _, got = grads_of(lambda *a: gate(*a, 1e-6), [x, k, v, w], grad, CUDA)
+    _, want = grads_of(lambda *a: gate(*a, 1e-6), [x, k, v, w], grad, "cpu")
+    for name, a, b in zip("xkvw", got, want):
+        close(a, b.double(), dtype if name != "w" or dtype == torch.float64 else torch.float32, 8.0)
+
+
+def test_short_conv_backward_near_the_shared_memory_limit():
+    u, nw, cw = conv_inputs(1, 7, 1, 2048, 4, torch.float32)
+    grad = torch.randn(1, 7, 1, 2048, dtype=torch.float64).float()
+
+    def fn(*a):
+        return te.ops.short_conv(*a, 3, 1e-5, True)
+
+    _, got = grads_of(fn, [u, nw, cw], grad, CUDA)
+    _, want = grads_of(fn, [u, nw, cw], grad, "cpu")
+    for a, b in zip(got, want):
+        close(a, b.double(), torch.float32, 8.0)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -312,3 +312,33 @@ def test_backward_rejects_mismatched_statistics():
         torch.ops.engram.engram_gate_backward(out, x, kv_of(k, v), w, alpha.double(), r_x, r_k, raw)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of hidden"):
         torch.ops.engram.engram_gate_backward(out[:1], x, kv_of(k, v), w, alpha, r_x, r_k, raw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["nan", "inf", "-inf", "zero_row_eps0", "nan_key"])
+def test_nan_and_inf_propagate_as_in_the_official_formulation(device, case):
+    # A bad token must not come out finite: the official code (and the reference) give NaN for it,
+    # and the gradients then are NaN too; the other tokens are untouched.
+    x, k, v, w = make_inputs((3,), 2, 8, torch.float64, device, seed=11)
+    eps = 0.0 if case == "zero_row_eps0" else 1e-6
+    if case == "nan":
+        x[1, 0, 3] = float("nan")
+    elif case == "inf":
+        x[1, 0, 3] = float("inf")
+    elif case == "-inf":
+        x[1, 0, 3] = -float("inf")
+    elif case == "zero_row_eps0":
+        x[1, 0] = 0.0
+    else:
+        k[1, 0, 5] = float("nan")
+    inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
+    out = gate(*inputs, eps)
+    want = ref.engram_gate(x, k, v, w, eps)
+    assert bool(torch.isnan(want[1, 0]).all()) and bool(torch.isfinite(want[0]).all())
+    torch.testing.assert_close(out, want, equal_nan=True)
+    got = torch.autograd.grad(out.sum(), inputs)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
+    expected = torch.autograd.grad(ref.engram_gate(*ref_inputs, eps).sum(), ref_inputs)
+    for a, b in zip(got[:3], expected[:3]):
+        assert torch.equal(torch.isnan(a[1]), torch.isnan(b[1]))
+        torch.testing.assert_close(a[[0, 2]], b[[0, 2]])

@@ -258,6 +258,41 @@ def test_bad_input_errors():
     assert torch.equal(mapped, hasher(torch.tensor([[5, 1, 7, 1]])))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_pad_id_and_lut_entries_are_validated(device):
+    # A pad id or a LUT entry outside the compressed vocabulary would make x' * m overflow and
+    # corrupt rows silently; both are refused, and oov_to_pad does not hide a bad LUT entry.
+    cfg = te.EngramConfig(engram_vocab_size=(1009, 2003), layer_ids=(0,), pad_id=1, n_embed_per_ngram=8)
+    hasher = te.NgramHasher(cfg, lut=torch.arange(100) % 40).to(device)
+    ids = torch.tensor([[1, 2, 3]], device=device)
+
+    def run(lut=hasher.lut, pad_id=hasher.pad_id, oov_to_pad=False):
+        out = torch.ops.engram.ngram_hash(ids, lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets,
+                                          pad_id, None, torch.int64, oov_to_pad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    run()
+    with pytest.raises(RuntimeError, match=r"pad_id must be a compressed id in \[0, num_ids=100\), got 100"):
+        run(pad_id=100)
+    with pytest.raises(RuntimeError, match=r"pad_id must be a compressed id in \[0, num_ids=100\), got -1"):
+        run(pad_id=-1)
+    if device == "cuda":
+        return  # bad LUT values trip a device-side assert, which would poison the CUDA context
+    for value in (-3, 100, 2**62):
+        lut = hasher.lut.clone()
+        lut[2] = value
+        for oov in (False, True):
+            with pytest.raises(RuntimeError, match=rf"lut entries must be compressed ids in \[0, \d+\).*"
+                                                   rf"got lut\[2\] = {value} at \[0, 1\]"):
+                run(lut=lut, oov_to_pad=oov)
+    # Without a LUT, ids are compressed ids already: their bound is num_ids, and products fit.
+    lut = hasher.lut.clone()
+    lut[5] = 39
+    run(lut=lut)
+
+
 def test_int32_output_refused_past_2_31_rows():
     cfg = te.EngramConfig(engram_vocab_size=(2**31 - 5, 10), layer_ids=(0,), compressed_vocab_size=10,
                           pad_id=0, n_head_per_ngram=1, n_embed_per_ngram=1)

@@ -25,9 +25,13 @@ ENGRAM_HOST_DEVICE T rms_reciprocal(T sum_sq, int64_t D, T eps) {
   return T(1) / engram_sqrt(sum_sq / static_cast<T>(D) + eps);
 }
 
-// s' = sign(s) * sqrt(max(|s|, 1e-6)); sign(0) = 0, as torch.sign.
+// s' = sign(s) * sqrt(max(|s|, 1e-6)); sign(0) = 0, as torch.sign. NaN stays NaN, as in the
+// official formulation (NaN in hidden or key, inf in hidden, or an all-zero row with eps = 0 all
+// make s NaN): a finite alpha there would hide the bad input and pair a finite output with NaN
+// gradients.
 template <typename T>
 ENGRAM_HOST_DEVICE T signed_sqrt(T s) {
+  if (s != s) return s;
   const T floor = static_cast<T>(kSignedSqrtFloor);
   const T a = s < T(0) ? -s : s;
   const T root = engram_sqrt(a > floor ? a : floor);

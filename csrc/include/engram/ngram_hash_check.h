@@ -37,7 +37,9 @@ inline void check_ngram_hash_args(const at::Tensor& ids, const std::optional<at:
     TORCH_CHECK(lut->device() == ids.device(), "ngram_hash: lut must be on ids' device ", ids.device(), ", got ",
                 lut->device());
   }
-  TORCH_CHECK(pad_id >= 0, "ngram_hash: pad_id must be a non-negative compressed id, got ", pad_id);
+  // The compressed vocabulary is at most num_ids ids (a LUT maps num_ids raw ids onto it).
+  TORCH_CHECK(pad_id >= 0 && pad_id < num_ids, "ngram_hash: pad_id must be a compressed id in [0, num_ids=", num_ids,
+              "), got ", pad_id);
   if (doc_start.has_value()) {
     TORCH_CHECK(doc_start->sizes() == ids.sizes(), "ngram_hash: doc_start must have the shape of ids ", ids.sizes(),
                 ", got ", doc_start->sizes());
