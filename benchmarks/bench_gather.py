@@ -2,7 +2,7 @@
 (F.embedding / index_select over the concatenated table, embedding_dense_backward, index_add_,
 unique + index_add_, sparse COO coalesce), as GB/s next to the measured copy bandwidth.
 
-Bytes follow ENGRAM.md section 10: forward n*d_head*(b_table + b_out) + n*b_idx for n = tokens*H
+Bytes follow docs/SPEC.md section 10: forward n*d_head*(b_table + b_out) + n*b_idx for n = tokens*H
 lookups; backward reads the n gradient rows and indices and writes the touched rows (sparse) or
 the whole [num_rows, d_head] gradient (dense). Sort traffic is not counted.
 

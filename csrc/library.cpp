@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(engram, m) {
-  // Row ids of every Engram layer: ids [B, T] -> rows [L, B, T, H] (ENGRAM.md section 2).
+  // Row ids of every Engram layer: ids [B, T] -> rows [L, B, T, H] (docs/SPEC.md section 2).
   // lut: compression LUT of length num_ids (None: ids are already compressed, < num_ids).
   // multipliers [L, N], primes and offsets [L, H] (order-major, head-minor), pad_id compressed.
   // doc_start [B, T] bool: a shift that crosses a document start reads pad_id.
@@ -13,7 +13,7 @@ TORCH_LIBRARY(engram, m) {
       "Tensor offsets, int pad_id, Tensor? doc_start=None, ScalarType out_dtype=long, "
       "bool oov_to_pad=False) -> Tensor");
 
-  // e[..., h*d_head:(h+1)*d_head] = table[rows[..., h]] (ENGRAM.md section 3). Differentiable in
+  // e[..., h*d_head:(h+1)*d_head] = table[rows[..., h]] (docs/SPEC.md section 3). Differentiable in
   // table; sparse_grad makes the table gradient a coalesced sparse COO tensor.
   m.def("multihead_gather(Tensor table, Tensor rows, bool sparse_grad=False) -> Tensor");
   // Dense table gradient [num_rows, d_head], deterministic (no order-dependent float sums).
@@ -22,7 +22,7 @@ TORCH_LIBRARY(engram, m) {
   m.def("multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
   // -- gather/scatter internals go here --
 
-  // Context-aware gate (ENGRAM.md section 4): hidden x [..., M, D]; kv [..., (M + 1) * D], the
+  // Context-aware gate (docs/SPEC.md section 4): hidden x [..., M, D]; kv [..., (M + 1) * D], the
   // fused K/V projection output as it comes from its GEMM (the M keys first, then the value
   // shared by the branches), read in place; folded RMSNorm gains w = w_q * w_k [M, D] float32;
   // RMSNorm eps. Returns u = alpha * v, [..., M, D] in x's dtype. Differentiable in x, kv and w;
@@ -43,7 +43,7 @@ TORCH_LIBRARY(engram, m) {
       "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw) -> (Tensor grad_hidden, Tensor grad_kv, "
       "Tensor grad_weight)");
 
-  // Short causal convolution (ENGRAM.md section 5): u [B, T, M, D], per-branch RMSNorm gains
+  // Short causal convolution (docs/SPEC.md section 5): u [B, T, M, D], per-branch RMSNorm gains
   // norm_weight [M, D], depthwise conv weight [M * D, kernel_size] (channel m * D + d; tap i reads
   // position t - (kernel_size - 1 - i) * dilation, nn.Conv1d's causal layout; t < 0 reads zero),
   // dilation, RMSNorm eps. Returns u + SiLU(conv(RMSNorm(u))) (no SiLU when activation is False).
@@ -63,7 +63,7 @@ TORCH_LIBRARY(engram, m) {
       "short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
       "int dilation, bool activation) -> (Tensor grad_u, Tensor grad_norm_weight, Tensor grad_conv_weight)");
 
-  // ---- Table optimizer ops (docs/SPEC.md, "Training tables") ----
+  // ---- Table optimizer ops (docs/SPEC.md section 7) ----
   // State of a table [R, d_head] under each optimizer (unused slots are empty [0] tensors):
   //   sgd                   momentum1 [0], momentum2 [0], row_step [0]
   //   adam                  momentum1 [R, d_head], momentum2 [R, d_head], row_step int32 [R]

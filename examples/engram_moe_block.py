@@ -4,7 +4,7 @@ once without, on the same data and seed.
 
     python examples/engram_moe_block.py [--steps 40] [--table-grad dense|sparse|fused]
 
-The Engram update is added to the residual stream before attention (ENGRAM.md section 6). Tables
+The Engram update is added to the residual stream before attention (docs/SPEC.md section 6). Tables
 train with Adam at 5x the base learning rate and no weight decay (torch_engram.optim).
 """
 

@@ -1,4 +1,4 @@
-// CUDA kernels of engram_gate_forward and engram_gate_backward (ENGRAM.md section 4), fused and
+// CUDA kernels of engram_gate_forward and engram_gate_backward (docs/SPEC.md section 4), fused and
 // accumulated in acc_t (float; double for float64), per-element maths from engram/gate.h.
 //
 // Forward: one block per (token, branch) row; one pass computes sum(x^2), sum(k^2) and

@@ -1,4 +1,4 @@
-// CUDA kernels of short_conv_forward and short_conv_backward (ENGRAM.md section 5):
+// CUDA kernels of short_conv_forward and short_conv_backward (docs/SPEC.md section 5):
 // Y = U + SiLU(Conv1D(RMSNorm(U))), depthwise, causal, dilated; acc_t (float; double for float64)
 // accumulation, per-element maths from engram/conv.h, the same saved statistic (rstd [B, T, M])
 // and the same decomposition as the CPU op.

@@ -1,4 +1,4 @@
-"""The allocation law (ENGRAM.md section 8): parameter counts of a ModelConfig, and the split of a
+"""The allocation law (docs/SPEC.md section 8): parameter counts of a ModelConfig, and the split of a
 fixed sparse budget between routed experts (rho) and Engram table slots (1 - rho).
 
 Definitions, exactly as counted here:

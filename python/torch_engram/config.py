@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class EngramConfig:
-    """Engram hyperparameters, named as in ENGRAM.md and the official demo.
+    """Engram hyperparameters, named as in docs/SPEC.md and the official demo.
 
     engram_vocab_size: nominal rows per table for each order 2..N (the prime search starts here).
     max_ngram_size: N, the largest n-gram order hashed (orders 2..N).
@@ -40,7 +40,7 @@ class EngramConfig:
         object.__setattr__(self, "layer_ids", tuple(int(v) for v in self.layer_ids))
         self.validate()
 
-    # Derived sizes (ENGRAM.md symbols).
+    # Derived sizes (docs/SPEC.md symbols).
     @property
     def num_orders(self) -> int:
         return self.max_ngram_size - 1

@@ -1,4 +1,4 @@
-"""Hashing layout (multipliers, primes, offsets) and the NgramHasher module (ENGRAM.md section 2)."""
+"""Hashing layout (multipliers, primes, offsets) and the NgramHasher module (docs/SPEC.md section 2)."""
 
 from __future__ import annotations
 

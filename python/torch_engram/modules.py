@@ -1,7 +1,7 @@
 """Engram: the drop-in nn.Module (hashing -> multi-head gather -> gate -> short conv).
 
 The module returns the update to add to the residual stream(s); the caller adds it before the
-block's attention (ENGRAM.md section 6).
+block's attention (docs/SPEC.md section 6).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .table import EngramTable
 
 
 class Engram(nn.Module):
-    """One Engram layer (ENGRAM.md sections 3-5).
+    """One Engram layer (docs/SPEC.md sections 3-5).
 
     Args:
         config: the model's EngramConfig; `layer_id` must be one of `config.layer_ids`.

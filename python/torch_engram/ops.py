@@ -38,7 +38,7 @@ def multihead_gather_backward_sparse(grad_e: torch.Tensor,
 
 
 def engram_gate(hidden: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Context-aware gate u^(m) = sigmoid(s') * v (ENGRAM.md section 4).
+    """Context-aware gate u^(m) = sigmoid(s') * v (docs/SPEC.md section 4).
 
     hidden [..., M, D]; kv [..., (M + 1) * D], the fused K/V projection output (M keys, then the
     value), read in place; weight [M, D] = w_q * w_k, float32 or hidden's dtype; eps the RMSNorm
@@ -56,7 +56,7 @@ def gate_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
                eps: float, activation: bool = True) -> torch.Tensor:
-    """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (ENGRAM.md section 5).
+    """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (docs/SPEC.md section 5).
 
     u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight
     without its middle dimension); both weights float32 or u's dtype.

@@ -8,7 +8,7 @@ lr, betas, eps and weight_decay through to the tables, `step()` updates sparse- 
 tables from their gradients (fused tables were already updated in backward) and `zero_grad()`
 clears them. The rest of the model goes to AdamW or a user factory.
 
-The recipe (docs/SPEC.md, "Training tables"): tables at 5x the base learning rate with no weight
+The recipe (docs/SPEC.md section 7): tables at 5x the base learning rate with no weight
 decay, the rest at the base rate with the user's weight decay.
 
 Gradient clipping and AMP: fused tables have no .grad, so `clip_grad_norm_(model.parameters())`

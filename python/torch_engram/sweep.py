@@ -1,4 +1,4 @@
-"""The rho allocation sweep (ENGRAM.md section 8) at small scale: one model per rho with the same
+"""The rho allocation sweep (docs/SPEC.md section 8) at small scale: one model per rho with the same
 P_tot and P_act, data, token budget, hyperparameters and seeds; held-out loss and bits per byte.
 
     python -m torch_engram.sweep --preset quick            # CPU, minutes
@@ -136,7 +136,7 @@ class SweepData:
     val: torch.Tensor  # int64 token stream, starting with <eos> so that every text token is predicted
     val_bytes: int  # UTF-8 bytes of the validation documents (for bits per byte)
     vocab_size: int  # model vocabulary = tokenizer length
-    lut: torch.Tensor  # tokenizer-compression LUT (ENGRAM.md section 1)
+    lut: torch.Tensor  # tokenizer-compression LUT (docs/SPEC.md section 1)
     pad_id: int  # raw id hashed before the sequence start
     sep_id: int
     description: str = ""

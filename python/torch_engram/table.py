@@ -76,7 +76,7 @@ def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 
 
 def state_bytes_per_row(optimizer: str, d_head: int, state_dtype: torch.dtype = torch.float32) -> int:
-    """Optimizer state bytes of one row (the table in TABLES.md; measured in bench_table.py)."""
+    """Optimizer state bytes of one row (docs/SPEC.md section 7; measured by benchmarks/bench_table.py)."""
     moment = torch.empty((), dtype=state_dtype).element_size()
     return {"adam": 2 * d_head * moment + 4, "partial_rowwise_adam": d_head * moment + 4 + 4,
             "rowwise_adagrad": 4, "sgd": 0}[optimizer]

@@ -1,4 +1,4 @@
-"""Tokenizer compression (ENGRAM.md section 1): a surjective LUT from tokenizer ids to compressed ids
+"""Tokenizer compression (docs/SPEC.md section 1): a surjective LUT from tokenizer ids to compressed ids
 that merges tokens differing only in case, accents, Unicode form or surrounding whitespace.
 
 Built once from any vocabulary (a `tokenizers.Tokenizer`, a transformers tokenizer, or a list of
@@ -89,7 +89,7 @@ def _texts_and_raw(tokenizer: Any) -> tuple[list[str], Any]:
 
 
 def build_compression(tokenizer: Any) -> Compression:
-    """The compression LUT of ENGRAM.md section 1, scanning tid = 0, 1, 2, ... once.
+    """The compression LUT of docs/SPEC.md section 1, scanning tid = 0, 1, 2, ... once.
 
     Key of tid: if decode([tid]) contains U+FFFD (a partial UTF-8 byte token) the raw token
     (convert_ids_to_tokens / id_to_token / the list entry), else the normalized text, or the text

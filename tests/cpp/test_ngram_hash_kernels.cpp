@@ -144,7 +144,7 @@ Problem make_problem(std::mt19937_64& rng, int64_t B, int64_t T, int64_t L, int6
   return pr;
 }
 
-// Plain transcription of ENGRAM.md section 2 with document starts: rows [L, B, T, H].
+// Plain transcription of docs/SPEC.md section 2 with document starts: rows [L, B, T, H].
 std::vector<int64_t> scalar_rows(const Problem& pr) {
   const int64_t H = pr.H();
   std::vector<int64_t> out(pr.L * pr.B * pr.T * H);

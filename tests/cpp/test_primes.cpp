@@ -1,4 +1,4 @@
-// Prime search and the official table layout against ENGRAM.md's golden numbers.
+// Prime search and the official table layout against docs/SPEC.md's golden numbers.
 #include <gtest/gtest.h>
 
 #include <numeric>

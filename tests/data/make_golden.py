@@ -1,5 +1,5 @@
 """Regenerates golden_hash.txt: row ids from an independent pure-NumPy transcription of the
-official hashing (ENGRAM.md section 2), for GoogleTest and pytest to share.
+official hashing (docs/SPEC.md section 2), for GoogleTest and pytest to share.
 
 Run: python tests/data/make_golden.py > tests/data/golden_hash.txt
 """

@@ -1,5 +1,5 @@
 """ngram_hash and NgramHasher against golden numbers and an independent NumPy transcription of
-the official algorithm (ENGRAM.md section 2)."""
+the official algorithm (docs/SPEC.md section 2)."""
 
 import io
 import time

@@ -1,4 +1,4 @@
-"""Tokenizer compression (ENGRAM.md section 1) on a real byte-level BPE trained offline on Python's
+"""Tokenizer compression (docs/SPEC.md section 1) on a real byte-level BPE trained offline on Python's
 own documentation, on hand-made vocabularies, and against a pure-Python re-implementation."""
 
 import re
@@ -188,7 +188,7 @@ def test_bad_vocabularies():
 
 # Independent re-implementation ---------------------------------------------------------------------
 def python_key(text: str) -> str:
-    """ENGRAM.md section 1 in plain Python; agrees with `tokenizers` on ASCII (Python's str.strip
+    """docs/SPEC.md section 1 in plain Python; agrees with `tokenizers` on ASCII (Python's str.strip
     would also strip \\x1c-\\x1f, which are not Unicode White_Space)."""
     s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
     s = "".join(ch for ch in s if unicodedata.category(ch) != "Mn").lower()

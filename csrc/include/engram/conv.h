@@ -1,5 +1,5 @@
 // Per-element maths of the short causal convolution Y = U + SiLU(Conv1D(RMSNorm(U)))
-// (ENGRAM.md section 5), torch-free so the CPU kernel, the CUDA kernel and GoogleTest share it.
+// (docs/SPEC.md section 5), torch-free so the CPU kernel, the CUDA kernel and GoogleTest share it.
 #pragma once
 
 #include <cstdint>

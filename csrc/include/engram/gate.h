@@ -1,4 +1,4 @@
-// Per-element maths of the context-aware gate (ENGRAM.md section 4), torch-free so the CPU
+// Per-element maths of the context-aware gate (docs/SPEC.md section 4), torch-free so the CPU
 // kernel, the CUDA kernel and GoogleTest share one definition. Instantiate with float (fp32
 // accumulation for float32/bfloat16/float16 inputs) or double (float64 inputs).
 #pragma once
@@ -69,7 +69,7 @@ ENGRAM_HOST_DEVICE T gate_alpha(T raw, T r_x, T r_k, T inv_sqrt_d) {
 //   grad_x = r * (k * w - x * raw * r_x^2 / D)
 //   grad_k = r * (x * w - k * raw * r_k^2 / D)
 //   grad_w = sum over tokens of r * x * k
-// (ENGRAM.md section 4, plain form u = alpha * v: no identity term in grad_x).
+// (docs/SPEC.md section 4, plain form u = alpha * v: no identity term in grad_x).
 template <typename T>
 ENGRAM_HOST_DEVICE T gate_backward_coef(T dl_dalpha, T alpha, T raw, T r_x, T r_k, T inv_sqrt_d) {
   const T scale = inv_sqrt_d * r_x * r_k;

@@ -1,4 +1,4 @@
-// N-gram hash primitives (ENGRAM.md section 2), torch-free so CPU, CUDA and GoogleTest share
+// N-gram hash primitives (docs/SPEC.md section 2), torch-free so CPU, CUDA and GoogleTest share
 // one bit-exact definition. All arithmetic is unsigned 64-bit: compressed ids are non-negative
 // and x' * m < 2^63, so unsigned results equal the official signed NumPy ones, and no
 // floor-vs-truncate modulo ambiguity can arise.

@@ -1,4 +1,4 @@
-// Multi-head gather/scatter primitives (ENGRAM.md section 3), torch-free so the CPU kernels, the
+// Multi-head gather/scatter primitives (docs/SPEC.md section 3), torch-free so the CPU kernels, the
 // CUDA kernels and GoogleTest agree on row validation and on the sort keys of the backward.
 //
 // Backward layout: lookup n (flat index into rows, n = token * H + head) reads table row rows[n]

@@ -1,4 +1,4 @@
-// Per-token n-gram hashing of the CUDA kernel (ENGRAM.md section 2), torch-free so GoogleTest
+// Per-token n-gram hashing of the CUDA kernel (docs/SPEC.md section 2), torch-free so GoogleTest
 // runs the very same code on the CPU and compares it with the CPU op bit for bit.
 #pragma once
 

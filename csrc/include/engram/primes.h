@@ -1,4 +1,4 @@
-// Table sizes of every (layer, order, head): the official prime layout (ENGRAM.md section 2.4).
+// Table sizes of every (layer, order, head): the official prime layout (docs/SPEC.md section 2.4).
 #pragma once
 
 #include <cstdint>

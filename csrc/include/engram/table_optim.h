@@ -1,4 +1,4 @@
-// Row updates of the table optimizers (docs/SPEC.md, "Training tables"), torch-free so the CPU
+// Row updates of the table optimizers (docs/SPEC.md section 7), torch-free so the CPU
 // kernels, the CUDA kernels and GoogleTest share one definition. A row r with summed gradient
 // g[0..d) (accumulation type acc_t: float, double for float64 tables) is updated in two steps:
 // table_row_coeffs() once per row (it advances the row's own state: step count, row-wise second

@@ -13,7 +13,7 @@ def default_engram_layers(n_layers: int) -> tuple[int, ...]:
     """Block 1 and a middle block (0-based), after the paper's blocks 2 and 15 of 30 (1-based).
 
     Block 0 is avoided: the gate's query is the residual stream, which should have passed through at
-    least one attention layer (ENGRAM.md section 6).
+    least one attention layer (docs/SPEC.md section 6).
     """
     if n_layers < 2:
         raise ValueError(f"default_engram_layers: n_layers must be >= 2, got {n_layers}")

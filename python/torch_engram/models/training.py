@@ -1,6 +1,6 @@
 """Training recipe for the reference model: optimizer groups, LR schedule, batches, evaluation.
 
-Optimizer groups (the paper's recipe, ENGRAM.md section 7, with AdamW standing in for Muon):
+Optimizer groups (the paper's recipe, docs/SPEC.md section 7, with AdamW standing in for Muon):
 - Engram tables: each EngramTable's own optimizer (TrainConfig.table_optimizer: "adam", lazy with
   row-wise bias correction, by default; "partial_rowwise_adam", "rowwise_adagrad" or "sgd"),
   LR = table_lr_mult (5) x base LR, no weight decay, fused into backward by default.

@@ -1,4 +1,4 @@
-"""Reference decoder-only MoE transformer with Engram layers (ENGRAM.md section 6 placement)."""
+"""Reference decoder-only MoE transformer with Engram layers (docs/SPEC.md section 6 placement)."""
 
 from __future__ import annotations
 

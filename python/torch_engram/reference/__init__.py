@@ -1,5 +1,5 @@
 """Pure-PyTorch oracle of every engram op and of the whole layer: float64-capable, written from
-ENGRAM.md and readable as its executable spec. Tests compare the native kernels against it."""
+docs/SPEC.md and readable as its executable spec. Tests compare the native kernels against it."""
 
 from .conv import DemoShortConv, short_conv
 from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt

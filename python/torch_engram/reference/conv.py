@@ -1,4 +1,4 @@
-"""Reference short causal convolution Y = U + SiLU(Conv1D(RMSNorm(U))) (ENGRAM.md section 5) in
+"""Reference short causal convolution Y = U + SiLU(Conv1D(RMSNorm(U))) (docs/SPEC.md section 5) in
 plain PyTorch via a grouped conv1d, and the official demo's ShortConv formulation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference context-aware gate (ENGRAM.md section 4) in plain PyTorch, float64-capable: the
+"""Reference context-aware gate (docs/SPEC.md section 4) in plain PyTorch, float64-capable: the
 folded-gain form of the engram_gate op, the separate-gain form, and the official demo's
 formulation with one nn.RMSNorm module per branch for keys and for queries."""
 

@@ -1,4 +1,4 @@
-"""Reference multi-head gather (ENGRAM.md section 3) and its table gradients, in plain PyTorch.
+"""Reference multi-head gather (docs/SPEC.md section 3) and its table gradients, in plain PyTorch.
 
 Gradients are summed in float64 and rounded once to grad_e's dtype, so they serve as the oracle
 for the native kernels' fp32 (fp64 for float64) position-order sums."""

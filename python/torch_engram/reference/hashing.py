@@ -1,4 +1,4 @@
-"""Reference n-gram hashing (ENGRAM.md section 2) in plain torch int64 arithmetic."""
+"""Reference n-gram hashing (docs/SPEC.md section 2) in plain torch int64 arithmetic."""
 
 from __future__ import annotations
 

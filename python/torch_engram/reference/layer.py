@@ -14,7 +14,7 @@ from .gate import DemoGate, engram_gate_separate
 
 def engram_layer(hidden, rows, table, kv_weight, kv_bias, norm_q_weight, norm_k_weight, conv_norm_weight,
                  conv_weight, *, gate_eps: float, conv_eps: float, dilation: int):
-    """hidden [B, T, M, D], rows [B, T, H] -> update [B, T, M, D] (ENGRAM.md sections 3-5).
+    """hidden [B, T, M, D], rows [B, T, H] -> update [B, T, M, D] (docs/SPEC.md sections 3-5).
 
     conv_weight None gives the V4.1 form (no conv)."""
     M, D = hidden.shape[-2:]
