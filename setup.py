@@ -23,8 +23,28 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def check_build_tools() -> None:
+    """With --no-build-isolation pip installs none of pyproject's build requirements, so a
+    missing one would otherwise fail deep inside CMake; name them all at once instead."""
+    missing = []
+    for module in ("torch", "pybind11"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if shutil.which("cmake") is None:
+        missing.append("cmake")
+    if missing:
+        hint = "" if "torch" not in missing else " (torch: install the build you want first; it is never installed here)"
+        raise SystemExit(
+            f"torch-engram: the build needs {', '.join(missing)}, not found in this environment{hint}. "
+            f"Install them, e.g. `pip install {' '.join(m for m in missing if m != 'torch')} ninja`, and "
+            "rerun `pip install --no-build-isolation -e .`")
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        check_build_tools()
         build_dir = Path(os.environ.get("ENGRAM_BUILD_DIR", ROOT / "build")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
