@@ -166,3 +166,57 @@ def test_failed_load_changes_nothing(tmp_path):
 class _Sched:
     def step(self):
         pass
+
+
+_SAVER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from torch_engram import EngramTable, checkpoint, optim
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(EngramTable(20000, 32, seed=1), nn.Linear(64, 1))
+opts = [o for o in optim.make_optimizers(model, base_lr=1e-3) if o is not None]
+step = 0
+while True:
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # every save differs from the previous one
+    step += 1
+    checkpoint.save_checkpoint(sys.argv[1], model, opts, extra={"step": step})
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    # SIGKILL at random points of a stream of saves (20 trials): the file at the path is always a
+    # whole checkpoint, never a torn one, and it holds the weights of the step it says.
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "python")
+    path = tmp_path / "ckpt.pt"
+    rng = random.Random(0)
+    for trial in range(20):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), src], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "1"  # one complete save, then kill at a random point
+            time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        model = nn.Sequential(EngramTable(20000, 32, seed=1), nn.Linear(64, 1))
+        opts = [o for o in optim.make_optimizers(model, base_lr=1e-3) if o is not None]
+        extra = checkpoint.load_checkpoint(path, model, opts)
+        assert extra["step"] >= 1
+        torch.manual_seed(0)
+        want = EngramTable(20000, 32, seed=1).weight.detach()  # the saver's initial weights
+        for _ in range(extra["step"]):
+            want.add_(1.0)
+        assert torch.equal(model[0].weight, want)  # the weights of exactly the step it says
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt.pt"]
+        for name in leftovers:  # a killed save may leave its temporary file, never a torn target
+            assert name.startswith(".ckpt.pt.") and name.endswith(".tmp")
+            (tmp_path / name).unlink()
