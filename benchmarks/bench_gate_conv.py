@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from torch_engram import ops  # noqa: E402
-from torch_engram import reference as ref  # noqa: E402
+from torch_engram import ops
+from torch_engram import reference as ref
 
 
 def timeit(fn, repeat: int) -> float:
@@ -81,10 +81,14 @@ def main() -> None:
     kv = ops.gate_kv(k, v).detach().requires_grad_()
     ours = lambda: ops.engram_gate(x, kv, w, eps)  # noqa: E731
     demo = lambda: demo_gate(x, k, v)  # noqa: E731
-    fwd_rows = [("engram_gate", timeit(fwd_only(ours), args.repeat)),
-                ("demo eager", timeit(fwd_only(demo), args.repeat))]
-    bwd_rows = [("engram_gate", timeit(fwd_bwd(ours, [x, kv, w]), args.repeat)),
-                ("demo eager", timeit(fwd_bwd(demo, gate_params), args.repeat))]
+    fwd_rows = [
+        ("engram_gate", timeit(fwd_only(ours), args.repeat)),
+        ("demo eager", timeit(fwd_only(demo), args.repeat)),
+    ]
+    bwd_rows = [
+        ("engram_gate", timeit(fwd_bwd(ours, [x, kv, w]), args.repeat)),
+        ("demo eager", timeit(fwd_bwd(demo, gate_params), args.repeat)),
+    ]
     if not args.no_compile:
         compiled = torch.compile(demo_gate)
         demo_c = lambda: compiled(x, k, v)  # noqa: E731
@@ -102,10 +106,14 @@ def main() -> None:
     conv_params = [u, *demo_conv.parameters()]
     ours = lambda: ops.short_conv(u, nw, cw, args.dilation, 1e-5)  # noqa: E731
     demo = lambda: u + demo_conv(u)  # noqa: E731
-    fwd_rows = [("short_conv", timeit(fwd_only(ours), args.repeat)),
-                ("demo eager", timeit(fwd_only(demo), args.repeat))]
-    bwd_rows = [("short_conv", timeit(fwd_bwd(ours, [u, nw, cw]), args.repeat)),
-                ("demo eager", timeit(fwd_bwd(demo, conv_params), args.repeat))]
+    fwd_rows = [
+        ("short_conv", timeit(fwd_only(ours), args.repeat)),
+        ("demo eager", timeit(fwd_only(demo), args.repeat)),
+    ]
+    bwd_rows = [
+        ("short_conv", timeit(fwd_bwd(ours, [u, nw, cw]), args.repeat)),
+        ("demo eager", timeit(fwd_bwd(demo, conv_params), args.repeat)),
+    ]
     if not args.no_compile:
         compiled = torch.compile(demo_conv)
         demo_c = lambda: u + compiled(u)  # noqa: E731

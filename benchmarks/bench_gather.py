@@ -53,8 +53,10 @@ def report(title, times, nbytes, peak):
     ours = next(iter(times.values()))
     for i, (name, t) in enumerate(times.items()):
         ratio = "   ours" if i == 0 else f"{t / ours:6.2f}x"
-        print(f"  {title:<10s} {name:<36s} {t * 1e3:9.2f} ms {nbytes / t / 1e9:7.2f} GB/s "
-              f"{100 * nbytes / t / peak:6.1f}% of clone  {ratio}")
+        print(
+            f"  {title:<10s} {name:<36s} {t * 1e3:9.2f} ms {nbytes / t / 1e9:7.2f} GB/s "
+            f"{100 * nbytes / t / peak:6.1f}% of clone  {ratio}"
+        )
 
 
 def main():
@@ -72,10 +74,14 @@ def main():
     b_w = torch.empty(0, dtype=dtype).element_size()
 
     peak, stream = copy_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth (read+write): "
-          f"clone {peak / 1e9:.2f} GB/s, copy_ into an existing buffer {stream / 1e9:.2f} GB/s")
-    print(f"table [{R}, {d}] {args.dtype} = {R * d * b_w / 2**30:.2f} GiB, H = {H}; "
-          "last column: peer time / our time (> 1: ours faster)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth (read+write): "
+        f"clone {peak / 1e9:.2f} GB/s, copy_ into an existing buffer {stream / 1e9:.2f} GB/s"
+    )
+    print(
+        f"table [{R}, {d}] {args.dtype} = {R * d * b_w / 2**30:.2f} GiB, H = {H}; "
+        "last column: peer time / our time (> 1: ours faster)"
+    )
     table = torch.empty(R, d, dtype=dtype).uniform_(-1, 1)
 
     for tokens in args.tokens:
@@ -92,11 +98,14 @@ def main():
             unique = torch.unique(flat).numel()
             print(f"\ntokens {tokens}, {dist} rows: {n} lookups, {unique} unique rows")
 
-            fwd = best_times({
-                "multihead_gather": lambda: ops.multihead_gather(table, rows),
-                "F.embedding + view": lambda: F.embedding(rows, table).view(tokens, H * d),
-                "index_select + view": lambda: table.index_select(0, flat).view(tokens, H * d),
-            }, args.iters)
+            fwd = best_times(
+                {
+                    "multihead_gather": lambda: ops.multihead_gather(table, rows),
+                    "F.embedding + view": lambda: F.embedding(rows, table).view(tokens, H * d),
+                    "index_select + view": lambda: table.index_select(0, flat).view(tokens, H * d),
+                },
+                args.iters,
+            )
             report("forward", fwd, n * d * 2 * b_w + n * 8, peak)
 
             def unique_index_add():
@@ -104,25 +113,35 @@ def main():
                 return u, torch.zeros(u.numel(), d, dtype=dtype).index_add_(0, inv, grad.view(-1, d))
 
             def coo_coalesce():  # F.embedding(sparse=True)'s gradient as SparseAdam consumes it
-                return torch.sparse_coo_tensor(flat.unsqueeze(0), grad.view(-1, d), (R, d),
-                                               check_invariants=False).coalesce()
+                return torch.sparse_coo_tensor(
+                    flat.unsqueeze(0), grad.view(-1, d), (R, d), check_invariants=False
+                ).coalesce()
 
-            sparse = best_times({
-                "multihead_gather_backward_sparse": lambda: ops.multihead_gather_backward_sparse(grad, rows),
-                "unique + index_add_": unique_index_add,
-                "sparse_coo_tensor.coalesce": coo_coalesce,
-            }, args.iters)
+            sparse = best_times(
+                {
+                    "multihead_gather_backward_sparse": lambda: ops.multihead_gather_backward_sparse(grad, rows),
+                    "unique + index_add_": unique_index_add,
+                    "sparse_coo_tensor.coalesce": coo_coalesce,
+                },
+                args.iters,
+            )
             report("sparse bwd", sparse, n * d * b_w + n * 8 + unique * (d * b_w + 8), peak)
 
             if not args.skip_dense and dist == "uniform":
                 # Every call writes a fresh [R, d_head] gradient (GiBs): no warm-up, fewer repeats.
-                dense = best_times({
-                    "multihead_gather_backward": lambda: ops.multihead_gather_backward(grad, rows, R),
-                    "embedding_dense_backward": lambda: torch.ops.aten.embedding_dense_backward(
-                        grad.view(tokens, H, d), rows, R, -1, False),
-                    "zeros + index_add_": lambda: torch.zeros(R, d, dtype=dtype).index_add_(
-                        0, flat, grad.view(-1, d)),
-                }, max(1, args.iters - 1), warmup=False)
+                dense = best_times(
+                    {
+                        "multihead_gather_backward": lambda: ops.multihead_gather_backward(grad, rows, R),
+                        "embedding_dense_backward": lambda: torch.ops.aten.embedding_dense_backward(
+                            grad.view(tokens, H, d), rows, R, -1, False
+                        ),
+                        "zeros + index_add_": lambda: torch.zeros(R, d, dtype=dtype).index_add_(
+                            0, flat, grad.view(-1, d)
+                        ),
+                    },
+                    max(1, args.iters - 1),
+                    warmup=False,
+                )
                 report("dense bwd", dense, n * d * b_w + n * 8 + R * d * b_w, peak)
 
 

@@ -47,8 +47,15 @@ def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def record(section: str, name: str, seconds: float, nbytes: float | None = None, copy_bw: float | None = None,
-           peer: str | None = None, **extra) -> None:
+def record(
+    section: str,
+    name: str,
+    seconds: float,
+    nbytes: float | None = None,
+    copy_bw: float | None = None,
+    peer: str | None = None,
+    **extra,
+) -> None:
     row = dict(section=section, name=name, ms=seconds * 1e3, **extra)
     if nbytes is not None:
         row["GB/s"] = nbytes / seconds / 1e9
@@ -90,7 +97,7 @@ def bench_gather(copy_bw: float, quick: bool) -> None:
             rows_l = rows.long()
             t_peer = cuda_time(lambda: F.embedding(rows_l, table).flatten(-2))
             record("gather", f"F.embedding {tag}", t_peer, nbytes, copy_bw, speedup=t_peer / t)
-        del table
+        table = None  # free it before the next allocation
         torch.cuda.empty_cache()
 
 
@@ -121,15 +128,29 @@ def bench_scatter(copy_bw: float, quick: bool) -> None:
                 mode = "sorted" if det else "atomic"
                 record("scatter", f"engram dense {mode} {tag}", t, dense_bytes, copy_bw)
                 if det:
-                    t_peer = cuda_time(lambda: torch.ops.aten.embedding_dense_backward(
-                        grad2, rows_l, num_rows, -1, False))
-                    record("scatter", f"aten embedding_dense_backward {tag}", t_peer, dense_bytes, copy_bw,
-                           speedup=t_peer / t)
+                    t_peer = cuda_time(
+                        lambda: torch.ops.aten.embedding_dense_backward(grad2, rows_l, num_rows, -1, False)
+                    )
+                    record(
+                        "scatter",
+                        f"aten embedding_dense_backward {tag}",
+                        t_peer,
+                        dense_bytes,
+                        copy_bw,
+                        speedup=t_peer / t,
+                    )
                 else:
-                    t_peer = cuda_time(lambda: torch.zeros(num_rows, d_head, device="cuda", dtype=dtype)
-                                       .index_add_(0, rows_l, grad2))
-                    record("scatter", f"zeros().index_add_ (atomic) {tag}", t_peer, dense_bytes, copy_bw,
-                           speedup=t_peer / t)
+                    t_peer = cuda_time(
+                        lambda: torch.zeros(num_rows, d_head, device="cuda", dtype=dtype).index_add_(0, rows_l, grad2)
+                    )
+                    record(
+                        "scatter",
+                        f"zeros().index_add_ (atomic) {tag}",
+                        t_peer,
+                        dense_bytes,
+                        copy_bw,
+                        speedup=t_peer / t,
+                    )
             finally:
                 os.environ.pop("ENGRAM_GATHER_BACKWARD", None)
         t = cuda_time(lambda: te.ops.multihead_gather_backward_sparse(grad, rows))
@@ -143,12 +164,23 @@ def bench_scatter(copy_bw: float, quick: bool) -> None:
             table = te.EngramTable(num_rows, d_head, optimizer=opt, dtype=dtype, device="cuda")
             state_row = te.table.state_bytes_per_row(opt, d_head)
             fused_bytes = n * d_head * b + n * 4 + 2 * unique * (d_head * b + state_row)
-            t = cuda_time(lambda: torch.ops.engram.multihead_gather_fused_update(
-                grad, rows, table.weight.detach(), table.momentum1, table.momentum2, table.row_step,
-                table.step_count, table.hparams, opt, table.seed if table.stochastic_rounding else -1))
+            t = cuda_time(
+                lambda: torch.ops.engram.multihead_gather_fused_update(
+                    grad,
+                    rows,
+                    table.weight.detach(),
+                    table.momentum1,
+                    table.momentum2,
+                    table.row_step,
+                    table.step_count,
+                    table.hparams,
+                    opt,
+                    table.seed if table.stochastic_rounding else -1,
+                )
+            )
             record("scatter", f"engram fused backward {opt} {tag}", t, fused_bytes, copy_bw)
-            del table
-        del grad, grad2
+            table = None  # free it before the next allocation
+        grad = grad2 = None  # free them before the next dtype
         torch.cuda.empty_cache()
 
 
@@ -164,18 +196,29 @@ def bench_hash(quick: bool) -> None:
         hasher = te.NgramHasher(cfg, lut=lut, device="cuda")
         ids = torch.randint(0, vocab, (16, tokens // 16), generator=g).cuda()
         ours = hasher(ids, out_dtype=torch.int64)
-        ref = reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
-                                   hasher.offsets, hasher._pad_id)
+        ref = reference.ngram_hash(
+            ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets, hasher._pad_id
+        )
         assert torch.equal(ours, ref), "CUDA hashing differs from the reference"
         t = cuda_time(lambda: hasher(ids))
         out_bytes = hasher(ids).numel() * 4 + ids.numel() * 8
-        record("hash", f"engram ngram_hash {name} {tokens >> 10}Ki tokens", t, out_bytes, None,
-               Mtok_s=tokens / t / 1e6)
-        t_ref = cuda_time(lambda: reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers,
-                                                       hasher.primes, hasher.offsets, hasher._pad_id),
-                          warmup=1, iters=3)
-        record("hash", f"PyTorch ops {name} {tokens >> 10}Ki tokens", t_ref, None, None,
-               Mtok_s=tokens / t_ref / 1e6, speedup=t_ref / t)
+        record("hash", f"engram ngram_hash {name} {tokens >> 10}Ki tokens", t, out_bytes, None, Mtok_s=tokens / t / 1e6)
+        t_ref = cuda_time(
+            lambda: reference.ngram_hash(
+                ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets, hasher._pad_id
+            ),
+            warmup=1,
+            iters=3,
+        )
+        record(
+            "hash",
+            f"PyTorch ops {name} {tokens >> 10}Ki tokens",
+            t_ref,
+            None,
+            None,
+            Mtok_s=tokens / t_ref / 1e6,
+            speedup=t_ref / t,
+        )
 
 
 def bench_layer(quick: bool) -> None:
@@ -204,9 +247,20 @@ def bench_layer(quick: bool) -> None:
         return
     H = cfg.num_heads
     primes = hasher.primes[ours.layer_index].tolist()
-    peer = OfficialEngram(primes, cfg.d_head, D, M, kernel_size=cfg.kernel_size, dilation=cfg.dilation,
-                          bias=cfg.proj_bias, use_conv=cfg.use_conv, gate_eps=cfg.gate_eps, conv_eps=cfg.conv_eps,
-                          device="cuda", dtype=dtype).load_from(ours)
+    peer = OfficialEngram(
+        primes,
+        cfg.d_head,
+        D,
+        M,
+        kernel_size=cfg.kernel_size,
+        dilation=cfg.dilation,
+        bias=cfg.proj_bias,
+        use_conv=cfg.use_conv,
+        gate_eps=cfg.gate_eps,
+        conv_eps=cfg.conv_eps,
+        device="cuda",
+        dtype=dtype,
+    ).load_from(ours)
     table_ids = rows - hasher.offsets[ours.layer_index].view(1, 1, H).to(rows.dtype)
     table_ids = table_ids.long()
     g_out = torch.randn(B, T, M, D, device="cuda", dtype=dtype)
@@ -216,19 +270,28 @@ def bench_layer(quick: bool) -> None:
             module.zero_grad(set_to_none=True)
             hidden.grad = None
             fn_input().backward(g_out)
+
         return run
 
     tag = f"demo B={B} T={T} M={M} D={D} {str(dtype)[6:]}"
     t = cuda_time(step(ours, lambda: ours(hidden, rows=rows)), warmup=2, iters=5)
     record("layer", f"engram fwd+bwd {tag}", t, None, None, Mtok_s=B * T / t / 1e6)
     t_eager = cuda_time(step(peer, lambda: peer(hidden, table_ids)), warmup=2, iters=5)
-    record("layer", f"PyTorch eager fwd+bwd {tag}", t_eager, None, None, Mtok_s=B * T / t_eager / 1e6,
-           speedup=t_eager / t)
+    record(
+        "layer", f"PyTorch eager fwd+bwd {tag}", t_eager, None, None, Mtok_s=B * T / t_eager / 1e6, speedup=t_eager / t
+    )
     try:
         compiled = torch.compile(peer)
         t_comp = cuda_time(step(peer, lambda: compiled(hidden, table_ids)), warmup=3, iters=5)
-        record("layer", f"PyTorch torch.compile fwd+bwd {tag}", t_comp, None, None, Mtok_s=B * T / t_comp / 1e6,
-               speedup=t_comp / t)
+        record(
+            "layer",
+            f"PyTorch torch.compile fwd+bwd {tag}",
+            t_comp,
+            None,
+            None,
+            Mtok_s=B * T / t_comp / 1e6,
+            speedup=t_comp / t,
+        )
     except Exception as exc:  # compile failures are a finding, not a crash of the benchmark
         print(f"layer      torch.compile peer failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         RESULTS.append(dict(section="layer", name="torch.compile peer", error=str(exc).splitlines()[0]))
@@ -243,16 +306,26 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA GPU visible")
     props = torch.cuda.get_device_properties(0)
-    header = dict(device=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
-                  torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                  date=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick)
+    header = dict(
+        device=props.name,
+        sms=props.multi_processor_count,
+        memory_gib=props.total_memory / 2**30,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        quick=args.quick,
+    )
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()))
     print(f"{'section':<10} {'case':<62} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
     only = set(args.only.split(","))
     copy_bw = bench_copy(args.quick)
-    sections = [("gather", lambda: bench_gather(copy_bw, args.quick)),
-                ("scatter", lambda: bench_scatter(copy_bw, args.quick)),
-                ("hash", lambda: bench_hash(args.quick)), ("layer", lambda: bench_layer(args.quick))]
+    sections = [
+        ("gather", lambda: bench_gather(copy_bw, args.quick)),
+        ("scatter", lambda: bench_scatter(copy_bw, args.quick)),
+        ("hash", lambda: bench_hash(args.quick)),
+        ("layer", lambda: bench_layer(args.quick)),
+    ]
     failed = 0
     for name, fn in sections:
         if name not in only:

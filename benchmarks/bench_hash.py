@@ -25,12 +25,14 @@ def official_numpy(ids: np.ndarray, lut: np.ndarray, hasher: te.NgramHasher) -> 
     x = lut[ids]
     pad = int(hasher.pad_id)
     cfg = hasher.config
-    B, T = x.shape
+    _B, T = x.shape
     out = {}
     for li, layer_id in enumerate(cfg.layer_ids):
         m = hasher.multipliers[li].numpy()
-        shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad)[:, :T]
-                        for k in range(1, cfg.max_ngram_size)]
+        shifts = [x] + [
+            np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad)[:, :T]
+            for k in range(1, cfg.max_ngram_size)
+        ]
         heads = []
         for n in range(2, cfg.max_ngram_size + 1):
             mix = shifts[0] * m[0]
@@ -64,9 +66,11 @@ def main() -> None:
         clock = time.thread_time
     vocab = 128_000
     g = torch.Generator().manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{'thread CPU time' if args.cpu_time else 'wall clock'}, ngram_hash kernel "
-          f"{te._C.ngram_hash_isa()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{'thread CPU time' if args.cpu_time else 'wall clock'}, ngram_hash kernel "
+        f"{te._C.ngram_hash_isa()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'config':<12} {'impl':<22} {'Mtok/s':>9} {'vs numpy':>9}")
     for name, factory in (("demo", te.EngramConfig.official_demo), ("v4.1-flash", te.EngramConfig.v41_flash)):
         cfg = factory(compressed_vocab_size=None)
@@ -79,9 +83,13 @@ def main() -> None:
         n_tok = ids.numel()
         lut_np, ids_np = lut.numpy(), ids.numpy()
         t_np = best_time(lambda: official_numpy(ids_np, lut_np, hasher), args.repeats, clock)
-        t_ref = best_time(lambda: reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers,
-                                                       hasher.primes, hasher.offsets, hasher._pad_id),
-                          args.repeats, clock)
+        t_ref = best_time(
+            lambda: reference.ngram_hash(
+                ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets, hasher._pad_id
+            ),
+            args.repeats,
+            clock,
+        )
         t_ours = best_time(lambda: hasher(ids), args.repeats, clock)
         # Check equality once so the figures compare the same computation.
         ours = hasher(ids, out_dtype=torch.int64)

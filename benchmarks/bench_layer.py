@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-import torch_engram as te  # noqa: E402
-from torch_engram.reference import OfficialEngram  # noqa: E402
+import torch_engram as te
+from torch_engram.reference import OfficialEngram
 
 IMPLS = ("official-eager", "official-compile", "engram-fused", "engram-sparse", "engram-dense")
 
@@ -42,8 +42,14 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
     ids = torch.randint(0, 129280, (B, T))
     rows = hasher(ids)[0]
     x = torch.randn(B, T, M, hidden, requires_grad=True)
-    mod = te.Engram(config, config.layer_ids[0], hidden, hc_mult=M, hasher=hasher,
-                    table_grad=impl.split("-")[1] if impl.startswith("engram") else "dense")
+    mod = te.Engram(
+        config,
+        config.layer_ids[0],
+        hidden,
+        hc_mult=M,
+        hasher=hasher,
+        table_grad=impl.split("-")[1] if impl.startswith("engram") else "dense",
+    )
     base = rss_mb()
     if impl.startswith("official"):
         peer = OfficialEngram(hasher.primes[0].tolist(), config.d_head, hidden, M, dilation=config.dilation)
@@ -51,7 +57,7 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         del mod
         table_ids = rows.long() - hasher.offsets[0]
         params = list(peer.parameters())
-        fwd = (torch.compile(peer) if impl == "official-compile" else peer)
+        fwd = torch.compile(peer) if impl == "official-compile" else peer
         step_fn = lambda: fwd(x, table_ids)  # noqa: E731
         table = peer.embedding.weight
     else:
@@ -63,6 +69,7 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
             mod.table.step()  # sparse and dense modes; fused updated the table inside backward
             mod.table.zero_grad()
             return None
+
         table = mod.table.weight
 
     def step():
@@ -82,11 +89,23 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     g = table.grad
-    grad_bytes = 0 if g is None else (g._values().numel() * g.element_size() + g._indices().numel() * 8) \
-        if g.is_sparse else g.numel() * g.element_size()
-    return dict(impl=impl, median_s=statistics.median(times), first_s=first, peak_rss_mb=rss_mb(),
-                rss_after_build_mb=base, table_grad_mb=grad_bytes / 2**20,
-                table_mb=table.numel() * table.element_size() / 2**20, tokens=B * T)
+    grad_bytes = (
+        0
+        if g is None
+        else (g._values().numel() * g.element_size() + g._indices().numel() * 8)
+        if g.is_sparse
+        else g.numel() * g.element_size()
+    )
+    return dict(
+        impl=impl,
+        median_s=statistics.median(times),
+        first_s=first,
+        peak_rss_mb=rss_mb(),
+        rss_after_build_mb=base,
+        table_grad_mb=grad_bytes / 2**20,
+        table_mb=table.numel() * table.element_size() / 2**20,
+        tokens=B * T,
+    )
 
 
 def main() -> None:
@@ -103,8 +122,20 @@ def main() -> None:
         return
     results = []
     for impl in IMPLS:
-        cmd = [sys.executable, __file__, "--impl", impl, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-               "--hc-mult", str(args.hc_mult), "--repeat", str(args.repeat)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--impl",
+            impl,
+            "--tokens",
+            str(args.tokens),
+            "--hidden",
+            str(args.hidden),
+            "--hc-mult",
+            str(args.hc_mult),
+            "--repeat",
+            str(args.repeat),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{impl}: failed\n{out.stderr[-2000:]}")
@@ -113,16 +144,19 @@ def main() -> None:
     ref = {r["impl"]: r for r in results}
     eager = ref.get("official-eager", {}).get("median_s")
     compiled = ref.get("official-compile", {}).get("median_s")
-    print(f"# Engram layer fwd+bwd, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; demo table (layer 1: 10,344,164 x 64 fp32), "
-          f"{args.tokens} tokens, D={args.hidden}, M={args.hc_mult}")
-    print(f"{'impl':<18} {'step ms':>9} {'vs eager':>9} {'vs compile':>11} {'peak RSS MB':>12} "
-          f"{'table grad MB':>14}")
+    print(
+        f"# Engram layer fwd+bwd, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; demo table (layer 1: 10,344,164 x 64 fp32), "
+        f"{args.tokens} tokens, D={args.hidden}, M={args.hc_mult}"
+    )
+    print(f"{'impl':<18} {'step ms':>9} {'vs eager':>9} {'vs compile':>11} {'peak RSS MB':>12} {'table grad MB':>14}")
     for r in results:
-        print(f"{r['impl']:<18} {1e3 * r['median_s']:>9.1f} "
-              f"{(eager / r['median_s']) if eager else float('nan'):>8.2f}x "
-              f"{(compiled / r['median_s']) if compiled else float('nan'):>10.2f}x "
-              f"{r['peak_rss_mb']:>12.0f} {r['table_grad_mb']:>14.1f}")
+        print(
+            f"{r['impl']:<18} {1e3 * r['median_s']:>9.1f} "
+            f"{(eager / r['median_s']) if eager else float('nan'):>8.2f}x "
+            f"{(compiled / r['median_s']) if compiled else float('nan'):>10.2f}x "
+            f"{r['peak_rss_mb']:>12.0f} {r['table_grad_mb']:>14.1f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -10,8 +10,13 @@ lookups/s, speedup of ours over each peer (peer time / time of our matching opti
 peak RSS, and the optimizer state bytes per row measured from RSS (eager state, fully written)
 next to `state_bytes_per_row`.
 
+FBGEMM runs twice: "fbgemm-none" (PoolingMode.NONE, its nobag lookup) and "fbgemm-sum1" (SUM
+pooling over bags of one index: the same step through its pooled CPU kernels, which are faster).
+Its rowwise Adagrad and SGD match ours bit for bit or to rounding (a small check runs each time).
+
 Tables: the demo layer (10,344,164 x 64 float32) and, with --big, 100M x 64 bfloat16 (state
-allocated on touch; configurations whose memory would not fit are skipped and say why).
+allocated on touch; configurations whose memory would not fit are skipped and say why). FBGEMM's
+CPU kernels take no bfloat16 weights (1.9.0), so its 100M table is float16, the same bytes per row.
 
     pip install fbgemm-gpu-cpu   # benchmark-only peer; skipped with the import error if absent
     python benchmarks/bench_table.py [--threads 1,2] [--tokens 4096] [--heads 16] [--big] [--json out.json]
@@ -39,8 +44,7 @@ from torch_engram.table import OPTIMIZERS, state_bytes_per_row
 
 # (rows, d_head, dtype, our state_alloc): eager at demo size, as FBGEMM's and torch's states are;
 # on touch at 100M, where a full Adam state (52 GB) could not be allocated.
-SIZES = {"demo": (10_344_164, 64, torch.float32, "eager"),
-         "100M": (100_000_000, 64, torch.bfloat16, "on_touch")}
+SIZES = {"demo": (10_344_164, 64, torch.float32, "eager"), "100M": (100_000_000, 64, torch.bfloat16, "on_touch")}
 FBGEMM_OPTS = ("EXACT_ROWWISE_ADAGRAD", "EXACT_ADAGRAD", "EXACT_SGD")
 # FBGEMM (or torch) optimizer -> ours with the same update; EXACT_ADAGRAD (full [R, D] accumulator)
 # has no counterpart and is a reference row. SparseAdam's bias correction is global, ours per row.
@@ -91,6 +95,7 @@ def make_step(impl: str, opt: str, size: str, rows: torch.Tensor):
             sparse_adam.zero_grad(set_to_none=True)
             emb(rows).backward(g.view(*rows.shape, D))
             sparse_adam.step()
+
         return step, dtype, "eager"
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
@@ -98,14 +103,22 @@ def make_step(impl: str, opt: str, size: str, rows: torch.Tensor):
         ComputeDevice,
         SplitTableBatchedEmbeddingBagsCodegen,
     )
+
     # "none": nobag lookups (PoolingMode.NONE); "sum1": SUM pooling over bags of one index, the
     # same maths through FBGEMM's pooled CPU kernels.
     pooling = PoolingMode.NONE if impl == "fbgemm-none" else PoolingMode.SUM
 
     def build(rows_, prec):
         return SplitTableBatchedEmbeddingBagsCodegen(
-            [(rows_, D, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=EmbOptimType[opt],
-            pooling_mode=pooling, learning_rate=LR, eps=1e-8, weights_precision=prec, output_dtype=prec)
+            [(rows_, D, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=EmbOptimType[opt],
+            pooling_mode=pooling,
+            learning_rate=LR,
+            eps=1e-8,
+            weights_precision=prec,
+            output_dtype=prec,
+        )
+
     prec = SparseType.FP32 if dtype == torch.float32 else fbgemm_precision(SparseType, build)
     m = build(R, prec)
     with torch.no_grad():  # its weights start as zeros; write them so the table is resident, as ours
@@ -121,8 +134,16 @@ def run_one(a: argparse.Namespace) -> dict:
     rows = torch.zeros(a.tokens, a.heads, dtype=torch.int64)
     step, gdtype, alloc = make_step(a.impl, a.opt, a.size, rows)
     grad = torch.randn(a.tokens, a.heads * D, generator=torch.Generator().manual_seed(1)).to(gdtype)
-    out = {"impl": a.impl, "opt": a.opt, "size": a.size, "threads": a.threads, "state_alloc": alloc,
-           "dtype": str(gdtype).removeprefix("torch."), "lookups": rows.numel(), "dists": {}}
+    out = {
+        "impl": a.impl,
+        "opt": a.opt,
+        "size": a.size,
+        "threads": a.threads,
+        "state_alloc": alloc,
+        "dtype": str(gdtype).removeprefix("torch."),
+        "lookups": rows.numel(),
+        "dists": {},
+    }
     for dist in DISTS:
         rows.copy_(torch.from_numpy(lookup_rows(dist, R, rows.numel(), a.zipf)).view_as(rows))
         for _ in range(a.warmup):
@@ -155,6 +176,7 @@ def check_fbgemm() -> list[str]:
         ComputeDevice,
         SplitTableBatchedEmbeddingBagsCodegen,
     )
+
     R, D, n = 1000, 64, 4096
     rows = torch.from_numpy(lookup_rows("zipf", R, n, 1.1)).view(-1, 16)
     grad = torch.randn(rows.shape[0], 16 * D, generator=torch.Generator().manual_seed(1))
@@ -162,8 +184,12 @@ def check_fbgemm() -> list[str]:
     for fb_opt, ours_opt in (("EXACT_ROWWISE_ADAGRAD", "rowwise_adagrad"), ("EXACT_SGD", "sgd")):
         t = EngramTable(R, D, optimizer=ours_opt, lr=LR, state_alloc="eager")
         m = SplitTableBatchedEmbeddingBagsCodegen(
-            [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=EmbOptimType[fb_opt],
-            pooling_mode=PoolingMode.NONE, learning_rate=LR, eps=1e-8)
+            [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=EmbOptimType[fb_opt],
+            pooling_mode=PoolingMode.NONE,
+            learning_rate=LR,
+            eps=1e-8,
+        )
         w = m.split_embedding_weights()[0]
         with torch.no_grad():
             w.copy_(t.weight)
@@ -172,8 +198,10 @@ def check_fbgemm() -> list[str]:
             t(rows).backward(grad)
             m(rows.view(-1), torch.arange(n + 1)).backward(grad.view(-1, D))
             diffs.append((t.weight.detach() - w).abs().max().item())
-        lines.append(f"{ours_opt} vs {fb_opt} (fp32, {R} rows, Zipf): max |w diff| after 1 step "
-                     f"{diffs[0]:.2e}, after 3 {diffs[2]:.2e}")
+        lines.append(
+            f"{ours_opt} vs {fb_opt} (fp32, {R} rows, Zipf): max |w diff| after 1 step "
+            f"{diffs[0]:.2e}, after 3 {diffs[2]:.2e}"
+        )
     return lines
 
 
@@ -195,9 +223,23 @@ def mem_need(impl: str, opt: str, size: str, lookups: int, steps: int) -> float:
 
 def child(args: argparse.Namespace, *extra: str) -> dict | str:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_one), MKL_NUM_THREADS=str(args.threads_one))
-    cmd = [sys.executable, __file__, *extra, "--threads-one", str(args.threads_one),
-           "--tokens", str(args.tokens), "--heads", str(args.heads), "--repeat", str(args.repeat),
-           "--warmup", str(args.warmup), "--zipf", str(args.zipf)]
+    cmd = [
+        sys.executable,
+        __file__,
+        *extra,
+        "--threads-one",
+        str(args.threads_one),
+        "--tokens",
+        str(args.tokens),
+        "--heads",
+        str(args.heads),
+        "--repeat",
+        str(args.repeat),
+        "--warmup",
+        str(args.warmup),
+        "--zipf",
+        str(args.zipf),
+    ]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if out.returncode:
         return f"failed (rc {out.returncode}): {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}"
@@ -230,13 +272,17 @@ def main() -> None:
     load0 = os.getloadavg()
     try:
         import fbgemm_gpu
+
         fbgemm = f"fbgemm-gpu-cpu {fbgemm_gpu.__version__}"
-    except Exception as e:  # noqa: BLE001  (any import failure skips the peer, with its reason)
+    except Exception as e:  # any import failure skips the peer, with its reason
         fbgemm, fbgemm_err = None, f"{type(e).__name__}: {e}"
     configs = [("ours", o) for o in OPTIMIZERS] + [("torch", "SparseAdam")]
     configs += [(f"fbgemm-{p}", o) for p in ("none", "sum1") for o in FBGEMM_OPTS] if fbgemm else []
-    avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                 if line.startswith("MemAvailable"))
+    avail = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable")
+    )
     lookups, steps = args.tokens * args.heads, 2 * (args.warmup + args.repeat)
     results, skipped = [], []
     for size in ("demo", "100M") if args.big else ("demo",):
@@ -249,8 +295,9 @@ def main() -> None:
                     continue
                 if need > 0.9 * avail:
                     if threads == int(args.threads.split(",")[0]):
-                        skipped.append(f"{size} {impl}:{opt}: needs ~{need / 2**30:.1f} GiB, "
-                                       f"{avail / 2**30:.1f} GiB available")
+                        skipped.append(
+                            f"{size} {impl}:{opt}: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+                        )
                     continue
                 r = child(args, "--impl", impl, "--opt", opt, "--size", size)
                 if isinstance(r, str):
@@ -264,21 +311,28 @@ def main() -> None:
 
     lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "?")
-    print(f"# Engram table training step, CPU: {cpu} ({os.cpu_count()} cores), threads {args.threads}, "
-          f"torch {torch.__version__}, {fbgemm or 'FBGEMM: not available'}, {time.strftime('%Y-%m-%d')}; "
-          f"{args.tokens} tokens x {args.heads} lookups, Zipf a={args.zipf}, median of {args.repeat} after "
-          f"{args.warmup} warm-up; load average {load0[0]:.2f} before, {load1[0]:.2f} after")
-    print("\n| table | threads | impl | optimizer | dtype | dist | step ms | M lookups/s | ours speedup | "
-          "peak RSS GB |\n|---|---|---|---|---|---|---|---|---|---|")
-    ours = {(r["size"], r["threads"], r["opt"], d): s for r in results if r["impl"] == "ours"
-            for d, s in r["dists"].items()}
+    print(
+        f"# Engram table training step, CPU: {cpu} ({os.cpu_count()} cores), threads {args.threads}, "
+        f"torch {torch.__version__}, {fbgemm or 'FBGEMM: not available'}, {time.strftime('%Y-%m-%d')}; "
+        f"{args.tokens} tokens x {args.heads} lookups, Zipf a={args.zipf}, median of {args.repeat} after "
+        f"{args.warmup} warm-up; load average {load0[0]:.2f} before, {load1[0]:.2f} after"
+    )
+    print(
+        "\n| table | threads | impl | optimizer | dtype | dist | step ms | M lookups/s | ours speedup | "
+        "peak RSS GB |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    ours = {
+        (r["size"], r["threads"], r["opt"], d): s for r in results if r["impl"] == "ours" for d, s in r["dists"].items()
+    }
     for r in results:
         for dist, s in r["dists"].items():
             mine = ours.get((r["size"], r["threads"], MATCH.get(r["opt"]), dist))
             speed = f"{s / mine:.2f}x vs {MATCH[r['opt']]}" if mine else "reference"
             speed = "" if r["impl"] == "ours" else speed
-            print(f"| {r['size']} | {r['threads']} | {r['impl']} | {r['opt']} | {r['dtype']} | {dist} | "
-                  f"{1e3 * s:.2f} | {r['lookups'] / s / 1e6:.2f} | {speed} | {r['peak_rss_gb']:.1f} |")
+            print(
+                f"| {r['size']} | {r['threads']} | {r['impl']} | {r['opt']} | {r['dtype']} | {dist} | "
+                f"{1e3 * s:.2f} | {r['lookups'] / s / 1e6:.2f} | {speed} | {r['peak_rss_gb']:.1f} |"
+            )
     print("\n| optimizer | state B/row measured | state_bytes_per_row |\n|---|---|---|")
     for s in states:
         ok = isinstance(s, dict)
@@ -287,9 +341,21 @@ def main() -> None:
     for line in (checks if isinstance(checks, list) else [checks]) + [f"skipped: {s}" for s in skipped]:
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "states": states, "checks": checks,
-                                               "skipped": skipped, "cpu": cpu, "torch": torch.__version__,
-                                               "fbgemm": fbgemm, "load": [load0, load1]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "states": states,
+                    "checks": checks,
+                    "skipped": skipped,
+                    "cpu": cpu,
+                    "torch": torch.__version__,
+                    "fbgemm": fbgemm,
+                    "load": [load0, load1],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

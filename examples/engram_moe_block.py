@@ -47,7 +47,7 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_heads=4)
         self.moe = MoE(d_model, n_experts=8, top_k=2, d_expert=2 * d_model, d_shared=2 * d_model)
         for w in self.moe.routed_parameters():
-            nn.init.normal_(w, std=d_model ** -0.5)
+            nn.init.normal_(w, std=d_model**-0.5)
 
     def forward(self, h: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.engram is not None:
@@ -63,8 +63,14 @@ class TinyLM(nn.Module):
         self.embed = nn.Embedding(vocab, d_model)
         engram = None
         if hasher is not None:
-            engram = te.Engram(hasher.config, layer_id=0, hidden_size=d_model, hasher=hasher,
-                               table_grad=table_grad, table_init_std=0.02)
+            engram = te.Engram(
+                hasher.config,
+                layer_id=0,
+                hidden_size=d_model,
+                hasher=hasher,
+                table_grad=table_grad,
+                table_init_std=0.02,
+            )
         self.hasher = hasher
         self.block = Block(d_model, engram)
         self.norm = nn.RMSNorm(d_model)
@@ -80,8 +86,15 @@ def train(with_engram: bool, stream: torch.Tensor, lut: torch.Tensor, args) -> l
     torch.manual_seed(args.seed)
     hasher = None
     if with_engram:
-        config = te.EngramConfig(engram_vocab_size=(20_000, 20_000), max_ngram_size=3, n_embed_per_ngram=64,
-                                 n_head_per_ngram=4, layer_ids=(0,), pad_id=2, proj_bias=False)
+        config = te.EngramConfig(
+            engram_vocab_size=(20_000, 20_000),
+            max_ngram_size=3,
+            n_embed_per_ngram=64,
+            n_head_per_ngram=4,
+            layer_ids=(0,),
+            pad_id=2,
+            proj_bias=False,
+        )
         hasher = te.NgramHasher(config, lut=lut)
     model = TinyLM(int(lut.numel()), args.d_model, hasher, args.table_grad)
     table_opt, rest_opt = make_optimizers(model, base_lr=args.lr, weight_decay=0.1)
@@ -90,7 +103,7 @@ def train(with_engram: bool, stream: torch.Tensor, lut: torch.Tensor, args) -> l
     losses = []
     for _ in range(args.steps):
         start = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch,), generator=g)
-        window = torch.stack([stream[s:s + args.seq_len + 1] for s in start.tolist()])
+        window = torch.stack([stream[s : s + args.seq_len + 1] for s in start.tolist()])
         logits, aux = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         for o in opts:
@@ -120,8 +133,10 @@ def main() -> None:
         t0 = time.perf_counter()
         losses = train(with_engram, stream, lut, args)
         tail = sum(losses[-10:]) / min(10, len(losses))
-        print(f"{'MoE + Engram' if with_engram else 'MoE only':<13} loss {losses[0]:.3f} -> {tail:.3f} "
-              f"(mean of last 10 of {args.steps} steps, {time.perf_counter() - t0:.1f}s)")
+        print(
+            f"{'MoE + Engram' if with_engram else 'MoE only':<13} loss {losses[0]:.3f} -> {tail:.3f} "
+            f"(mean of last 10 of {args.steps} steps, {time.perf_counter() - t0:.1f}s)"
+        )
 
 
 if __name__ == "__main__":

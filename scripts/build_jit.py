@@ -29,8 +29,11 @@ def main() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: the project's default target
 
     with_cuda = not args.cpu_only
-    sources = [str(p) for pattern in ("csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/autograd/*.cpp")
-               for p in sorted(ROOT.glob(pattern))]
+    sources = [
+        str(p)
+        for pattern in ("csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/autograd/*.cpp")
+        for p in sorted(ROOT.glob(pattern))
+    ]
     sources.append(str(ROOT / "csrc/python/bindings.cpp"))
     if with_cuda:
         sources += sorted(glob.glob(str(ROOT / "csrc/cuda/*.cu")))
@@ -50,7 +53,11 @@ def main() -> None:
             wrapper.write_text(text)
         wrappers.append(str(wrapper))
     cpp_extension.load(
-        name="_C", sources=wrappers, build_directory=str(build_dir), with_cuda=with_cuda, verbose=True,
+        name="_C",
+        sources=wrappers,
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        verbose=True,
         extra_include_paths=[str(ROOT / "csrc/include")],
         extra_cflags=["-O3", "-std=c++20", *defines],
         extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--expt-extended-lambda", *defines],

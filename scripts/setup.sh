@@ -25,12 +25,15 @@ if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   "$PY" -m pip install -q "${need[@]}"
 fi
+# The linters CI runs (scripts/lint.sh); ruff is pinned because its formatting changes between releases.
+"$PY" -m ruff --version 2>/dev/null | grep -q "^ruff ${RUFF_VERSION:=0.17.6}$" || "$PY" -m pip install -q "ruff==$RUFF_VERSION"
 command -v cmake >/dev/null || "$PY" -m pip install -q cmake
 command -v ninja >/dev/null || "$PY" -m pip install -q ninja
 
 # GoogleTest and the optional offline corpora come from Debian's packages.
 apt_pkgs=()
 [ "${ENGRAM_BUILD_TESTS:-0}" = 1 ] && [ ! -f /usr/include/gtest/gtest.h ] && apt_pkgs+=(libgtest-dev)
+[ "${ENGRAM_BUILD_TESTS:-0}" = 1 ] && ! command -v clang-format >/dev/null && apt_pkgs+=(clang-format)
 [ -d /usr/share/doc/python3.11/html ] || apt_pkgs+=(python3.11-doc)
 [ -d /usr/share/games/fortunes ] || apt_pkgs+=(fortunes)
 [ -e /usr/share/jargon ] || [ -d /usr/share/doc/jargon-text ] || apt_pkgs+=(jargon-text)

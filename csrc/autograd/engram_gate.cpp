@@ -52,13 +52,11 @@ class EngramGateFunction : public torch::autograd::Function<EngramGateFunction> 
   }
 };
 
-at::Tensor engram_gate_autograd(const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight,
-                                double eps) {
+at::Tensor engram_gate_autograd(const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight, double eps) {
   return EngramGateFunction::apply(hidden, kv, weight, eps);
 }
 
-at::Tensor engram_gate_no_grad(const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight,
-                               double eps) {
+at::Tensor engram_gate_no_grad(const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight, double eps) {
   return std::get<0>(gate_forward_op(hidden, kv, weight, eps));
 }
 

@@ -40,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor> call_backward_sparse(const at::Tensor& grad_e
 
 class MultiheadGather : public torch::autograd::Function<MultiheadGather> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& table, const at::Tensor& rows,
-                            bool sparse_grad) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& table, const at::Tensor& rows, bool sparse_grad) {
     at::Tensor e;
     {
       at::AutoDispatchBelowADInplaceOrView guard;

@@ -25,11 +25,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_op(const at::Tensor
                                                                 const at::Tensor& norm_weight,
                                                                 const at::Tensor& conv_weight, const at::Tensor& rstd,
                                                                 int64_t dilation, bool activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::short_conv_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, int64_t, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("engram::short_conv_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   return op.call(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation);
 }
 

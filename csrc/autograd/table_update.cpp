@@ -85,9 +85,8 @@ void fused_update_inplace(T grad_e, T rows, T weight, T m1, T m2, T row_step, T 
 }
 
 at::Tensor call_gather(T weight, T rows) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::multihead_gather", "")
-                       .typed<at::Tensor(T, T, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("engram::multihead_gather", "").typed<at::Tensor(T, T, bool)>();
   return op.call(weight, rows, false);
 }
 

@@ -104,8 +104,10 @@ void gate_backward_kernel(const scalar_t* grad_out, const scalar_t* hidden, cons
   cpu::reduce_chunks(partials.data(), chunking.count, M * D, grad_weight);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_forward_cpu(
-    const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_forward_cpu(const at::Tensor& hidden,
+                                                                                               const at::Tensor& kv,
+                                                                                               const at::Tensor& weight,
+                                                                                               double eps) {
   check_engram_gate_args("engram_gate_forward", hidden, kv, weight);
   check_gate_eps("engram_gate_forward", eps);
   const auto acc = gate_acc_dtype(hidden.scalar_type());
@@ -123,18 +125,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
   if (N == 0) return {out, alpha, r_x, r_k, raw};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "engram_gate_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_forward_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                         w.const_data_ptr<acc_t>(), N, M, D,
-                                         static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>(),
-                                         alpha.mutable_data_ptr<acc_t>(), r_x.mutable_data_ptr<acc_t>(),
-                                         r_k.mutable_data_ptr<acc_t>(), raw.mutable_data_ptr<acc_t>());
+    gate_forward_kernel<scalar_t, acc_t>(
+        x.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), N, M, D,
+        static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>(), alpha.mutable_data_ptr<acc_t>(),
+        r_x.mutable_data_ptr<acc_t>(), r_k.mutable_data_ptr<acc_t>(), raw.mutable_data_ptr<acc_t>());
   });
   return {out, alpha, r_x, r_k, raw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight,
-    const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k, const at::Tensor& raw) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cpu(const at::Tensor& grad_out,
+                                                                        const at::Tensor& hidden, const at::Tensor& kv,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& alpha, const at::Tensor& r_x,
+                                                                        const at::Tensor& r_k, const at::Tensor& raw) {
   check_engram_gate_backward_args(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw);
   const auto acc = gate_acc_dtype(hidden.scalar_type());
   const int64_t M = hidden.size(-2), D = hidden.size(-1);
@@ -155,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cpu(
       using acc_t = at::opmath_type<scalar_t>;
       gate_backward_kernel<scalar_t, acc_t>(
           g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-          w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), rx.const_data_ptr<acc_t>(),
-          rk.const_data_ptr<acc_t>(), rw.const_data_ptr<acc_t>(), N, M, D, grad_hidden.mutable_data_ptr<scalar_t>(),
+          w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), rx.const_data_ptr<acc_t>(), rk.const_data_ptr<acc_t>(),
+          rw.const_data_ptr<acc_t>(), N, M, D, grad_hidden.mutable_data_ptr<scalar_t>(),
           grad_kv.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<acc_t>());
     });
   }

@@ -15,16 +15,15 @@ using cpu::segments_of;
 // out row of segment u = dst_rows[u] (dense) or u (dst_rows == nullptr, sparse).
 void reduce_into(const RowSegments& seg, const at::Tensor& grad_c, int64_t d_head, const int64_t* dst_rows,
                  at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_c.scalar_type(), "multihead_gather_backward_cpu",
-                                  [&] {
-                                    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-                                    const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
-                                    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-                                    cpu::sum_segments<scalar_t, acc_t>(seg, g, d_head, [&](int64_t u, const acc_t* a) {
-                                      scalar_t* dst = o + (dst_rows ? dst_rows[u] : u) * d_head;
-                                      for (int64_t j = 0; j < d_head; ++j) dst[j] = static_cast<scalar_t>(a[j]);
-                                    });
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_c.scalar_type(), "multihead_gather_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    cpu::sum_segments<scalar_t, acc_t>(seg, g, d_head, [&](int64_t u, const acc_t* a) {
+      scalar_t* dst = o + (dst_rows ? dst_rows[u] : u) * d_head;
+      for (int64_t j = 0; j < d_head; ++j) dst[j] = static_cast<scalar_t>(a[j]);
+    });
+  });
 }
 
 at::Tensor multihead_gather_backward_cpu(const at::Tensor& grad_e, const at::Tensor& rows, int64_t num_rows) {

@@ -75,16 +75,16 @@ ENGRAM_INLINE void portable_layer(const HashArgs& a, const DmodPlan* s, int64_t 
 template <typename out_t, bool DOC, bool DMOD>
 ENGRAM_INLINE int64_t portable_range(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end, out_t* o) {
   const bool k8 = a.H / (a.N - 1) == 8;
-  return for_each_segment(
-      a, begin, end,
-      [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg) ENGRAM_INLINE_LAMBDA {
-        out_t* row = o + (l * a.B * a.T + seg) * a.H;
-        if (k8) {
-          portable_layer<out_t, DOC, DMOD, 8>(a, s, l, xr, dist, n, row);
-        } else {
-          portable_layer<out_t, DOC, DMOD, 0>(a, s, l, xr, dist, n, row);
-        }
-      });
+  return for_each_segment(a, begin, end,
+                          [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg)
+                              ENGRAM_INLINE_LAMBDA {
+                                out_t* row = o + (l * a.B * a.T + seg) * a.H;
+                                if (k8) {
+                                  portable_layer<out_t, DOC, DMOD, 8>(a, s, l, xr, dist, n, row);
+                                } else {
+                                  portable_layer<out_t, DOC, DMOD, 0>(a, s, l, xr, dist, n, row);
+                                }
+                              });
 }
 
 template <typename out_t>
@@ -102,8 +102,8 @@ ENGRAM_INLINE int64_t portable_kernel(const HashArgs& a, const DmodPlan* s, int6
 HashIsa ngram_hash_isa() {
   HashIsa best = HashIsa::kPortable;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw")) {
     best = HashIsa::kAvx512;
   }
 #endif
@@ -181,8 +181,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     dmod_ok = dmod_ok && dmod_exact(f.p);
     if (out_dtype == at::kInt) {
       TORCH_CHECK(o[c] + p[c] <= (int64_t{1} << 31),
-                  "ngram_hash: out_dtype=int32 needs fewer than 2^31 rows per layer, but table ", c,
-                  " ends at row ", o[c] + p[c], "; use out_dtype=torch.int64");
+                  "ngram_hash: out_dtype=int32 needs fewer than 2^31 rows per layer, but table ", c, " ends at row ",
+                  o[c] + p[c], "; use out_dtype=torch.int64");
     }
   }
 
@@ -193,8 +193,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
     TORCH_CHECK(mv[c] >= 1, "ngram_hash: multipliers must be positive, got ", mv[c], " at flat index ", c);
     m_max = std::max(m_max, static_cast<uint64_t>(mv[c]));
   }
-  const uint64_t max_id = std::min<uint64_t>(static_cast<uint64_t>(num_ids - 1),
-                                             static_cast<uint64_t>(INT64_MAX) / m_max);
+  const uint64_t max_id =
+      std::min<uint64_t>(static_cast<uint64_t>(num_ids - 1), static_cast<uint64_t>(INT64_MAX) / m_max);
   TORCH_CHECK(static_cast<uint64_t>(pad_id) <= max_id, "ngram_hash: pad_id must be a compressed id in [0, ", max_id + 1,
               ") (below num_ids and such that pad_id * multiplier fits in int64), got ", pad_id);
 
@@ -203,11 +203,23 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
   // int32 ids are read as they are (no widened copy to allocate and fault in).
   const bool ids32 = ids_c.scalar_type() == at::kInt;
-  HashArgs a{ids32 ? nullptr : ids_c.data_ptr<int64_t>(), ids32 ? ids_c.data_ptr<int32_t>() : nullptr,
-             ids.size(0), ids.size(1), L, multipliers.size(1), H,
-             lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr, num_ids,
-             reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()), mod_p.data(), mod_magic.data(), o,
-             pad_id, doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr, oov_to_pad, max_id};
+  HashArgs a{ids32 ? nullptr : ids_c.data_ptr<int64_t>(),
+             ids32 ? ids_c.data_ptr<int32_t>() : nullptr,
+             ids.size(0),
+             ids.size(1),
+             L,
+             multipliers.size(1),
+             H,
+             lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr,
+             num_ids,
+             reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()),
+             mod_p.data(),
+             mod_magic.data(),
+             o,
+             pad_id,
+             doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr,
+             oov_to_pad,
+             max_id};
   // The AVX-512 kernel takes half chunks of 8 heads of one order; the dmod constants serve it and
   // the portable kernel alike.
   const bool use_dmod = dmod_ok && has_fast_fma();
@@ -239,8 +251,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
       const int64_t c = a.lut ? a.lut[raw] : raw;
       TORCH_CHECK(false, "ngram_hash: ", a.lut ? "lut entries" : "ids", " must be compressed ids in [0, ", max_id + 1,
                   ") (below num_ids and such that id * multiplier fits in int64), got ",
-                  a.lut ? "lut[" + std::to_string(raw) + "] = " : std::string(), c, " at [", bad / a.T, ", ",
-                  bad % a.T, "]");
+                  a.lut ? "lut[" + std::to_string(raw) + "] = " : std::string(), c, " at [", bad / a.T, ", ", bad % a.T,
+                  "]");
     }
   }
   TORCH_CHECK(bad < 0, "ngram_hash: ids must lie in [0, ", num_ids, ") (the compression LUT length), got ",

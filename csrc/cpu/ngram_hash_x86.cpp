@@ -80,8 +80,7 @@ ENGRAM_AVX512 ENGRAM_INLINE void hash_chunk(const Chunk512& c, const double* hd,
         _mm256_mask_storeu_epi32(dst, static_cast<__mmask8>(c.keep), r);
       }
     } else {
-      _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep),
-                               _mm512_add_epi64(_mm512_cvtepu32_epi64(r), c.off_a));
+      _mm512_mask_storeu_epi64(dst, static_cast<__mmask8>(c.keep), _mm512_add_epi64(_mm512_cvtepu32_epi64(r), c.off_a));
     }
     return;
   }
@@ -89,8 +88,8 @@ ENGRAM_AVX512 ENGRAM_INLINE void hash_chunk(const Chunk512& c, const double* hd,
   const __m512i pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512d tb = _mm512_fmadd_pd(_mm512_set1_pd(hd[c.ob]), c.inv_b, round);
   const __m512i q = _mm512_permutex2var_epi32(_mm512_castpd_si512(ta), pack, _mm512_castpd_si512(tb));
-  const __m512i hl = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(hlo[c.oa])), 0xFF00,
-                                            static_cast<int>(hlo[c.ob]));
+  const __m512i hl =
+      _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(hlo[c.oa])), 0xFF00, static_cast<int>(hlo[c.ob]));
   __m512i r = _mm512_sub_epi32(hl, _mm512_mullo_epi32(q, c.p));
   r = _mm512_min_epu32(r, _mm512_add_epi32(r, c.p));
   if constexpr (std::is_same_v<out_t, int32_t>) {
@@ -145,18 +144,19 @@ ENGRAM_AVX512 void avx512_layer(const HashArgs& a, const DmodPlan& s, int64_t l,
 
 template <typename out_t, bool DOC>
 int64_t avx512_run(const HashArgs& a, const DmodPlan& s, int64_t begin, int64_t end, out_t* o) {
-  return for_each_segment(a, begin, end, [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n,
-                                             int64_t seg) ENGRAM_INLINE_LAMBDA {
-    out_t* row = o + (l * a.B * a.T + seg) * a.H;
-    switch (s.chunks) {
-      case 1:
-        return avx512_layer<out_t, DOC, 1>(a, s, l, xr, dist, n, row);
-      case 2:
-        return avx512_layer<out_t, DOC, 2>(a, s, l, xr, dist, n, row);
-      default:
-        return avx512_layer<out_t, DOC, 0>(a, s, l, xr, dist, n, row);
-    }
-  });
+  return for_each_segment(a, begin, end,
+                          [&](int64_t l, const uint64_t* xr, const int64_t* dist, int64_t n, int64_t seg)
+                              ENGRAM_INLINE_LAMBDA {
+                                out_t* row = o + (l * a.B * a.T + seg) * a.H;
+                                switch (s.chunks) {
+                                  case 1:
+                                    return avx512_layer<out_t, DOC, 1>(a, s, l, xr, dist, n, row);
+                                  case 2:
+                                    return avx512_layer<out_t, DOC, 2>(a, s, l, xr, dist, n, row);
+                                  default:
+                                    return avx512_layer<out_t, DOC, 0>(a, s, l, xr, dist, n, row);
+                                }
+                              });
 }
 
 template <typename out_t>

@@ -71,10 +71,9 @@ ENGRAM_ROW_INLINE void gate_sums_impl(const T* x, const T* k, const T* w, int64_
 }
 
 template <typename T>
-ENGRAM_ROW_INLINE void gate_backward_row_impl(const T* __restrict__ x, const T* __restrict__ k,
-                                              const T* __restrict__ w, const T* __restrict__ g, int64_t n, T alpha,
-                                              T r, T term_x, T term_k, T* __restrict__ grad_v,
-                                              T* __restrict__ grad_w, T* __restrict__ grad_x,
+ENGRAM_ROW_INLINE void gate_backward_row_impl(const T* __restrict__ x, const T* __restrict__ k, const T* __restrict__ w,
+                                              const T* __restrict__ g, int64_t n, T alpha, T r, T term_x, T term_k,
+                                              T* __restrict__ grad_v, T* __restrict__ grad_w, T* __restrict__ grad_x,
                                               T* __restrict__ grad_k) {
   for (int64_t i = 0; i < n; ++i) {
     const T xv = x[i], kv = k[i], wv = w[i];
@@ -155,8 +154,8 @@ void gate_sums(const double* x, const double* k, const double* w, int64_t n, dou
 }
 
 ENGRAM_CPU_CLONES void gate_backward_row(const float* x, const float* k, const float* w, const float* g, int64_t n,
-                                         float alpha, float r, float term_x, float term_k, float* grad_v,
-                                         float* grad_w, float* grad_x, float* grad_k) {
+                                         float alpha, float r, float term_x, float term_k, float* grad_v, float* grad_w,
+                                         float* grad_x, float* grad_k) {
   gate_backward_row_impl(x, k, w, g, n, alpha, r, term_x, term_k, grad_v, grad_w, grad_x, grad_k);
 }
 void gate_backward_row(const double* x, const double* k, const double* w, const double* g, int64_t n, double alpha,

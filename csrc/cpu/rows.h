@@ -26,9 +26,8 @@ void gate_sums(const double* x, const double* k, const double* w, int64_t n, dou
 // The gate backward of one branch row, given its coefficient r (engram/gate.h):
 //   grad_v += g * alpha;  grad_w += r * x * k;
 //   grad_x = r * (k * w - x * term_x);  grad_k = r * (x * w - k * term_k).
-void gate_backward_row(const float* x, const float* k, const float* w, const float* g, int64_t n, float alpha,
-                       float r, float term_x, float term_k, float* grad_v, float* grad_w, float* grad_x,
-                       float* grad_k);
+void gate_backward_row(const float* x, const float* k, const float* w, const float* g, int64_t n, float alpha, float r,
+                       float term_x, float term_k, float* grad_v, float* grad_w, float* grad_x, float* grad_k);
 void gate_backward_row(const double* x, const double* k, const double* w, const double* g, int64_t n, double alpha,
                        double r, double term_x, double term_k, double* grad_v, double* grad_w, double* grad_x,
                        double* grad_k);

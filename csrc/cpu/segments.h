@@ -43,6 +43,8 @@ void for_each_chunk(const Chunks& ch, const F& f) {
 }
 
 constexpr int64_t kMinChunk = int64_t{1} << 14;
+// Segments ahead of the sink whose targets are prefetched.
+constexpr int64_t kSinkPrefetch = 8;
 // Below this many lookups a comparison sort of the (unique) keys beats radix passes.
 constexpr int64_t kRadixMinLookups = int64_t{1} << 12;
 constexpr int kMaxDigitBits = 11;
@@ -98,8 +100,8 @@ struct RowSegments {
   std::unique_ptr<uint64_t[]> buffer;  // 2 * num_lookups keys: the keys and the sort's scratch
   const uint64_t* keys = nullptr;      // num_lookups sorted keys (row << pos_bits | position)
   int pos_bits = 0;
-  at::Tensor unique_rows;              // [U] int64, ascending
-  std::vector<int64_t> start;          // [U + 1]: keys[start[u]:start[u+1]] are row unique_rows[u]
+  at::Tensor unique_rows;      // [U] int64, ascending
+  std::vector<int64_t> start;  // [U + 1]: keys[start[u]:start[u+1]] are row unique_rows[u]
 };
 
 // Builds the keys of rows [...] (contiguous), checking 0 <= row < num_rows (num_rows < 0: no
@@ -194,8 +196,9 @@ inline RowSegments segments_of(const at::Tensor& rows_c, int64_t num_rows, const
 // lookup count, and walks grad_e in position order, adding only the lookups it owns into a
 // buffer of its segments: reads are sequential, the per-row order is still position order, and
 // the result is the same bit for bit whatever the thread count.
-template <typename scalar_t, typename acc_t, typename rank_t, typename Sink>
-void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d_head, const Sink& sink) {
+template <typename scalar_t, typename acc_t, typename rank_t, typename Sink, typename Prefetch>
+void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d_head, const Sink& sink,
+                         const Prefetch& prefetch) {
   const int64_t U = static_cast<int64_t>(seg.start.size()) - 1;
   if (U == 0 || d_head == 0) return;
   const int64_t n = seg.start[U];
@@ -229,17 +232,29 @@ void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d
         for (int64_t j = 0; j < d_head; ++j) a[j] = static_cast<acc_t>(g[j]);
       }
     }
-    for (int64_t u = lo; u < hi; ++u) sink(u, static_cast<const acc_t*>(acc.get() + (u - lo) * d_head));
+    for (int64_t u = lo; u < hi; ++u) {
+      // The sink's targets (table rows far apart in a large table) are known ahead: ask for them
+      // early, so several DRAM round trips overlap instead of one per row.
+      if (u + kSinkPrefetch < hi) prefetch(u + kSinkPrefetch);
+      sink(u, static_cast<const acc_t*>(acc.get() + (u - lo) * d_head));
+    }
   });
+}
+
+// prefetch(u): called a few segments before sink(u), to start loading what sink(u) will touch.
+template <typename scalar_t, typename acc_t, typename Sink, typename Prefetch>
+void sum_segments(const RowSegments& seg, const scalar_t* grad, int64_t d_head, const Sink& sink,
+                  const Prefetch& prefetch) {
+  if (seg.start.size() - 1 <= static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+    sum_segments_ranked<scalar_t, acc_t, int32_t>(seg, grad, d_head, sink, prefetch);
+  } else {
+    sum_segments_ranked<scalar_t, acc_t, int64_t>(seg, grad, d_head, sink, prefetch);
+  }
 }
 
 template <typename scalar_t, typename acc_t, typename Sink>
 void sum_segments(const RowSegments& seg, const scalar_t* grad, int64_t d_head, const Sink& sink) {
-  if (seg.start.size() - 1 <= static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
-    sum_segments_ranked<scalar_t, acc_t, int32_t>(seg, grad, d_head, sink);
-  } else {
-    sum_segments_ranked<scalar_t, acc_t, int64_t>(seg, grad, d_head, sink);
-  }
+  sum_segments<scalar_t, acc_t>(seg, grad, d_head, sink, [](int64_t) {});
 }
 
 }  // namespace engram::cpu

@@ -235,8 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cpu(const at:
           grad_nw.mutable_data_ptr<acc_t>(), grad_wt.mutable_data_ptr<acc_t>());
     });
   }
-  return {grad_u, grad_nw.to(norm_weight.scalar_type()),
-          grad_wt.t().contiguous().to(conv_weight.scalar_type())};
+  return {grad_u, grad_nw.to(norm_weight.scalar_type()), grad_wt.t().contiguous().to(conv_weight.scalar_type())};
 }
 
 }  // namespace

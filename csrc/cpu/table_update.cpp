@@ -36,9 +36,9 @@ template <TableOptimizer O, typename table_t, typename mom_t>
 struct RowUpdate {
   using acc_t = at::opmath_type<table_t>;
   table_t* w;
-  mom_t* m1;        // adam kinds: [R, d]
-  mom_t* m2;        // adam: [R, d]
-  acc_t* row_state; // partial_rowwise_adam: momentum2 [R]; rowwise_adagrad: momentum1 [R]
+  mom_t* m1;         // adam kinds: [R, d]
+  mom_t* m2;         // adam: [R, d]
+  acc_t* row_state;  // partial_rowwise_adam: momentum2 [R]; rowwise_adagrad: momentum1 [R]
   int32_t* row_step;
   int64_t D;
   TableOptimParams p;
@@ -59,24 +59,27 @@ struct RowUpdate {
       for (int64_t j = 0; j < D; ++j) sq_mean += g[j] * g[j];
       sq_mean /= static_cast<acc_t>(D);
     }
-    const auto c = table_row_coeffs<acc_t>(O, p, row_step ? row_step + r : nullptr,
-                                           row_state ? row_state + r : nullptr, sq_mean);
+    const auto c =
+        table_row_coeffs<acc_t>(O, p, row_step ? row_step + r : nullptr, row_state ? row_state + r : nullptr, sq_mean);
     table_t* __restrict__ wr = w + r * D;
     mom_t* __restrict__ mr = m1 ? m1 + r * D : nullptr;
     mom_t* __restrict__ vr = m2 ? m2 + r * D : nullptr;
     for (int64_t j = 0; j < D; ++j) {
       acc_t wi = static_cast<acc_t>(wr[j]);
       acc_t mi = acc_t(0), vi = acc_t(0);
-      if constexpr (O == TableOptimizer::kAdam || O == TableOptimizer::kPartialRowwiseAdam) mi = static_cast<acc_t>(mr[j]);
+      if constexpr (O == TableOptimizer::kAdam || O == TableOptimizer::kPartialRowwiseAdam)
+        mi = static_cast<acc_t>(mr[j]);
       if constexpr (O == TableOptimizer::kAdam) vi = static_cast<acc_t>(vr[j]);
       table_elem<acc_t>(O, c, wi, mi, vi, g[j]);
       if constexpr (std::is_same_v<table_t, c10::BFloat16>) {
-        wr[j] = sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(seed, step, r, j)), c10::BFloat16::from_bits())
-                   : static_cast<table_t>(wi);
+        wr[j] =
+            sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(seed, step, r, j)), c10::BFloat16::from_bits())
+               : static_cast<table_t>(wi);
       } else {
         wr[j] = static_cast<table_t>(wi);
       }
-      if constexpr (O == TableOptimizer::kAdam || O == TableOptimizer::kPartialRowwiseAdam) mr[j] = static_cast<mom_t>(mi);
+      if constexpr (O == TableOptimizer::kAdam || O == TableOptimizer::kPartialRowwiseAdam)
+        mr[j] = static_cast<mom_t>(mi);
       if constexpr (O == TableOptimizer::kAdam) vr[j] = static_cast<mom_t>(vi);
     }
   }
@@ -120,10 +123,18 @@ void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const a
     };
     using TO = TableOptimizer;
     switch (a.optimizer) {
-      case TO::kSgd: run(std::integral_constant<TO, TO::kSgd>{}, acc_t{}); break;
-      case TO::kAdam: with_mom(std::integral_constant<TO, TO::kAdam>{}); break;
-      case TO::kPartialRowwiseAdam: with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{}); break;
-      case TO::kRowwiseAdagrad: run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{}); break;
+      case TO::kSgd:
+        run(std::integral_constant<TO, TO::kSgd>{}, acc_t{});
+        break;
+      case TO::kAdam:
+        with_mom(std::integral_constant<TO, TO::kAdam>{});
+        break;
+      case TO::kPartialRowwiseAdam:
+        with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{});
+        break;
+      case TO::kRowwiseAdagrad:
+        run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
+        break;
     }
   });
   step.data_ptr<int64_t>()[0] += 1;
@@ -153,8 +164,8 @@ void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, con
   TORCH_CHECK(rows.dim() == 1, op, ": rows must be [U], got shape ", rows.sizes());
   TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, op,
               ": rows must be int64 or int32, got ", rows.scalar_type());
-  TORCH_CHECK(rows.device() == weight.device(), op, ": rows must be on the weight's device ", weight.device(),
-              ", got ", rows.device());
+  TORCH_CHECK(rows.device() == weight.device(), op, ": rows must be on the weight's device ", weight.device(), ", got ",
+              rows.device());
   const int64_t U = rows.size(0), D = weight.size(1), R = weight.size(0);
   TORCH_CHECK(grads.dim() == 2 && grads.size(0) == U && grads.size(1) == D, op, ": grads must be [U=", U,
               ", d_head=", D, "], got shape ", grads.sizes());
@@ -195,8 +206,8 @@ void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tenso
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
   const int64_t d_head = check_multihead_gather_backward_args(grad_e, rows, op);
-  TORCH_CHECK(d_head == weight.size(1), op, ": grad_e's last dimension must be H * d_head with d_head=",
-              weight.size(1), " (the weight's), got d_head ", d_head);
+  TORCH_CHECK(d_head == weight.size(1), op, ": grad_e's last dimension must be H * d_head with d_head=", weight.size(1),
+              " (the weight's), got d_head ", d_head);
   TORCH_CHECK(grad_e.device() == weight.device() && rows.device() == weight.device(), op,
               ": grad_e and rows must be on the weight's device ", weight.device(), ", got ", grad_e.device(), " and ",
               rows.device());
@@ -213,8 +224,9 @@ void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tenso
   dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, [&](const auto& u) {
     using acc_t = typename std::decay_t<decltype(u)>::acc_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_c.scalar_type(), op, [&] {
-      cpu::sum_segments<scalar_t, acc_t>(seg, grad_c.const_data_ptr<scalar_t>(), d_head,
-                                         [&](int64_t s, const acc_t* g) { u(unique[s], g); });
+      cpu::sum_segments<scalar_t, acc_t>(
+          seg, grad_c.const_data_ptr<scalar_t>(), d_head, [&](int64_t s, const acc_t* g) { u(unique[s], g); },
+          [&](int64_t s) { u.prefetch(unique[s]); });
     });
   });
 }

@@ -26,8 +26,8 @@ namespace engram {
 namespace {
 
 using cuda::block_sum;
-using cuda::ptr;
 using cuda::load_vec;
+using cuda::ptr;
 using cuda::store_vec;
 
 // Threads per block for rows of `vecs` vectors: a warp multiple, at most 256.
@@ -51,10 +51,9 @@ GateChunks gate_chunks(int64_t N) {
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ kv,
-                                    const acc_t* __restrict__ w, int64_t rows, int M,
-                                    int64_t D, acc_t eps, acc_t inv_sqrt_d, scalar_t* __restrict__ out,
-                                    acc_t* __restrict__ alpha, acc_t* __restrict__ r_x, acc_t* __restrict__ r_k,
-                                    acc_t* __restrict__ raw) {
+                                    const acc_t* __restrict__ w, int64_t rows, int M, int64_t D, acc_t eps,
+                                    acc_t inv_sqrt_d, scalar_t* __restrict__ out, acc_t* __restrict__ alpha,
+                                    acc_t* __restrict__ r_x, acc_t* __restrict__ r_k, acc_t* __restrict__ raw) {
   __shared__ acc_t scratch[32 * 3];
   const int64_t vecs = D / V;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -101,11 +100,11 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
 template <typename scalar_t, typename acc_t, int V>
 __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ kv, const acc_t* __restrict__ w,
-                                     const acc_t* __restrict__ alpha,
-                                     const acc_t* __restrict__ r_x, const acc_t* __restrict__ r_k,
-                                     const acc_t* __restrict__ raw, int64_t N, int M, int64_t D, int64_t chunk_size,
-                                     acc_t inv_sqrt_d, bool partial_in_shared, scalar_t* __restrict__ gx,
-                                     scalar_t* __restrict__ gkv, acc_t* __restrict__ partials) {
+                                     const acc_t* __restrict__ alpha, const acc_t* __restrict__ r_x,
+                                     const acc_t* __restrict__ r_k, const acc_t* __restrict__ raw, int64_t N, int M,
+                                     int64_t D, int64_t chunk_size, acc_t inv_sqrt_d, bool partial_in_shared,
+                                     scalar_t* __restrict__ gx, scalar_t* __restrict__ gkv,
+                                     acc_t* __restrict__ partials) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* gv_acc = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t scratch[32];
@@ -218,9 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
     auto launch = [&](auto vec) {
       constexpr int kV = decltype(vec)::value;
       gate_forward_kernel<scalar_t, acc_t, kV><<<grid, threads, 0, stream>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), N * M, static_cast<int>(M), D,
-          static_cast<acc_t>(eps), inv_sqrt_d, ptr<scalar_t>(out), ptr<acc_t>(alpha), ptr<acc_t>(r_x),
-          ptr<acc_t>(r_k), ptr<acc_t>(raw));
+          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), N * M, static_cast<int>(M), D, static_cast<acc_t>(eps),
+          inv_sqrt_d, ptr<scalar_t>(out), ptr<acc_t>(alpha), ptr<acc_t>(r_x), ptr<acc_t>(r_k), ptr<acc_t>(raw));
     };
     if (V > 1) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
@@ -232,9 +230,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_ga
   return {out, alpha, r_x, r_k, raw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight,
-    const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k, const at::Tensor& raw) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(const at::Tensor& grad_out,
+                                                                         const at::Tensor& hidden, const at::Tensor& kv,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& alpha, const at::Tensor& r_x,
+                                                                         const at::Tensor& r_k, const at::Tensor& raw) {
   check_engram_gate_backward_args(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto acc = gate_acc_dtype(hidden.scalar_type());
@@ -272,9 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(
         const size_t smem = gv_bytes + (in_shared ? gw_bytes : 0);
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks.count), threads, smem, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), ptr<acc_t>(a),
-            ptr<acc_t>(rx), ptr<acc_t>(rk), ptr<acc_t>(rw), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d,
-            in_shared, ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_kv), ptr<acc_t>(partials));
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), ptr<acc_t>(a), ptr<acc_t>(rx),
+            ptr<acc_t>(rk), ptr<acc_t>(rw), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d, in_shared,
+            ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_kv), ptr<acc_t>(partials));
       };
       if (V > 1) {
         launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});

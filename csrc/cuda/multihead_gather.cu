@@ -89,10 +89,18 @@ at::Tensor multihead_gather_cuda(const at::Tensor& table, const at::Tensor& rows
   const int width = vector_bytes(d_head * tab.element_size(), tab.stride(0) * tab.element_size(),
                                  reinterpret_cast<uintptr_t>(tab.data_ptr()));
   switch (width) {
-    case 16: launch_gather<uint4>(tab, rows_c, out); break;
-    case 8: launch_gather<uint2>(tab, rows_c, out); break;
-    case 4: launch_gather<uint32_t>(tab, rows_c, out); break;
-    default: launch_gather<unsigned short>(tab, rows_c, out); break;  // every gather dtype is >= 2 bytes
+    case 16:
+      launch_gather<uint4>(tab, rows_c, out);
+      break;
+    case 8:
+      launch_gather<uint2>(tab, rows_c, out);
+      break;
+    case 4:
+      launch_gather<uint32_t>(tab, rows_c, out);
+      break;
+    default:
+      launch_gather<unsigned short>(tab, rows_c, out);
+      break;  // every gather dtype is >= 2 bytes
   }
   return out;
 }

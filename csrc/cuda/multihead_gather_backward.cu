@@ -59,9 +59,9 @@ void launch_scatter_add(const GradArgs& a, int64_t num_rows, at::Tensor& acc) {
   const unsigned grid = cuda::grid_for(a.n, kBlock / group, 16);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(a.rows.scalar_type(), "multihead_gather_backward_atomic", [&] {
-    scatter_add_kernel<scalar_t, acc_t, V, index_t><<<grid, kBlock, 0, stream>>>(
-        a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head, cuda::ptr<acc_t>(acc),
-        log2_group);
+    scatter_add_kernel<scalar_t, acc_t, V, index_t>
+        <<<grid, kBlock, 0, stream>>>(a.grad.data_ptr<scalar_t>(), a.rows.data_ptr<index_t>(), a.n, num_rows, a.d_head,
+                                      cuda::ptr<acc_t>(acc), log2_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(kTokensPerBlock) ngram_hash_kernel(HashParams 
   uint64_t m_max = 1;
   for (int c = 0; c < p.L * p.N; ++c) m_max = mult[c] > m_max ? mult[c] : m_max;
   const uint64_t max_id_mult = static_cast<uint64_t>(INT64_MAX) / m_max;
-  const uint64_t max_id = max_id_mult < static_cast<uint64_t>(p.num_ids - 1) ? max_id_mult
-                                                                              : static_cast<uint64_t>(p.num_ids - 1);
+  const uint64_t max_id =
+      max_id_mult < static_cast<uint64_t>(p.num_ids - 1) ? max_id_mult : static_cast<uint64_t>(p.num_ids - 1);
 
   const int64_t BT = p.B * p.T;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock;
@@ -149,8 +149,8 @@ at::Tensor ngram_hash_cuda(const at::Tensor& ids, const std::optional<at::Tensor
   p.K = static_cast<int>(H / (N - 1));
   p.oov_to_pad = oov_to_pad;
 
-  const size_t layout_bytes = static_cast<size_t>(L * H) * (sizeof(FastMod) + sizeof(int64_t)) +
-                              static_cast<size_t>(L * N) * sizeof(uint64_t);
+  const size_t layout_bytes =
+      static_cast<size_t>(L * H) * (sizeof(FastMod) + sizeof(int64_t)) + static_cast<size_t>(L * N) * sizeof(uint64_t);
   const size_t stage_bytes = static_cast<size_t>(kTokensPerBlock * H) * c10::elementSize(out_dtype);
   TORCH_CHECK(layout_bytes <= kSharedLimit, "ngram_hash (CUDA): num_layers * heads = ", L * H,
               " tables exceed the shared-memory layout cache (at most about ", kSharedLimit / 24, ")");

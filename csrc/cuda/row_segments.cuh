@@ -144,8 +144,8 @@ constexpr int kHotLoads = 8;
 
 template <typename scalar_t, typename acc_t, int V, typename out_t = scalar_t>
 __global__ void __launch_bounds__(kBlock)
-    hot_row_sum_kernel(const scalar_t* __restrict__ grad, SegmentInfo s, int64_t d_head,
-                       out_t* __restrict__ out_vals, out_t* __restrict__ out_dense) {
+    hot_row_sum_kernel(const scalar_t* __restrict__ grad, SegmentInfo s, int64_t d_head, out_t* __restrict__ out_vals,
+                       out_t* __restrict__ out_dense) {
   using vec_t = Vec<scalar_t, V>;
   __shared__ vec_t tile[kBlock * kHotLoads];
   const int num_hot = *s.num_hot;
@@ -197,7 +197,7 @@ at::Tensor cub_temp(size_t bytes, const at::Tensor& like) {
 struct Segments {
   at::Tensor pos, unique, counts, seg_start, num_runs, hot, num_hot;
   SegmentInfo info() const {
-    return {pos.data_ptr<int32_t>(),      unique.data_ptr<int64_t>(),  counts.data_ptr<int32_t>(),
+    return {pos.data_ptr<int32_t>(),       unique.data_ptr<int64_t>(),   counts.data_ptr<int32_t>(),
             seg_start.data_ptr<int32_t>(), num_runs.data_ptr<int32_t>(), hot.data_ptr<int32_t>(),
             num_hot.data_ptr<int32_t>()};
   }
@@ -215,7 +215,7 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
   Segments sg;
   auto pos_in = at::empty({n}, i32);
   iota_check_kernel<idx_t><<<cuda::grid_for(n, kBlock), kBlock, 0, stream>>>(a.rows.data_ptr<idx_t>(), n, num_rows,
-                                                                            pos_in.data_ptr<int32_t>());
+                                                                             pos_in.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Row ids are checked non-negative, so sorting them as unsigned keys is the same order.
@@ -229,21 +229,20 @@ Segments build_segments(const GradArgs& a, int64_t num_rows) {
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys_in, keys_out, pos_in.data_ptr<int32_t>(),
                                                  sg.pos.data_ptr<int32_t>(), n32, 0, end_bit, stream));
   auto temp = cub_temp(bytes, a.rows);
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes, keys_in, keys_out,
-                                                 pos_in.data_ptr<int32_t>(), sg.pos.data_ptr<int32_t>(), n32, 0,
-                                                 end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes, keys_in, keys_out, pos_in.data_ptr<int32_t>(),
+                                                 sg.pos.data_ptr<int32_t>(), n32, 0, end_bit, stream));
 
   sg.unique = at::empty({n}, a.rows.options().dtype(at::kLong));
   sg.counts = at::zeros({n}, i32);  // entries past U stay 0, so the scan below sums no garbage
   sg.num_runs = at::empty({1}, i32);
   bytes = 0;
   C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, bytes, keys_out, sg.unique.data_ptr<int64_t>(),
-                                                    sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(),
-                                                    n32, stream));
+                                                    sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(), n32,
+                                                    stream));
   temp = cub_temp(bytes, a.rows);
   C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(temp.data_ptr(), bytes, keys_out, sg.unique.data_ptr<int64_t>(),
-                                                    sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(),
-                                                    n32, stream));
+                                                    sg.counts.data_ptr<int32_t>(), sg.num_runs.data_ptr<int32_t>(), n32,
+                                                    stream));
 
   // The scan runs over the bound n (U is on the device); entries past U are never read.
   sg.seg_start = at::empty({n}, i32);

@@ -25,8 +25,8 @@ namespace engram {
 namespace {
 
 using cuda::block_sum;
-using cuda::ptr;
 using cuda::load_vec;
+using cuda::ptr;
 using cuda::store_vec;
 
 struct ConvShape {
@@ -65,8 +65,8 @@ __global__ void rstd_kernel(const scalar_t* __restrict__ u, int64_t rows, int64_
 //   pre = sum over taps i of (w_t[i] * norm_weight) * u[token - shift_i] * rstd[token - shift_i].
 template <typename scalar_t, typename acc_t, int V>
 __device__ __forceinline__ void conv_pre(const scalar_t* __restrict__ u, const acc_t* __restrict__ rstd,
-                                         const acc_t* __restrict__ nw, const acc_t* __restrict__ wt,
-                                         const ConvShape& s, int64_t token, int64_t c, acc_t (&pre)[V]) {
+                                         const acc_t* __restrict__ nw, const acc_t* __restrict__ wt, const ConvShape& s,
+                                         int64_t token, int64_t c, acc_t (&pre)[V]) {
   const int64_t t = token % s.T, m = c / s.D;
 #pragma unroll
   for (int j = 0; j < V; ++j) pre[j] = acc_t(0);
@@ -240,8 +240,8 @@ void with_vec(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> short_conv_forward_cuda(const at::Tensor& u, const at::Tensor& norm_weight,
-                                                           const at::Tensor& conv_weight, int64_t dilation,
-                                                           double eps, bool activation) {
+                                                           const at::Tensor& conv_weight, int64_t dilation, double eps,
+                                                           bool activation) {
   check_short_conv_args("short_conv_forward", u, norm_weight, conv_weight, dilation);
   check_short_conv_eps("short_conv_forward", eps);
   const c10::cuda::CUDAGuard guard(u.device());
@@ -271,8 +271,7 @@ std::tuple<at::Tensor, at::Tensor> short_conv_forward_cuda(const at::Tensor& u, 
   return {out, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at::Tensor& grad_out,
-                                                                        const at::Tensor& u,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u,
                                                                         const at::Tensor& norm_weight,
                                                                         const at::Tensor& conv_weight,
                                                                         const at::Tensor& rstd, int64_t dilation,
@@ -315,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
         const size_t smem = a_bytes + (in_shared ? part_bytes : 0);
         cuda::allow_shared(kernel, smem);
         kernel<<<static_cast<unsigned>(chunks), row_threads(s.D / kV), smem, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), ptr<acc_t>(grad_pre),
-            s, chunk_size, in_shared, ptr<scalar_t>(grad_u), ptr<acc_t>(partials));
+            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), ptr<acc_t>(grad_pre), s,
+            chunk_size, in_shared, ptr<scalar_t>(grad_u), ptr<acc_t>(partials));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       auto total = at::empty({part}, x.options().dtype(acc));

@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     if constexpr (O == TableOptimizer::kAdam) vi = static_cast<acc_t>(a.m2[r * a.D + d]);
     table_elem<acc_t>(O, c, wi, mi, vi, static_cast<acc_t>(gr[d]));
     if constexpr (std::is_same_v<table_t, c10::BFloat16>) {
-      wr[d] = a.sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(a.seed, step, r, d)),
-                                   c10::BFloat16::from_bits())
-                   : static_cast<table_t>(wi);
+      wr[d] =
+          a.sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(a.seed, step, r, d)), c10::BFloat16::from_bits())
+               : static_cast<table_t>(wi);
     } else {
       wr[d] = static_cast<table_t>(wi);
     }
@@ -147,8 +147,8 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
         const dim3 grid(static_cast<unsigned>(blocks));
         auto with_grad = [&](auto grad_tag) {
           using grad_t = decltype(grad_tag);
-          table_update_kernel<O, table_t, mom_t, grad_t, index_t><<<grid, block, 0, stream>>>(
-              a, rows, static_cast<const grad_t*>(grads), u_host, u_dev, check_sorted);
+          table_update_kernel<O, table_t, mom_t, grad_t, index_t>
+              <<<grid, block, 0, stream>>>(a, rows, static_cast<const grad_t*>(grads), u_host, u_dev, check_sorted);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         if (grad_dtype == at::kFloat) {
@@ -168,10 +168,18 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
       };
       using TO = TableOptimizer;
       switch (args.optimizer) {
-        case TO::kSgd: run(std::integral_constant<TO, TO::kSgd>{}, acc_t{}); break;
-        case TO::kAdam: with_mom(std::integral_constant<TO, TO::kAdam>{}); break;
-        case TO::kPartialRowwiseAdam: with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{}); break;
-        case TO::kRowwiseAdagrad: run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{}); break;
+        case TO::kSgd:
+          run(std::integral_constant<TO, TO::kSgd>{}, acc_t{});
+          break;
+        case TO::kAdam:
+          with_mom(std::integral_constant<TO, TO::kAdam>{});
+          break;
+        case TO::kPartialRowwiseAdam:
+          with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{});
+          break;
+        case TO::kRowwiseAdagrad:
+          run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
+          break;
       }
     });
   }
@@ -200,21 +208,21 @@ void table_update_cuda(const at::Tensor& weight, const at::Tensor& momentum1, co
   const auto grads_c = grads.contiguous();
   AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "table_update_rows", [&] {
     launch_update<index_t>(a, weight, momentum1, momentum2, row_step, step, seed, rows_c.data_ptr<index_t>(),
-                                 grads_c.data_ptr(), grads_c.scalar_type(), D == 0 ? 0 : U, nullptr, D == 0 ? 0 : U,
-                                 true);
+                           grads_c.data_ptr(), grads_c.scalar_type(), D == 0 ? 0 : U, nullptr, D == 0 ? 0 : U, true);
   });
 }
 
 void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tensor& rows, const at::Tensor& weight,
                                         const at::Tensor& momentum1, const at::Tensor& momentum2,
-                                        const at::Tensor& row_step, const at::Tensor& step,
-                                        const at::Tensor& hparams, c10::string_view optimizer, int64_t seed) {
+                                        const at::Tensor& row_step, const at::Tensor& step, const at::Tensor& hparams,
+                                        c10::string_view optimizer, int64_t seed) {
   constexpr const char* op = "multihead_gather_fused_update";
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
   GradArgs g = check_grad_args(op, grad_e, rows);
-  TORCH_CHECK(g.d_head == weight.size(1), op, ": grad_e's last dimension must be H * d_head with d_head=",
-              weight.size(1), " (the weight's), got d_head ", g.d_head);
+  TORCH_CHECK(g.d_head == weight.size(1), op,
+              ": grad_e's last dimension must be H * d_head with d_head=", weight.size(1),
+              " (the weight's), got d_head ", g.d_head);
   TORCH_CHECK(grad_e.scalar_type() == weight.scalar_type(), op, ": grad_e must have the weight's dtype ",
               weight.scalar_type(), ", got ", grad_e.scalar_type());
   TORCH_CHECK(grad_e.device() == weight.device() && rows.device() == weight.device(), op,
@@ -223,7 +231,7 @@ void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tens
   const c10::cuda::CUDAGuard guard(weight.device());
   if (g.n == 0 || g.d_head == 0) {
     launch_update<int64_t>(a, weight, momentum1, momentum2, row_step, step, seed, nullptr, nullptr,
-                                 weight.scalar_type(), 0, nullptr, 0, false);
+                           weight.scalar_type(), 0, nullptr, 0, false);
     return;
   }
   Segments sg = AT_DISPATCH_INDEX_TYPES(g.rows.scalar_type(), "multihead_gather_fused_update_sort",
@@ -240,7 +248,7 @@ void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tens
     }
   });
   launch_update<int64_t>(a, weight, momentum1, momentum2, row_step, step, seed, sg.unique.data_ptr<int64_t>(),
-                               sums.data_ptr(), acc_dt, -1, sg.num_runs.data_ptr<int32_t>(), g.n, false);
+                         sums.data_ptr(), acc_dt, -1, sg.num_runs.data_ptr<int32_t>(), g.n, false);
 }
 
 }  // namespace

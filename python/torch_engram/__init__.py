@@ -9,6 +9,18 @@ from .modules import Engram
 from .table import EngramTable
 from .tokenizer import Compression, build_compression, compress
 
-__all__ = ["Engram", "EngramTable", "EngramConfig", "PRESETS", "NgramHasher", "TableLayout", "layer_multipliers", "layer_primes", "ops",
-           "Compression", "build_compression", "compress"]
+__all__ = [
+    "PRESETS",
+    "Compression",
+    "Engram",
+    "EngramConfig",
+    "EngramTable",
+    "NgramHasher",
+    "TableLayout",
+    "build_compression",
+    "compress",
+    "layer_multipliers",
+    "layer_primes",
+    "ops",
+]
 __version__ = "0.1.0"

@@ -91,8 +91,16 @@ class ParamCounts:
         return {**asdict(self), "sparse": self.sparse, "rho": self.rho}
 
     @classmethod
-    def from_parts(cls, total: int, routed: int, routed_inactive: int, tables: int, tables_read: int,
-                   engram_dense: int, excluded: int) -> "ParamCounts":
+    def from_parts(
+        cls,
+        total: int,
+        routed: int,
+        routed_inactive: int,
+        tables: int,
+        tables_read: int,
+        engram_dense: int,
+        excluded: int,
+    ) -> ParamCounts:
         """P_act is everything but the unused routed experts and the table values not read."""
         return cls(
             total=total,
@@ -209,9 +217,7 @@ def _search_vocab(num_orders: int, n_layers: int, n_head: int, target_rows: floa
     return lo
 
 
-def allocate(
-    base: ModelConfig, rho: float, engram: EngramConfig | None = None, tol: float = 0.01
-) -> Allocation:
+def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None, tol: float = 0.01) -> Allocation:
     """The config with base's P_tot and P_act and a routed share rho of the sparse parameters.
 
     base: the reference config (usually a pure MoE, rho = 1); its P_tot and P_act are the targets.
@@ -227,9 +233,7 @@ def allocate(
     if rho < 1.0 and engram is None:
         raise ValueError("allocate: rho < 1 needs an Engram config (pass engram= or set base.engram)")
     if engram is not None and max(engram.layer_ids) >= base.n_layers:
-        raise ValueError(
-            f"allocate: engram.layer_ids must be < n_layers={base.n_layers}, got {engram.layer_ids}"
-        )
+        raise ValueError(f"allocate: engram.layer_ids must be < n_layers={base.n_layers}, got {engram.layer_ids}")
 
     target = count_params(base)
     D, L_moe, k = base.d_model, base.n_moe_layers, base.top_k

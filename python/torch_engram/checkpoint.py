@@ -50,8 +50,14 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None,
-                    extra: Any = None, *, rng: bool = True) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizers: Optimizers | None = None,
+    extra: Any = None,
+    *,
+    rng: bool = True,
+) -> None:
     """Write {model, optimizers, extra, rng} to `path` atomically.
 
     The payload goes to a temporary file in the same directory, is flushed and fsynced, then
@@ -97,21 +103,22 @@ def _optimizer_pairs(optimizers: Optimizers | None, states) -> list:
     if isinstance(optimizers, Mapping):
         if not isinstance(states, Mapping) or set(states) != set(optimizers):
             have = sorted(states) if isinstance(states, Mapping) else type(states).__name__
-            raise ValueError(f"load_checkpoint: optimizers must match the saved ones, saved {have}, "
-                             f"given {sorted(optimizers)}")
+            raise ValueError(
+                f"load_checkpoint: optimizers must match the saved ones, saved {have}, given {sorted(optimizers)}"
+            )
         pairs = [(optimizers[k], states[k], k) for k in optimizers]
     else:
         if not isinstance(states, Sequence) or len(states) != len(optimizers):
             have = len(states) if isinstance(states, Sequence) else type(states).__name__
-            raise ValueError(f"load_checkpoint: optimizers must match the saved ones, saved {have}, "
-                             f"given {len(optimizers)}")
+            raise ValueError(
+                f"load_checkpoint: optimizers must match the saved ones, saved {have}, given {len(optimizers)}"
+            )
         pairs = [(o, s, i) for i, (o, s) in enumerate(zip(optimizers, states))]
     for opt, state, key in pairs:
         if (opt is None) != (state is None):
             given = "None" if opt is None else "given"
             saved = "none" if state is None else "a state"
-            raise ValueError(f"load_checkpoint: optimizer {key!r} is {given} but the checkpoint has {saved} "
-                             "for it")
+            raise ValueError(f"load_checkpoint: optimizer {key!r} is {given} but the checkpoint has {saved} for it")
     return [(o, s, k) for o, s, k in pairs if o is not None]
 
 
@@ -122,22 +129,34 @@ def _check_model_state(model: nn.Module, saved: Mapping, strict: bool) -> None:
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
     if strict and (missing or unexpected):
-        raise ValueError(f"load_checkpoint: the checkpoint does not match the model: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"load_checkpoint: the checkpoint does not match the model: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
     for key in sorted(set(own) & set(saved)):
         a, b = own[key], saved[key]
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
-            raise ValueError(f"load_checkpoint: {key!r} is a {type(b).__name__} in the checkpoint, "
-                             f"a {type(a).__name__} in the model")
+            raise ValueError(
+                f"load_checkpoint: {key!r} is a {type(b).__name__} in the checkpoint, a {type(a).__name__} in the model"
+            )
         if isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
-            raise ValueError(f"load_checkpoint: {key!r} is {tuple(b.shape)} {b.dtype} in the checkpoint but "
-                             f"{tuple(a.shape)} {a.dtype} in the model")
+            raise ValueError(
+                f"load_checkpoint: {key!r} is {tuple(b.shape)} {b.dtype} in the checkpoint but "
+                f"{tuple(a.shape)} {a.dtype} in the model"
+            )
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optimizers | None = None, *,
-                    map_location: str | torch.device | None = "cpu", strict: bool = True,
-                    restore_rng: bool = True, weights_only: bool = True) -> Any:
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizers: Optimizers | None = None,
+    *,
+    map_location: str | torch.device | None = "cpu",
+    strict: bool = True,
+    restore_rng: bool = True,
+    weights_only: bool = True,
+) -> Any:
     """Load a save_checkpoint file into `model` and `optimizers` (same structure as saved; None
     skips them) and return its `extra`. Tensors are read to `map_location` (default CPU) and then
     copied to where the parameters live; optimizer state keeps its saved dtypes. `restore_rng`
@@ -148,8 +167,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: Optim
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a torch_engram checkpoint")
     if payload.get("version", 0) > VERSION:
-        raise ValueError(f"load_checkpoint: checkpoint version {payload['version']} is newer than this "
-                         f"torch_engram's {VERSION}")
+        raise ValueError(
+            f"load_checkpoint: checkpoint version {payload['version']} is newer than this torch_engram's {VERSION}"
+        )
     # Everything is checked before anything changes: a failed load leaves model and optimizers as
     # they were.
     _check_model_state(model, payload["model"], strict)

@@ -70,15 +70,21 @@ class EngramConfig:
         if self.max_ngram_size < 2:
             fail("max_ngram_size", ">= 2", self.max_ngram_size)
         if len(self.engram_vocab_size) != self.num_orders:
-            fail("engram_vocab_size", f"one size per order 2..{self.max_ngram_size} "
-                 f"({self.num_orders} entries)", self.engram_vocab_size)
+            fail(
+                "engram_vocab_size",
+                f"one size per order 2..{self.max_ngram_size} ({self.num_orders} entries)",
+                self.engram_vocab_size,
+            )
         if any(v < 2 for v in self.engram_vocab_size):
             fail("engram_vocab_size", "entries >= 2", self.engram_vocab_size)
         if self.n_head_per_ngram < 1:
             fail("n_head_per_ngram", ">= 1", self.n_head_per_ngram)
         if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.n_head_per_ngram:
-            fail("n_embed_per_ngram", f"a positive multiple of n_head_per_ngram={self.n_head_per_ngram}",
-                 self.n_embed_per_ngram)
+            fail(
+                "n_embed_per_ngram",
+                f"a positive multiple of n_head_per_ngram={self.n_head_per_ngram}",
+                self.n_embed_per_ngram,
+            )
         if not self.layer_ids:
             fail("layer_ids", "non-empty", self.layer_ids)
         if len(set(self.layer_ids)) != len(self.layer_ids) or min(self.layer_ids) < 0:
@@ -96,7 +102,7 @@ class EngramConfig:
         if not self.conv_eps >= 0:
             fail("conv_eps", ">= 0", self.conv_eps)
 
-    def replace(self, **changes) -> "EngramConfig":
+    def replace(self, **changes) -> EngramConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -104,18 +110,18 @@ class EngramConfig:
 
     # Presets -------------------------------------------------------------------------------
     @classmethod
-    def official_demo(cls, **overrides) -> "EngramConfig":
+    def official_demo(cls, **overrides) -> EngramConfig:
         """deepseek-ai/Engram engram_demo_v1.py: orders 2-3, 8 heads, d_head 64, blocks 1 and 15."""
         return cls(**overrides)
 
     @classmethod
-    def paper_27b(cls, **overrides) -> "EngramConfig":
+    def paper_27b(cls, **overrides) -> EngramConfig:
         """Paper Engram-27B: orders 2-3, 8 heads, d_head 80, 2,262,400 rows per table."""
         base = dict(engram_vocab_size=(2262400, 2262400), n_embed_per_ngram=640, layer_ids=(1, 14))
         return cls(**{**base, **overrides})
 
     @classmethod
-    def v41_flash(cls, **overrides) -> "EngramConfig":
+    def v41_flash(cls, **overrides) -> EngramConfig:
         """DeepSeek-V4.1-Flash: orders 2-4, 8 heads, d_head 256, 16M rows per table, no conv,
         no projection bias, gate eps 1e-20, compressed vocabulary 99,092."""
         base = dict(

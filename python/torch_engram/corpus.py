@@ -47,9 +47,11 @@ def _python_docs_dir() -> Path | None:
     own = Path(f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/_sources")
     if own.is_dir():
         return own
+
     def version(p: Path) -> tuple[int, ...]:
         digits = re.findall(r"\d+", p.parts[4])
         return tuple(int(d) for d in digits)
+
     found = sorted(Path("/usr/share/doc").glob("python3*/html/_sources"), key=version)
     return found[-1] if found else None
 
@@ -58,6 +60,7 @@ def _source_files(source: str) -> list[Path]:
     """The files a source reads, in a fixed order (empty when the source is not installed)."""
     if source == "pydoc_topics":
         import pydoc_data.topics
+
         return [Path(pydoc_data.topics.__file__)]
     if source == "python_docs":
         root = _python_docs_dir()
@@ -66,8 +69,9 @@ def _source_files(source: str) -> list[Path]:
         for d in map(Path, _FORTUNE_DIRS):
             if d.is_dir():
                 # *.dat are strfile indexes and *.u8 symlinks repeat the plain files.
-                return sorted(p for p in d.iterdir()
-                              if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
+                return sorted(
+                    p for p in d.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")
+                )
         return []
     if source == "jargon":
         return [p for p in map(Path, _JARGON_FILES) if p.is_file()][:1]
@@ -121,6 +125,7 @@ def _documents_of(source: str) -> list[str]:
     files = _source_files(source)
     if source == "pydoc_topics":
         import pydoc_data.topics
+
         topics = pydoc_data.topics.topics
         docs = [topics[k] for k in sorted(topics)]
     elif source == "python_docs":
@@ -140,8 +145,9 @@ def _resolve_sources(sources: Iterable[str] | None) -> tuple[str, ...]:
         if s not in SOURCES:
             raise ValueError(f"load_documents: sources must be names from {SOURCES}, got {s!r}")
         if not _source_files(s):
-            raise FileNotFoundError(f"load_documents: source {s!r} is not installed on this machine "
-                                    f"(installed: {available_sources()})")
+            raise FileNotFoundError(
+                f"load_documents: source {s!r} is not installed on this machine (installed: {available_sources()})"
+            )
     return tuple(s for s in SOURCES if s in names)
 
 
@@ -184,8 +190,10 @@ def load_documents(sources: Iterable[str] | None = None, max_bytes: int | None =
     return _cap((d for docs in by_source.values() for d in docs), max_bytes)
 
 
-def load_text_files(paths: str | os.PathLike | Iterable[str | os.PathLike], max_bytes: int | None = None,
-                    ) -> list[str]:
+def load_text_files(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    max_bytes: int | None = None,
+) -> list[str]:
     """A user's own text as documents: one per file. A directory contributes its files recursively
     in sorted order; *.gz files are decompressed; UTF-8, falling back to Latin-1."""
     if isinstance(paths, (str, os.PathLike)):
@@ -198,13 +206,15 @@ def load_text_files(paths: str | os.PathLike | Iterable[str | os.PathLike], max_
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError("load_text_files: paths must name existing files or directories, "
-                                    f"got {str(p)!r}")
+            raise FileNotFoundError(f"load_text_files: paths must name existing files or directories, got {str(p)!r}")
     return _cap((d for d in map(_read_text, files) if d.strip()), max_bytes)
 
 
-def split_train_val(documents: Sequence[str], val_fraction: float = 0.05, seed: int = 0,
-                    ) -> tuple[list[str], list[str]]:
+def split_train_val(
+    documents: Sequence[str],
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
     """Deterministic split by whole documents: round(val_fraction * n) documents (at least one when
     val_fraction > 0 and n >= 2) chosen by a seeded shuffle go to validation. Both parts keep the
     input order."""
@@ -223,8 +233,9 @@ def split_train_val(documents: Sequence[str], val_fraction: float = 0.05, seed: 
 
 
 # Tokenizer -----------------------------------------------------------------------------------------
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
-                        special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2, special_tokens: Sequence[str] = SPECIAL_TOKENS
+) -> Tokenizer:
     """A byte-level BPE tokenizer trained offline on `texts` (no normalizer, GPT-2 style ByteLevel
     pre-tokenizer and decoder). Special tokens take ids 0.. in the order given; the 256 byte
     symbols follow, so any text encodes without <unk>. The trainer has no randomness (no seed to
@@ -232,9 +243,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_freque
     out smaller than vocab_size when the texts run out of pairs seen min_frequency times."""
     min_vocab = len(special_tokens) + 256
     if vocab_size < min_vocab:
-        raise ValueError(f"train_bpe_tokenizer: vocab_size must be >= {min_vocab} "
-                         "(special tokens + 256 bytes), "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"train_bpe_tokenizer: vocab_size must be >= {min_vocab} (special tokens + 256 bytes), got {vocab_size}"
+        )
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in special_tokens else None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -261,6 +272,7 @@ def cache_dir() -> Path:
 def _corpus_fingerprint(sources: tuple[str, ...], max_bytes: int | None, vocab_size: int) -> str:
     """Cheap identity of the training input: file names, sizes and mtimes, not contents."""
     import tokenizers
+
     h = hashlib.sha256()
     h.update(repr((_FORMAT_VERSION, tokenizers.__version__, sources, max_bytes, vocab_size)).encode())
     for s in sources:
@@ -270,8 +282,7 @@ def _corpus_fingerprint(sources: tuple[str, ...], max_bytes: int | None, vocab_s
     return h.hexdigest()[:16]
 
 
-def default_tokenizer(vocab_size: int = 8192, max_bytes: int | None = None,
-                      refresh: bool = False) -> Tokenizer:
+def default_tokenizer(vocab_size: int = 8192, max_bytes: int | None = None, refresh: bool = False) -> Tokenizer:
     """The byte-level BPE tokenizer of the built-in corpus (every installed source), cached as JSON
     under cache_dir()/tokenizers so repeat calls only load it. The cache key covers the vocab
     size, max_bytes, the source files (name, size, mtime) and the tokenizers version."""
@@ -307,8 +318,7 @@ class TokenStream(NamedTuple):
     doc_starts: torch.Tensor
 
 
-def encode_documents(tokenizer: Tokenizer, documents: Sequence[str],
-                     eos_id: int | None = None) -> TokenStream:
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[str], eos_id: int | None = None) -> TokenStream:
     """One long token stream: each document's ids followed by <eos> (so <eos> separates documents
     and ends the stream). eos_id defaults to the tokenizer's "<eos>" token."""
     if eos_id is None:
@@ -323,6 +333,6 @@ def encode_documents(tokenizer: Tokenizer, documents: Sequence[str],
     doc_starts = torch.cumsum(lengths, 0) - lengths
     ids = torch.full((int(lengths.sum()),), eos_id, dtype=torch.int64)
     for start, e in zip(doc_starts.tolist(), encodings):
-        ids[start:start + len(e.ids)] = torch.tensor(e.ids, dtype=torch.int64)
+        ids[start : start + len(e.ids)] = torch.tensor(e.ids, dtype=torch.int64)
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return TokenStream(ids, num_bytes, doc_starts)

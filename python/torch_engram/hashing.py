@@ -42,7 +42,7 @@ class TableLayout:
     rows_per_layer: tuple[int, ...]
 
     @classmethod
-    def from_config(cls, config: EngramConfig) -> "TableLayout":
+    def from_config(cls, config: EngramConfig) -> TableLayout:
         nested = layer_primes(config.engram_vocab_size, len(config.layer_ids), config.n_head_per_ngram)
         primes = np.array([[p for order in layer for p in order] for layer in nested], dtype=np.int64)
         offsets = np.zeros_like(primes)
@@ -73,12 +73,15 @@ class NgramHasher(nn.Module):
             if lut.numel() == 0 or int(lut.min()) < 0:
                 raise ValueError("NgramHasher: lut must be a non-empty int64 vector of compressed ids >= 0")
             if not 0 <= config.pad_id < lut.numel():
-                raise ValueError(f"NgramHasher: config.pad_id must lie in [0, {lut.numel()}) (the lut length), "
-                                 f"got {config.pad_id}")
+                raise ValueError(
+                    f"NgramHasher: config.pad_id must lie in [0, {lut.numel()}) (the lut length), got {config.pad_id}"
+                )
         v_comp = compressed_vocab_size_of(config, lut)
         if config.compressed_vocab_size is not None and lut is not None and v_comp != config.compressed_vocab_size:
-            raise ValueError(f"NgramHasher: the lut compresses to {v_comp} ids but "
-                             f"config.compressed_vocab_size is {config.compressed_vocab_size}")
+            raise ValueError(
+                f"NgramHasher: the lut compresses to {v_comp} ids but "
+                f"config.compressed_vocab_size is {config.compressed_vocab_size}"
+            )
         pad = int(lut[config.pad_id]) if lut is not None else config.pad_id
         if lut is None and pad >= v_comp:
             raise ValueError(f"NgramHasher: config.pad_id must be < compressed_vocab_size={v_comp}, got {pad}")
@@ -96,9 +99,10 @@ class NgramHasher(nn.Module):
         self._pad_id = pad
 
     @classmethod
-    def from_tokenizer(cls, config: EngramConfig, tokenizer, device=None) -> "NgramHasher":
+    def from_tokenizer(cls, config: EngramConfig, tokenizer, device=None) -> NgramHasher:
         """Hasher whose LUT compresses `tokenizer` (any vocabulary tokenizer.build_compression takes)."""
         from .tokenizer import build_compression
+
         return cls(config, lut=build_compression(tokenizer).lut, device=device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -116,16 +120,33 @@ class NgramHasher(nn.Module):
         except ValueError:
             raise ValueError(f"NgramHasher: layer_id must be one of {self.config.layer_ids}, got {layer_id}") from None
 
-    def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, oov_to_pad: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+        oov_to_pad: bool = False,
+    ) -> torch.Tensor:
         """Row ids [L, B, T, H]; int32 when every layer has < 2^31 rows (unless out_dtype says)."""
         if out_dtype is None:
             out_dtype = torch.int32 if max(self.rows_per_layer) < 2**31 else torch.int64
         lut = self.lut if self.lut.numel() else None
-        return ops.ngram_hash(input_ids, lut, self.num_ids, self.multipliers, self.primes, self.offsets,
-                              self._pad_id, doc_start=doc_start, out_dtype=out_dtype, oov_to_pad=oov_to_pad)
+        return ops.ngram_hash(
+            input_ids,
+            lut,
+            self.num_ids,
+            self.multipliers,
+            self.primes,
+            self.offsets,
+            self._pad_id,
+            doc_start=doc_start,
+            out_dtype=out_dtype,
+            oov_to_pad=oov_to_pad,
+        )
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layers={list(c.layer_ids)}, orders=2..{c.max_ngram_size}, heads={c.n_head_per_ngram}, "
-                f"compressed_vocab={self.compressed_vocab_size}, rows_per_layer={list(self.rows_per_layer)}")
+        return (
+            f"layers={list(c.layer_ids)}, orders=2..{c.max_ngram_size}, heads={c.n_head_per_ngram}, "
+            f"compressed_vocab={self.compressed_vocab_size}, rows_per_layer={list(self.rows_per_layer)}"
+        )

@@ -34,15 +34,27 @@ class Engram(nn.Module):
             separate query and key RMSNorm gains (official demo).
         table_init_std: tables start as N(0, std^2); 1.0 matches nn.Embedding in the official demo.
 
-    Submodules and parameters: `table` (an EngramTable: weight [rows, d_head] and its optimizer state); `kv_proj` one fused GEMM producing M keys and the value
+    Submodules and parameters: `table` (an EngramTable: weight [rows, d_head] and its optimizer
+    state); `kv_proj` one fused GEMM producing M keys and the value
     ([(M + 1) * D, d_mem], keys first); gate gains; conv RMSNorm gains and depthwise conv weight
     [M * D, kernel_size] (zero-initialised, so the conv branch starts as the identity).
     """
 
-    def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
-                 hasher: NgramHasher | None = None, table_grad: str = "fused", fold_gains: bool = False,
-                 table_init_std: float = 1.0, table_optimizer: str = "adam", table_options: dict | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        config: EngramConfig,
+        layer_id: int,
+        hidden_size: int,
+        hc_mult: int = 1,
+        hasher: NgramHasher | None = None,
+        table_grad: str = "fused",
+        fold_gains: bool = False,
+        table_init_std: float = 1.0,
+        table_optimizer: str = "adam",
+        table_options: dict | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if layer_id not in config.layer_ids:
             raise ValueError(f"Engram: layer_id must be one of config.layer_ids={config.layer_ids}, got {layer_id}")
@@ -63,15 +75,24 @@ class Engram(nn.Module):
         self.fold_gains = fold_gains
         self.table_init_std = table_init_std
         self.hasher = hasher
-        rows = (hasher.rows_per_layer if hasher is not None else TableLayout.from_config(config).rows_per_layer)
+        rows = hasher.rows_per_layer if hasher is not None else TableLayout.from_config(config).rows_per_layer
         self.num_rows = rows[self.layer_index]
         factory = dict(device=device, dtype=dtype)
         D, M = hidden_size, hc_mult
-        self.table = EngramTable(self.num_rows, config.d_head, grad=table_grad, optimizer=table_optimizer,
-                                 init_std=table_init_std, **(table_options or {}), **factory)
+        self.table = EngramTable(
+            self.num_rows,
+            config.d_head,
+            grad=table_grad,
+            optimizer=table_optimizer,
+            init_std=table_init_std,
+            **(table_options or {}),
+            **factory,
+        )
         self.kv_proj = nn.Linear(config.d_mem, (M + 1) * D, bias=config.proj_bias, **factory)
-        gain = dict(device=device, dtype=torch.float32 if dtype in (None, torch.float32, torch.bfloat16,
-                                                                     torch.float16) else dtype)
+        gain = dict(
+            device=device,
+            dtype=torch.float32 if dtype in (None, torch.float32, torch.bfloat16, torch.float16) else dtype,
+        )
         if fold_gains:
             self.gate_weight = nn.Parameter(torch.empty(M, D, **gain))
         else:
@@ -106,16 +127,22 @@ class Engram(nn.Module):
         """e [..., d_mem]: this layer's H rows per token, concatenated order-major, head-minor."""
         return self.table(rows)
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """hidden [B, T, D] (M = 1) or [B, T, M, D]; rows [B, T, H] of this layer, or input_ids [B, T]
         hashed by the attached hasher. Returns the update, shaped like hidden."""
         M, D = self.hc_mult, self.hidden_size
         squeeze = hidden.dim() == 3
         if squeeze:
             if M != 1:
-                raise ValueError(f"Engram: hidden must be [B, T, M={M}, D={D}] for hc_mult={M}, "
-                                 f"got {tuple(hidden.shape)}")
+                raise ValueError(
+                    f"Engram: hidden must be [B, T, M={M}, D={D}] for hc_mult={M}, got {tuple(hidden.shape)}"
+                )
             hidden = hidden.unsqueeze(2)
         if hidden.dim() != 4 or hidden.shape[2:] != (M, D):
             raise ValueError(f"Engram: hidden must be [B, T, {M}, {D}] or [B, T, {D}], got {tuple(hidden.shape)}")
@@ -128,8 +155,9 @@ class Engram(nn.Module):
         elif rows.dim() != 3 or rows.shape[-1] != self.config.num_heads:
             raise ValueError(f"Engram: rows must be [B, T, H={self.config.num_heads}], got {tuple(rows.shape)}")
         if rows.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"Engram: rows {tuple(rows.shape[:2])} and hidden {tuple(hidden.shape[:2])} "
-                             "must share [B, T]")
+            raise ValueError(
+                f"Engram: rows {tuple(rows.shape[:2])} and hidden {tuple(hidden.shape[:2])} must share [B, T]"
+            )
         e = self.gather(rows).to(self.kv_proj.weight.dtype)
         kv = self.kv_proj(e).to(hidden.dtype)  # [B, T, (M + 1) * D]: M keys, then the value
         eps = self.config.gate_eps if self.config.gate_eps is not None else torch.finfo(hidden.dtype).eps
@@ -140,7 +168,8 @@ class Engram(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layer_id={self.layer_id}, rows={self.num_rows}, d_head={c.d_head}, heads={c.num_heads}, "
-                f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, conv={c.use_conv}, "
-                f"bias={c.proj_bias}, fold_gains={self.fold_gains}")
-
+        return (
+            f"layer_id={self.layer_id}, rows={self.num_rows}, d_head={c.d_head}, heads={c.num_heads}, "
+            f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, conv={c.use_conv}, "
+            f"bias={c.proj_bias}, fold_gains={self.fold_gains}"
+        )

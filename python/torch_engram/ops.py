@@ -7,12 +7,22 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers torch.ops.engram.*)
 
 
-def ngram_hash(ids: torch.Tensor, lut: torch.Tensor | None, num_ids: int, multipliers: torch.Tensor,
-               primes: torch.Tensor, offsets: torch.Tensor, pad_id: int, doc_start: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.int64, oov_to_pad: bool = False) -> torch.Tensor:
+def ngram_hash(
+    ids: torch.Tensor,
+    lut: torch.Tensor | None,
+    num_ids: int,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor,
+    pad_id: int,
+    doc_start: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.int64,
+    oov_to_pad: bool = False,
+) -> torch.Tensor:
     """Row ids [L, B, T, H] of every Engram layer for raw ids [B, T] (see csrc/library.cpp)."""
-    return torch.ops.engram.ngram_hash(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start,
-                                       out_dtype, oov_to_pad)
+    return torch.ops.engram.ngram_hash(
+        ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype, oov_to_pad
+    )
 
 
 def multihead_gather(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
@@ -28,8 +38,7 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
     return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
 
 
-def multihead_gather_backward_sparse(grad_e: torch.Tensor,
-                                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (unique_rows [U] int64 ascending, values [U, d_head]).
 
     Memory grows with the number of lookups, not with the table; same summation order as the
@@ -54,8 +63,14 @@ def gate_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([key.flatten(-2), value], dim=-1)
 
 
-def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
-               eps: float, activation: bool = True) -> torch.Tensor:
+def short_conv(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    dilation: int,
+    eps: float,
+    activation: bool = True,
+) -> torch.Tensor:
     """Y = U + SiLU(Conv1D(RMSNorm(U))) per branch, causal and depthwise (docs/SPEC.md section 5).
 
     u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (nn.Conv1d's weight
@@ -66,9 +81,18 @@ def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Te
 
 
 # ---- Table optimizer ops (state layouts: csrc/library.cpp; use them through EngramTable) ----
-def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch.Tensor, row_step: torch.Tensor,
-                 step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, hparams: torch.Tensor, optimizer: str,
-                 seed: int = -1) -> None:
+def table_update(
+    weight: torch.Tensor,
+    momentum1: torch.Tensor,
+    momentum2: torch.Tensor,
+    row_step: torch.Tensor,
+    step: torch.Tensor,
+    rows: torch.Tensor,
+    grads: torch.Tensor,
+    hparams: torch.Tensor,
+    optimizer: str,
+    seed: int = -1,
+) -> None:
     """One optimizer update of weight[rows] and their state with grads [U, d_head], in place.
 
     rows strictly increasing; hparams float64 CPU [5] = (lr, beta1, beta2, eps, weight_decay);
@@ -76,9 +100,18 @@ def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch
     torch.ops.engram.table_update(weight, momentum1, momentum2, row_step, step, rows, grads, hparams, optimizer, seed)
 
 
-def multihead_gather_fused(weight: torch.Tensor, rows: torch.Tensor, momentum1: torch.Tensor,
-                           momentum2: torch.Tensor, row_step: torch.Tensor, step: torch.Tensor,
-                           hparams: torch.Tensor, optimizer: str, seed: int = -1) -> torch.Tensor:
+def multihead_gather_fused(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    momentum1: torch.Tensor,
+    momentum2: torch.Tensor,
+    row_step: torch.Tensor,
+    step: torch.Tensor,
+    hparams: torch.Tensor,
+    optimizer: str,
+    seed: int = -1,
+) -> torch.Tensor:
     """multihead_gather whose backward updates weight and state in place (no table gradient)."""
-    return torch.ops.engram.multihead_gather_fused(weight, rows, momentum1, momentum2, row_step, step, hparams,
-                                                   optimizer, seed)
+    return torch.ops.engram.multihead_gather_fused(
+        weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed
+    )

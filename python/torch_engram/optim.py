@@ -79,8 +79,9 @@ class TableOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, _TableGroup):
-            raise TypeError("TableOptimizer: param groups come from EngramTables; build a new TableOptimizer "
-                            "for other tables")
+            raise TypeError(
+                "TableOptimizer: param groups come from EngramTables; build a new TableOptimizer for other tables"
+            )
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -110,11 +111,18 @@ class TableOptimizer(torch.optim.Optimizer):
             t.zero_grad()
 
 
-def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0, table_lr_mult: float = 5.0, *,
-                    optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    table_betas: tuple[float, float] | None = None, table_eps: float | None = None,
-                    ) -> tuple[TableOptimizer | None, torch.optim.Optimizer | None]:
+def make_optimizers(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float = 0.0,
+    table_lr_mult: float = 5.0,
+    *,
+    optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    table_betas: tuple[float, float] | None = None,
+    table_eps: float | None = None,
+) -> tuple[TableOptimizer | None, torch.optim.Optimizer | None]:
     """(table optimizer, optimizer of the rest) of the Engram recipe.
 
     Every EngramTable in `model` gets lr = table_lr_mult * base_lr, weight_decay 0 and
@@ -125,8 +133,12 @@ def make_optimizers(model: nn.Module, base_lr: float, weight_decay: float = 0.0,
     """
     tables = find_tables(model)
     for t in tables:
-        t.set_hparams(lr=base_lr * table_lr_mult, betas=table_betas or betas, eps=eps if table_eps is None else table_eps,
-                      weight_decay=0.0)
+        t.set_hparams(
+            lr=base_lr * table_lr_mult,
+            betas=table_betas or betas,
+            eps=eps if table_eps is None else table_eps,
+            weight_decay=0.0,
+        )
     table_weights = {id(t.weight) for t in tables}
     rest = [p for p in model.parameters() if id(p) not in table_weights and p.requires_grad]
     table_opt = TableOptimizer(tables) if tables else None

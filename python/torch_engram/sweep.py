@@ -115,9 +115,7 @@ PRESETS: dict[str, Preset] = {
             "seed": 0,
         },
         engram_layers=None,
-        train=TrainConfig(
-            steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="fused"
-        ),
+        train=TrainConfig(steps=4000, batch_size=32, seq_len=512, lr=1.5e-3, warmup_steps=200, table_grad="fused"),
         rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.4),
         seeds=(0, 1),
         tokenizer_vocab=16384,
@@ -178,9 +176,7 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
     pad = eos if pad is None else pad
     if preset.max_val_tokens:
         kept, total = [], 0
-        for d, n in zip(
-            val_docs, (len(e.ids) + 1 for e in tok.encode_batch(val_docs, add_special_tokens=False))
-        ):
+        for d, n in zip(val_docs, (len(e.ids) + 1 for e in tok.encode_batch(val_docs, add_special_tokens=False))):
             if kept and total + n > preset.max_val_tokens:
                 break
             kept.append(d)
@@ -356,9 +352,7 @@ def run_sweep(
         ).to(device)
         desc = f"rho={a.rho:.2f} seed={seed}"
         steps_bar = (
-            (lambda it, desc=desc: _bar(it, total=preset.train.steps, desc=desc, leave=False))
-            if progress
-            else None
+            (lambda it, desc=desc: _bar(it, total=preset.train.steps, desc=desc, leave=False)) if progress else None
         )
         tr = train(
             model,
@@ -461,8 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd"],
         help="the Engram tables' optimizer (torch_engram.table; default adam: lazy, row-wise bias correction)",
     )
-    p.add_argument("--table-grad", choices=["fused", "sparse", "dense"],
-                   help="how Engram tables learn: fused into backward (default), sparse or dense gradients")
+    p.add_argument(
+        "--table-grad",
+        choices=["fused", "sparse", "dense"],
+        help="how Engram tables learn: fused into backward (default), sparse or dense gradients",
+    )
     p.add_argument("--text-files", nargs="+", help="your own UTF-8 text files instead of the built-in corpus")
     p.add_argument(
         "--tokenizer",
@@ -512,9 +509,7 @@ def preset_from_args(args) -> Preset:
     tc = replace(tc, warmup_steps=min(tc.warmup_steps, max(1, tc.steps // 10)))
     model = dict(preset.model)
     model["max_seq_len"] = max(model["max_seq_len"], tc.seq_len)
-    return replace(
-        preset, train=tc, model=model, rhos=args.rhos or preset.rhos, seeds=args.seeds or preset.seeds
-    )
+    return replace(preset, train=tc, model=model, rhos=args.rhos or preset.rhos, seeds=args.seeds or preset.seeds)
 
 
 def combine(dirs, out_dir: Path) -> dict:
@@ -528,14 +523,11 @@ def combine(dirs, out_dir: Path) -> dict:
             raw_rows = list(csv.DictReader(f))
         for r in raw_rows:
             r = {
-                k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v)))
-                for k, v in r.items()
+                k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v))) for k, v in r.items()
             }
             key = (r["rho"], r["seed"])
             if key in seen:
-                raise SystemExit(
-                    f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}"
-                )
+                raise SystemExit(f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}")
             seen[key] = d
             rows.append(r)
     for rho in {r["rho"] for r in rows}:
@@ -545,9 +537,7 @@ def combine(dirs, out_dir: Path) -> dict:
             if r["rho"] == rho
         }
         if len(shapes) > 1:
-            raise SystemExit(
-                f"--combine: the runs disagree on the model or budget at rho={rho}: {sorted(shapes)}"
-            )
+            raise SystemExit(f"--combine: the runs disagree on the model or budget at rho={rho}: {sorted(shapes)}")
     rows.sort(key=lambda r: (-r["rho"], r["seed"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
@@ -587,9 +577,7 @@ def main(argv=None) -> dict:
     threads = args.threads or (PRESETS[args.preset].threads if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    amp = {"off": None, "bf16": torch.bfloat16}.get(
-        args.amp, torch.bfloat16 if device.startswith("cuda") else None
-    )
+    amp = {"off": None, "bf16": torch.bfloat16}.get(args.amp, torch.bfloat16 if device.startswith("cuda") else None)
     preset = preset_from_args(args)
     bad = [r for r in preset.rhos if not 0.0 < r <= 1.0]
     if bad:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import platform
 import sys
 
@@ -50,8 +51,14 @@ OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd")
 PLACEMENTS = ("device",)  # host, file and sharded placements build on this seam
 
 # Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and platform.machine() in (
-    "x86_64", "AMD64", "i686", "aarch64", "arm64", "armv7l", "riscv64") else 0)
+_MAP_NORESERVE = getattr(
+    mmap,
+    "MAP_NORESERVE",
+    0x4000
+    if sys.platform == "linux"
+    and platform.machine() in ("x86_64", "AMD64", "i686", "aarch64", "arm64", "armv7l", "riscv64")
+    else 0,
+)
 
 
 def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
@@ -75,11 +82,42 @@ def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # keeps `buf` alive
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large CPU tensor with transparent huge pages (madvise MADV_HUGEPAGE,
+    before its pages are first touched). A table is read at random rows: with 4 KiB pages nearly
+    every lookup of a multi-GB table misses the TLB, with 2 MiB pages most hit. Returns whether
+    the advice was given; where it cannot be (other OS, THP off, ENGRAM_HUGE_PAGES=0), nothing
+    changes."""
+    if t.device.type != "cpu" or sys.platform != "linux" or t.numel() * t.element_size() < 16 * _HUGE_PAGE:
+        return False
+    if os.environ.get("ENGRAM_HUGE_PAGES", "1") == "0":  # opt out (e.g. to measure without)
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+        hi = end // _HUGE_PAGE * _HUGE_PAGE
+        return hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def state_bytes_per_row(optimizer: str, d_head: int, state_dtype: torch.dtype = torch.float32) -> int:
     """Optimizer state bytes of one row (docs/SPEC.md section 7; measured by benchmarks/bench_table.py)."""
     moment = torch.empty((), dtype=state_dtype).element_size()
-    return {"adam": 2 * d_head * moment + 4, "partial_rowwise_adam": d_head * moment + 4 + 4,
-            "rowwise_adagrad": 4, "sgd": 0}[optimizer]
+    return {
+        "adam": 2 * d_head * moment + 4,
+        "partial_rowwise_adam": d_head * moment + 4 + 4,
+        "rowwise_adagrad": 4,
+        "sgd": 0,
+    }[optimizer]
 
 
 class EngramTable(nn.Module):
@@ -101,11 +139,26 @@ class EngramTable(nn.Module):
         placement: "device" (rows in the compute device's memory; other placements build on it).
     """
 
-    def __init__(self, num_rows: int, d_head: int, *, grad: str = "fused", optimizer: str = "adam",
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool | None = None, seed: int = 0, state_alloc: str = "on_touch",
-                 init_std: float = 1.0, placement: str = "device", device=None, dtype=None):
+    def __init__(
+        self,
+        num_rows: int,
+        d_head: int,
+        *,
+        grad: str = "fused",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool | None = None,
+        seed: int = 0,
+        state_alloc: str = "on_touch",
+        init_std: float = 1.0,
+        placement: str = "device",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if num_rows < 1 or d_head < 1:
             raise ValueError(f"EngramTable: num_rows and d_head must be >= 1, got {num_rows} and {d_head}")
@@ -120,6 +173,7 @@ class EngramTable(nn.Module):
         if seed < 0:
             raise ValueError(f"EngramTable: seed must be >= 0, got {seed}")
         weight = torch.empty(num_rows, d_head, device=device, dtype=dtype)
+        advise_huge_pages(weight)  # before reset_parameters first touches the pages
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"EngramTable: dtype must be float32, bfloat16, float16 or float64, got {weight.dtype}")
         maths = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -148,10 +202,18 @@ class EngramTable(nn.Module):
         mdt = state_dtype or maths
         R, D = num_rows, d_head
         empty = (0,)
-        shapes = {"adam": ((R, D), (R, D), (R,)), "partial_rowwise_adam": ((R, D), (R,), (R,)),
-                  "rowwise_adagrad": ((R,), empty, empty), "sgd": (empty, empty, empty)}[optimizer]
-        dtypes = {"adam": (mdt, mdt), "partial_rowwise_adam": (mdt, maths),
-                  "rowwise_adagrad": (maths, maths), "sgd": (maths, maths)}[optimizer]
+        shapes = {
+            "adam": ((R, D), (R, D), (R,)),
+            "partial_rowwise_adam": ((R, D), (R,), (R,)),
+            "rowwise_adagrad": ((R,), empty, empty),
+            "sgd": (empty, empty, empty),
+        }[optimizer]
+        dtypes = {
+            "adam": (mdt, mdt),
+            "partial_rowwise_adam": (mdt, maths),
+            "rowwise_adagrad": (maths, maths),
+            "sgd": (maths, maths),
+        }[optimizer]
         self.register_buffer("momentum1", zeros(shapes[0], dtypes[0], dev))
         self.register_buffer("momentum2", zeros(shapes[1], dtypes[1], dev))
         self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
@@ -164,8 +226,14 @@ class EngramTable(nn.Module):
         self.reset_parameters()
 
     # ---- settings ---------------------------------------------------------------------------
-    def set_hparams(self, *, lr: float | None = None, betas: tuple[float, float] | None = None,
-                    eps: float | None = None, weight_decay: float | None = None) -> None:
+    def set_hparams(
+        self,
+        *,
+        lr: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        weight_decay: float | None = None,
+    ) -> None:
         """Change the optimizer's settings; they apply from the next update on."""
         h = self.hparams.tolist()
         if lr is not None:
@@ -217,9 +285,17 @@ class EngramTable(nn.Module):
         w = self.weight
         if self.grad_mode == "fused":
             if torch.is_grad_enabled() and w.requires_grad:
-                return torch.ops.engram.multihead_gather_fused(w, rows, self.momentum1, self.momentum2,
-                                                               self.row_step, self.step_count, self.hparams,
-                                                               self.optimizer, self._rounding_seed())
+                return torch.ops.engram.multihead_gather_fused(
+                    w,
+                    rows,
+                    self.momentum1,
+                    self.momentum2,
+                    self.row_step,
+                    self.step_count,
+                    self.hparams,
+                    self.optimizer,
+                    self._rounding_seed(),
+                )
             return torch.ops.engram.multihead_gather(w, rows, False)
         if self.grad_mode == "dense" and self.track_rows and torch.is_grad_enabled() and w.requires_grad:
             # Consumed by step(), not by zero_grad(): a zero_grad() between forward and backward is
@@ -234,8 +310,10 @@ class EngramTable(nn.Module):
             return None
         if g.layout == torch.sparse_coo:
             if g.sparse_dim() != 1 or g.dense_dim() != 1:
-                raise ValueError("EngramTable.step: a sparse weight gradient must have sparse_dim=1 and "
-                                 f"dense_dim=1, got sparse_dim={g.sparse_dim()}, dense_dim={g.dense_dim()}")
+                raise ValueError(
+                    "EngramTable.step: a sparse weight gradient must have sparse_dim=1 and "
+                    f"dense_dim=1, got sparse_dim={g.sparse_dim()}, dense_dim={g.dense_dim()}"
+                )
             rows = g._indices()[0]
             # AccumulateGrad rebuilds a sparse .grad without its is_coalesced flag, so the sorted
             # unique rows of the backward arrive flagged uncoalesced; coalescing again would sort
@@ -245,9 +323,11 @@ class EngramTable(nn.Module):
                 rows = g._indices()[0]
             return rows, g._values()
         if not self._pending_rows:
-            raise RuntimeError("EngramTable.step: a dense weight gradient is set but no lookup was recorded since the "
-                               "last step(); grad='dense' updates the rows looked up in forward, recorded when "
-                               "track_rows is True (TableOptimizer sets it)")
+            raise RuntimeError(
+                "EngramTable.step: a dense weight gradient is set but no lookup was recorded since the "
+                "last step(); grad='dense' updates the rows looked up in forward, recorded when "
+                "track_rows is True (TableOptimizer sets it)"
+            )
         rows = torch.unique(torch.cat([r.reshape(-1).to(torch.int64) for r in self._pending_rows]))
         self._pending_rows.clear()
         return rows, g.index_select(0, rows)
@@ -261,12 +341,24 @@ class EngramTable(nn.Module):
         if got is None:
             return
         rows, values = got
-        torch.ops.engram.table_update(self.weight, self.momentum1, self.momentum2, self.row_step, self.step_count,
-                                      rows, values, self.hparams, self.optimizer, self._rounding_seed())
+        torch.ops.engram.table_update(
+            self.weight,
+            self.momentum1,
+            self.momentum2,
+            self.row_step,
+            self.step_count,
+            rows,
+            values,
+            self.hparams,
+            self.optimizer,
+            self._rounding_seed(),
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.weight.grad = None
 
     def extra_repr(self) -> str:
-        return (f"{self.num_rows}, {self.d_head}, grad={self.grad_mode!r}, optimizer={self.optimizer!r}, "
-                f"lr={self.lr:g}, dtype={self.weight.dtype}, placement={self.placement!r}")
+        return (
+            f"{self.num_rows}, {self.d_head}, grad={self.grad_mode!r}, optimizer={self.optimizer!r}, "
+            f"lr={self.lr:g}, dtype={self.weight.dtype}, placement={self.placement!r}"
+        )

@@ -22,16 +22,18 @@ _SENTINEL = "\ue000"  # private-use character that shields a lone space from Str
 def engram_normalizer() -> normalizers.Normalizer:
     """The official key normalizer. A token that is only whitespace keeps one space (through the
     sentinel) instead of stripping to the empty string, so " " and "" stay distinct keys."""
-    return normalizers.Sequence([
-        normalizers.NFKC(),
-        normalizers.NFD(),
-        normalizers.StripAccents(),
-        normalizers.Lowercase(),
-        normalizers.Replace(Regex("[ \t\r\n]+"), " "),
-        normalizers.Replace(Regex("^ $"), _SENTINEL),
-        normalizers.Strip(),
-        normalizers.Replace(_SENTINEL, " "),
-    ])
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex("[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex("^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,8 +56,9 @@ class Compression:
         return compress(ids, self.lut, oov_to_pad=oov_to_pad)
 
     def __repr__(self) -> str:
-        return (f"Compression(vocab_size={self.vocab_size}, num_compressed={self.num_compressed}, "
-                f"ratio={self.ratio:.4f})")
+        return (
+            f"Compression(vocab_size={self.vocab_size}, num_compressed={self.num_compressed}, ratio={self.ratio:.4f})"
+        )
 
 
 def _texts_and_raw(tokenizer: Any) -> tuple[list[str], Any]:
@@ -79,13 +82,16 @@ def _texts_and_raw(tokenizer: Any) -> tuple[list[str], Any]:
             elif isinstance(tok, str):
                 texts.append(tok)
             else:
-                raise TypeError(f"build_compression: tokens must be str or bytes, got {type(tok).__name__} "
-                                f"at index {tid}")
+                raise TypeError(
+                    f"build_compression: tokens must be str or bytes, got {type(tok).__name__} at index {tid}"
+                )
         # The raw key of a list entry is the entry itself (bytes stay bytes, so they never equal a str key).
         return texts, lambda tid: bytes(tokens[tid]) if isinstance(tokens[tid], bytearray) else tokens[tid]
-    raise TypeError("build_compression: tokenizer must be a tokenizers.Tokenizer, a transformers tokenizer "
-                    "(with decode and convert_ids_to_tokens) or a sequence of token str/bytes, "
-                    f"got {type(tokenizer).__name__}")
+    raise TypeError(
+        "build_compression: tokenizer must be a tokenizers.Tokenizer, a transformers tokenizer "
+        "(with decode and convert_ids_to_tokens) or a sequence of token str/bytes, "
+        f"got {type(tokenizer).__name__}"
+    )
 
 
 def build_compression(tokenizer: Any) -> Compression:
@@ -125,20 +131,22 @@ def compress(ids, lut: torch.Tensor | Compression, oov_to_pad: int | None = None
         raise TypeError(f"compress: ids must be an integer tensor, got dtype {ids.dtype}")
     lut = torch.as_tensor(lut)
     if lut.dim() != 1 or lut.dtype != torch.int64:
-        raise ValueError(f"compress: lut must be a 1-D int64 tensor, got shape {tuple(lut.shape)} "
-                         f"and dtype {lut.dtype}")
+        raise ValueError(
+            f"compress: lut must be a 1-D int64 tensor, got shape {tuple(lut.shape)} and dtype {lut.dtype}"
+        )
     lut = lut.to(ids.device)
     n = lut.numel()
     ids = ids.to(torch.int64)
     outside = (ids < 0) | (ids >= n)
     if oov_to_pad is not None:
         if not 0 <= oov_to_pad < n:
-            raise ValueError(f"compress: oov_to_pad must be a raw id in [0, {n}) (the lut length), "
-                             f"got {oov_to_pad}")
+            raise ValueError(f"compress: oov_to_pad must be a raw id in [0, {n}) (the lut length), got {oov_to_pad}")
         return lut[torch.where(outside, oov_to_pad, ids)]
     if bool(outside.any()):
         bad = ids[outside]
         first = int(bad[0])
-        raise ValueError(f"compress: ids must lie in [0, {n}) (the lut length), got {first} "
-                         f"({bad.numel()} ids outside; pass oov_to_pad=<raw pad id> to map them)")
+        raise ValueError(
+            f"compress: ids must lie in [0, {n}) (the lut length), got {first} "
+            f"({bad.numel()} ids outside; pass oov_to_pad=<raw pad id> to map them)"
+        )
     return lut[ids]

@@ -85,7 +85,7 @@ TEST(CudaHashWindow, MatchesCpuOpBitForBit) {
     int64_t B, T, N, K, L;
     bool lut, doc;
   };
-  const Case cases[] = {{3, 17, 3, 8, 2, true, true}, {2, 9, 4, 2, 1, false, true},  {1, 1, 3, 4, 2, true, false},
+  const Case cases[] = {{3, 17, 3, 8, 2, true, true},  {2, 9, 4, 2, 1, false, true}, {1, 1, 3, 4, 2, true, false},
                         {2, 2, 4, 3, 2, false, false}, {4, 33, 2, 1, 3, true, true}, {1, 5, 5, 2, 1, true, true}};
   for (const Case& cs : cases) {
     const int64_t num_ids = 500, v_comp = 300, pad = 7;
@@ -167,7 +167,7 @@ TEST(GatherLaunch, RadixEndBitCoversEveryRow) {
                            (int64_t{1} << 20) + 1, int64_t{10344164}, int64_t{384016682}, int64_t{1} << 31}) {
     const int bits = engram::radix_end_bit(num_rows, 64);
     EXPECT_GE(bits, 1);
-    EXPECT_LE(static_cast<uint64_t>(num_rows - 1) >> bits, 0u) << num_rows;  // every row id fits
+    EXPECT_LE(static_cast<uint64_t>(num_rows - 1) >> bits, 0u) << num_rows;                      // every row id fits
     if (bits > 1) EXPECT_GT(static_cast<uint64_t>(num_rows - 1) >> (bits - 1), 0u) << num_rows;  // and no more
   }
   EXPECT_EQ(engram::radix_end_bit(10344164, 64), 24);

@@ -44,8 +44,22 @@ std::vector<uint64_t> test_primes() {
 
 std::vector<uint64_t> edge_hashes(uint64_t p) {
   const uint64_t max = ~uint64_t{0};
-  std::vector<uint64_t> hs = {0, 1, 2, p - 1, p, p + 1, 2 * p - 1, 2 * p, max, max - 1, max - p, max - p + 1,
-                              uint64_t{1} << 63, (uint64_t{1} << 63) - 1, uint64_t{1} << 32, (uint64_t{1} << 32) - 1};
+  std::vector<uint64_t> hs = {0,
+                              1,
+                              2,
+                              p - 1,
+                              p,
+                              p + 1,
+                              2 * p - 1,
+                              2 * p,
+                              max,
+                              max - 1,
+                              max - p,
+                              max - p + 1,
+                              uint64_t{1} << 63,
+                              (uint64_t{1} << 63) - 1,
+                              uint64_t{1} << 32,
+                              (uint64_t{1} << 32) - 1};
   // Around the largest multiples of p, where mulhi(h, magic) undershoots the quotient the most.
   const uint64_t q = max / p;
   for (uint64_t k : {q, q - 1, q / 2, q / 3}) {

@@ -80,8 +80,7 @@ TEST(GateMath, AlphaFromRaw) {
 }
 
 // alpha of one branch as a function of its D-wide x and k (double, as the kernels compute it).
-double alpha_of(const std::vector<double>& x, const std::vector<double>& k, const std::vector<double>& w,
-                double eps) {
+double alpha_of(const std::vector<double>& x, const std::vector<double>& k, const std::vector<double>& w, double eps) {
   const int64_t D = static_cast<int64_t>(x.size());
   double xx = 0, kk = 0, raw = 0;
   for (int64_t d = 0; d < D; ++d) {

@@ -32,9 +32,7 @@ std::vector<int64_t> ints(std::istringstream& in) {
   return v;
 }
 
-at::Tensor tensor_of(const std::vector<int64_t>& v) {
-  return at::tensor(at::ArrayRef<int64_t>(v), at::kLong).clone();
-}
+at::Tensor tensor_of(const std::vector<int64_t>& v) { return at::tensor(at::ArrayRef<int64_t>(v), at::kLong).clone(); }
 
 TEST(NgramHash, MatchesGoldenOfficialFormulation) {
   std::ifstream f(std::string(ENGRAM_TEST_DATA_DIR) + "/golden_hash.txt");

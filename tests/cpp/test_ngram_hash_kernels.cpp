@@ -43,8 +43,16 @@ std::vector<uint64_t> edge_values(uint64_t p) {
 }
 
 std::vector<uint64_t> dmod_divisors() {
-  std::vector<uint64_t> ps = {engram::kDmodMinP, engram::kDmodMinP + 1, 16411, 646403, 646619, 16000057,
-                              (uint64_t{1} << 30) + 3, 2147483629, engram::kDmodMaxP - 2, engram::kDmodMaxP - 1};
+  std::vector<uint64_t> ps = {engram::kDmodMinP,
+                              engram::kDmodMinP + 1,
+                              16411,
+                              646403,
+                              646619,
+                              16000057,
+                              (uint64_t{1} << 30) + 3,
+                              2147483629,
+                              engram::kDmodMaxP - 2,
+                              engram::kDmodMaxP - 1};
   std::mt19937_64 rng(11);
   for (int i = 0; i < 40; ++i) ps.push_back(engram::kDmodMinP + rng() % (engram::kDmodMaxP - engram::kDmodMinP));
   return ps;
@@ -100,9 +108,22 @@ struct Problem {
 
   int64_t H() const { return (N - 1) * K; }
   HashArgs args() const {
-    return HashArgs{ids.data(), nullptr, B, T, L, N, H(), lut.empty() ? nullptr : lut.data(), num_ids,
-                    m.data(), p.data(), magic.data(), off.data(), pad,
-                    doc.empty() ? nullptr : reinterpret_cast<const bool*>(doc.data()), oov_to_pad,
+    return HashArgs{ids.data(),
+                    nullptr,
+                    B,
+                    T,
+                    L,
+                    N,
+                    H(),
+                    lut.empty() ? nullptr : lut.data(),
+                    num_ids,
+                    m.data(),
+                    p.data(),
+                    magic.data(),
+                    off.data(),
+                    pad,
+                    doc.empty() ? nullptr : reinterpret_cast<const bool*>(doc.data()),
+                    oov_to_pad,
                     static_cast<uint64_t>(INT64_MAX)};
   }
 };
@@ -255,9 +276,7 @@ using HashFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, i
                           at::ScalarType, bool);
 
 at::Tensor as_tensor(const std::vector<int64_t>& v) { return at::tensor(at::ArrayRef<int64_t>(v), at::kLong).clone(); }
-at::Tensor as_tensor(const std::vector<uint64_t>& v) {
-  return as_tensor(std::vector<int64_t>(v.begin(), v.end()));
-}
+at::Tensor as_tensor(const std::vector<uint64_t>& v) { return as_tensor(std::vector<int64_t>(v.begin(), v.end())); }
 
 class IsaEnv : public ::testing::Test {
  protected:
@@ -272,8 +291,8 @@ TEST_F(IsaEnv, EveryKernelGivesTheScalarRows) {
   struct Case {
     int64_t N, K, vocab;
   };
-  for (const Case& c : {Case{3, 8, 646400}, Case{4, 8, 16000000}, Case{4, 4, 646400}, Case{3, 3, 646400},
-                        Case{3, 8, 1000}}) {
+  for (const Case& c :
+       {Case{3, 8, 646400}, Case{4, 8, 16000000}, Case{4, 4, 646400}, Case{3, 3, 646400}, Case{3, 8, 1000}}) {
     const Problem pr = make_problem(rng, 3, 41, 2, c.N, c.K, c.vocab, true, true, false);
     const auto expected = as_tensor(scalar_rows(pr)).view({pr.L, pr.B, pr.T, pr.H()});
     std::vector<char> doc(pr.doc.begin(), pr.doc.end());

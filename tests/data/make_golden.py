@@ -37,12 +37,14 @@ def official_primes(vocab_sizes, num_layers, n_head):
 
 def official_multipliers(v_comp, n, layer_ids, seed):
     half = max(1, int(np.iinfo(np.int64).max // v_comp) // 2)
-    return [np.random.default_rng(int(seed + 10007 * int(l))).integers(0, half, size=(n,), dtype=np.int64) * 2 + 1
-            for l in layer_ids]
+    return [
+        np.random.default_rng(int(seed + 10007 * int(layer))).integers(0, half, size=(n,), dtype=np.int64) * 2 + 1
+        for layer in layer_ids
+    ]
 
 
 def official_rows(x, mult, primes, n, k_heads, pad):
-    B, T = x.shape
+    _B, T = x.shape
     shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=pad)[:, :T] for k in range(1, n)]
     cols, base = [], 0
     for order in range(2, n + 1):
@@ -70,8 +72,10 @@ def main():
         mult = official_multipliers(v_comp, n, layers, seed)
         for t in (1, 2, 17):
             x = rng.integers(0, v_comp, size=(2, t), dtype=np.int64)
-            print(f"case {name} {' '.join(map(str, vs))} | {n} {k} {v_comp} {pad} {seed} | "
-                  f"{' '.join(map(str, layers))} | {t}")
+            print(
+                f"case {name} {' '.join(map(str, vs))} | {n} {k} {v_comp} {pad} {seed} | "
+                f"{' '.join(map(str, layers))} | {t}"
+            )
             print("ids", " ".join(map(str, x.ravel())))
             for li in range(len(layers)):
                 print("mult", " ".join(map(str, mult[li])))

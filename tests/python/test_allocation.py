@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from torch_engram.allocation import (
     allocate,
     count_model_params,
@@ -88,9 +89,7 @@ def test_totals_within_one_percent(case, rho):
     assert abs(a.counts.active / target.active - 1) <= 0.01
     assert a.counts == count_params(a.config)
     # Only the routed experts, the shared width and the tables move.
-    assert (
-        a.config.replace(n_routed_experts=base.n_routed_experts, d_shared=base.d_shared, engram=None) == base
-    )
+    assert a.config.replace(n_routed_experts=base.n_routed_experts, d_shared=base.d_shared, engram=None) == base
     free = base.n_routed_experts - base.top_k
     if rho < 1:
         assert a.config.engram is not None
@@ -226,7 +225,7 @@ def test_bad_arguments():
         allocate(base, 0.5)
     with pytest.raises(ValueError, match="cannot keep P_act"):
         allocate(base, 0.5, engram)  # a shared expert of width 8 cannot absorb Engram's projections
-    with pytest.raises(ValueError, match="engram.layer_ids must be < n_layers=2"):
+    with pytest.raises(ValueError, match=r"engram\.layer_ids must be < n_layers=2"):
         allocate(base, 0.5, engram.replace(layer_ids=(1, 2)))
     with pytest.raises(ValueError, match="base must have MoE blocks"):
         allocate(base.replace(n_dense_layers=2), 0.5, engram)

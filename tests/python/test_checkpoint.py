@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import torch_engram  # noqa: F401
-from torch_engram import checkpoint, optim
-from torch_engram import EngramTable
+from torch_engram import EngramTable, checkpoint, optim
 
 
 class Model(nn.Module):
@@ -61,8 +60,9 @@ class _Both(torch.optim.Optimizer):
         return [g for o in self.opts for g in o.param_groups]
 
 
-@pytest.mark.parametrize("grad, optimizer", [("fused", "adam"), ("sparse", "partial_rowwise_adam"),
-                                             ("dense", "rowwise_adagrad")])
+@pytest.mark.parametrize(
+    "grad, optimizer", [("fused", "adam"), ("sparse", "partial_rowwise_adam"), ("dense", "rowwise_adagrad")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resume_is_bitwise(tmp_path, dtype, grad, optimizer):
     model, opts, sched = _fresh(dtype, grad, optimizer)
@@ -146,15 +146,17 @@ def test_failed_load_changes_nothing(tmp_path):
     other_opts = [o for o in optim.make_optimizers(other, base_lr=1e-3) if o is not None]
     before = {k: v.clone() for k, v in other.state_dict().items()}
     opt_before = [o.state_dict() for o in other_opts]
-    with pytest.raises(ValueError, match=r"'head.bias' is \(1,\) torch.float32 in the checkpoint but "
-                                         r"\(2,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'head.bias' is \(1,\) torch.float32 in the checkpoint but "
+        r"\(2,\)",
+    ):
         checkpoint.load_checkpoint(tmp_path / "a.pt", other, other_opts)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     assert [o.state_dict()["param_groups"] for o in other_opts] == [s["param_groups"] for s in opt_before]
     # An optimizer that does not fit (another parameter count) is refused before the model changes.
     small = Model()
-    small_opts = [optim.make_optimizers(small, base_lr=1e-3)[0],
-                  torch.optim.AdamW(list(small.head.parameters())[:1])]
+    small_opts = [optim.make_optimizers(small, base_lr=1e-3)[0], torch.optim.AdamW(list(small.head.parameters())[:1])]
     before = {k: v.clone() for k, v in small.state_dict().items()}
     with pytest.raises(ValueError):
         checkpoint.load_checkpoint(tmp_path / "a.pt", small, small_opts)
@@ -199,7 +201,7 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     src = str(Path(__file__).resolve().parents[2] / "python")
     path = tmp_path / "ckpt.pt"
     rng = random.Random(0)
-    for trial in range(20):
+    for _trial in range(20):
         proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), src], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "1"  # one complete save, then kill at a random point

@@ -8,8 +8,16 @@ import torch
 
 from torch_engram import corpus
 from torch_engram.corpus import (
-    EOS_ID, PAD_ID, SPECIAL_TOKENS, default_tokenizer, encode_documents, load_documents,
-    load_documents_by_source, load_text_files, split_train_val, train_bpe_tokenizer,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    default_tokenizer,
+    encode_documents,
+    load_documents,
+    load_documents_by_source,
+    load_text_files,
+    split_train_val,
+    train_bpe_tokenizer,
 )
 
 
@@ -30,6 +38,7 @@ def small_bpe(small_docs):
 # Sources -------------------------------------------------------------------------------------------
 def test_pydoc_topics_always_present():
     import pydoc_data.topics
+
     assert "pydoc_topics" in corpus.available_sources()
     docs = load_documents(["pydoc_topics"])
     topics = pydoc_data.topics.topics
@@ -99,7 +108,7 @@ def test_load_text_files(tmp_path):
     docs = load_text_files([tmp_path / "latin1.txt", tmp_path / "d"])
     assert docs == ["café", "first", "second", "third ünïcode"]
     assert load_text_files(str(tmp_path / "d" / "a.txt")) == ["first"]
-    with pytest.raises(FileNotFoundError, match="must name existing files or directories, got '.*missing'"):
+    with pytest.raises(FileNotFoundError, match=r"must name existing files or directories, got '.*missing'"):
         load_text_files([tmp_path / "missing"])
 
 
@@ -136,7 +145,7 @@ def test_bpe_training_deterministic(small_docs, small_bpe):
 
 
 def test_bpe_too_small_vocab():
-    with pytest.raises(ValueError, match="vocab_size must be >= 260 .*got 100"):
+    with pytest.raises(ValueError, match=r"vocab_size must be >= 260 .*got 100"):
         train_bpe_tokenizer(["hello"], vocab_size=100)
 
 
@@ -193,4 +202,3 @@ def test_encode_documents_bad_eos(small_bpe):
     no_eos = train_bpe_tokenizer(["hello world"], vocab_size=300, special_tokens=["<pad>"])
     with pytest.raises(ValueError, match="has no '<eos>' token; pass eos_id"):
         encode_documents(no_eos, ["a"])
-

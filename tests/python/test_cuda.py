@@ -18,6 +18,7 @@ import torch
 import torch_engram as te
 from torch_engram import reference
 
+
 def kv_of(k, v):
     """The fused K/V layout [..., (M + 1) * D] the gate op reads (keys, then the value)."""
     return te.ops.gate_kv(k, v)
@@ -75,10 +76,18 @@ def test_dense_backward_is_sorted_by_default():
 
 # --- hashing ----------------------------------------------------------------------------------
 
+
 def hasher_for(N=3, K=4, layers=(1, 15), v_comp=1000, lut_len=1500, seed=0, vocab=None):
     vocab = vocab or (20011,) * (N - 1)
-    cfg = te.EngramConfig(engram_vocab_size=vocab, max_ngram_size=N, n_head_per_ngram=K, n_embed_per_ngram=K,
-                          layer_ids=layers, pad_id=3, compressed_vocab_size=v_comp if lut_len is None else None)
+    cfg = te.EngramConfig(
+        engram_vocab_size=vocab,
+        max_ngram_size=N,
+        n_head_per_ngram=K,
+        n_embed_per_ngram=K,
+        layer_ids=layers,
+        pad_id=3,
+        compressed_vocab_size=v_comp if lut_len is None else None,
+    )
     lut = None
     if lut_len is not None:
         g = torch.Generator().manual_seed(seed)
@@ -90,15 +99,26 @@ def hasher_for(N=3, K=4, layers=(1, 15), v_comp=1000, lut_len=1500, seed=0, voca
 def hash_on(device, hasher, ids, doc_start, out_dtype, oov_to_pad):
     lut = hasher.lut.to(device) if hasher.lut.numel() else None
     doc = None if doc_start is None else doc_start.to(device)
-    return torch.ops.engram.ngram_hash(ids.to(device), lut, hasher.num_ids, hasher.multipliers.to(device),
-                                       hasher.primes.to(device), hasher.offsets.to(device), hasher._pad_id, doc,
-                                       out_dtype, oov_to_pad)
+    return torch.ops.engram.ngram_hash(
+        ids.to(device),
+        lut,
+        hasher.num_ids,
+        hasher.multipliers.to(device),
+        hasher.primes.to(device),
+        hasher.offsets.to(device),
+        hasher._pad_id,
+        doc,
+        out_dtype,
+        oov_to_pad,
+    )
 
 
 def hash_both(hasher, ids, doc_start=None, out_dtype=torch.int64, oov_to_pad=False):
     """(CPU rows, CUDA rows) of the same call."""
-    return (hash_on("cpu", hasher, ids, doc_start, out_dtype, oov_to_pad),
-            hash_on(CUDA, hasher, ids, doc_start, out_dtype, oov_to_pad))
+    return (
+        hash_on("cpu", hasher, ids, doc_start, out_dtype, oov_to_pad),
+        hash_on(CUDA, hasher, ids, doc_start, out_dtype, oov_to_pad),
+    )
 
 
 @pytest.mark.parametrize("N,K", [(2, 1), (3, 8), (4, 8), (5, 3)])
@@ -158,8 +178,9 @@ def test_hash_oov_to_pad_and_edge_sizes():
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_hash_out_of_range_id_is_a_device_assert():
@@ -184,14 +205,17 @@ def test_hash_bad_arguments_raise_before_launch():
     hasher = hasher_for().to(CUDA)  # a CPU lut below: the device check fires before any launch
     ids = torch.randint(0, 10, (2, 5), device=CUDA)
     with pytest.raises(RuntimeError, match=r"ngram_hash: ids must be \[batch, seq\]"):
-        torch.ops.engram.ngram_hash(ids[0], hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
-                                    hasher.offsets, hasher._pad_id)
+        torch.ops.engram.ngram_hash(
+            ids[0], hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets, hasher._pad_id
+        )
     with pytest.raises(RuntimeError, match=r"must be on ids' device"):
-        torch.ops.engram.ngram_hash(ids, hasher.lut.cpu(), hasher.num_ids, hasher.multipliers, hasher.primes,
-                                    hasher.offsets, hasher._pad_id)
+        torch.ops.engram.ngram_hash(
+            ids, hasher.lut.cpu(), hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets, hasher._pad_id
+        )
 
 
 # --- gather -----------------------------------------------------------------------------------
+
 
 def make_lookup(shape, num_rows=997, d_head=64, dtype=torch.float32, index_dtype=torch.int64, distinct=None, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -215,8 +239,14 @@ def test_gather_strided_tables():
     rows = torch.randint(0, 150, (5, 7, 4), device=CUDA)
     # Column slices (pitch > d_head, various alignments), a row-strided view, an expanded table,
     # a transposed (column-strided) table.
-    for table in (base[:, 8:24], base[:, 1:17], base[:, 3:6], base[::2, :16], base[:1].expand(150, 40),
-                  base[:150, :16].t().contiguous().t()):
+    for table in (
+        base[:, 8:24],
+        base[:, 1:17],
+        base[:, 3:6],
+        base[::2, :16],
+        base[:1].expand(150, 40),
+        base[:150, :16].t().contiguous().t(),
+    ):
         expected = torch.ops.engram.multihead_gather(table.cpu(), rows.cpu(), False)
         assert torch.equal(torch.ops.engram.multihead_gather(table, rows, False).cpu(), expected)
 
@@ -243,6 +273,7 @@ def test_gather_out_of_range_row_is_a_device_assert():
 
 
 # --- backward ---------------------------------------------------------------------------------
+
 
 def backward_cases():
     # (shape of rows, num_rows, distinct rows read): plain, hot rows (> 128 readers each, the block
@@ -277,8 +308,10 @@ def test_sparse_backward_always_sorted(nondeterministic):
     u, v = torch.ops.engram.multihead_gather_backward_sparse(grad.to(CUDA), rows.to(CUDA))
     assert torch.equal(u.cpu(), u_cpu) and torch.equal(v.cpu(), v_cpu)
     g64 = grad.double()
-    assert torch.equal(torch.ops.engram.multihead_gather_backward(g64.to(CUDA), rows.to(CUDA), 50).cpu(),
-                       torch.ops.engram.multihead_gather_backward(g64, rows, 50))
+    assert torch.equal(
+        torch.ops.engram.multihead_gather_backward(g64.to(CUDA), rows.to(CUDA), 50).cpu(),
+        torch.ops.engram.multihead_gather_backward(g64, rows, 50),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -328,6 +361,7 @@ def test_backward_bad_arguments():
 
 # --- autograd, opcheck, compile ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d_head", [3, 16])
 def test_gradcheck_float64(d_head):
     table, rows = make_lookup((2, 5, 4), num_rows=11, d_head=d_head, dtype=torch.float64, distinct=6)
@@ -351,9 +385,21 @@ def test_opcheck_cuda():
     hasher = hasher_for().to(CUDA)
     ids = torch.randint(0, hasher.num_ids, (2, 9), device=CUDA)
     doc = torch.rand(2, 9, device=CUDA) < 0.3
-    torch.library.opcheck(torch.ops.engram.ngram_hash,
-                          (ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets,
-                           hasher._pad_id, doc, torch.int32, False))
+    torch.library.opcheck(
+        torch.ops.engram.ngram_hash,
+        (
+            ids,
+            hasher.lut,
+            hasher.num_ids,
+            hasher.multipliers,
+            hasher.primes,
+            hasher.offsets,
+            hasher._pad_id,
+            doc,
+            torch.int32,
+            False,
+        ),
+    )
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -383,8 +429,12 @@ def test_compile_fullgraph_cuda(dynamic):
 
 # (atol relative to the largest reference magnitude, rtol) of CUDA against a float64 reference
 # on the same rounded inputs; CUDA reduces over D in another order than the CPU op.
-FLOAT_TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (4e-6, 2e-5), torch.float16: (2e-3, 2e-3),
-             torch.bfloat16: (1e-2, 1e-2)}
+FLOAT_TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (4e-6, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
 
 
 def close(actual, expected, dtype, loosen=1.0):
@@ -431,8 +481,9 @@ def test_gate_forward_backward_vs_cpu_and_reference(dtype, M, lead, D):
     eps = 1e-6
     out, got = grads_of(lambda *a: gate(*a, eps), [x, k, v, w], grad, CUDA)
     out_cpu, want_cpu = grads_of(lambda *a: gate(*a, eps), [x, k, v, w], grad, "cpu")
-    out64, want64 = grads_of(lambda *a: reference.engram_gate(*a, eps), [t.double() for t in (x, k, v, w)],
-                             grad.double(), "cpu")
+    out64, want64 = grads_of(
+        lambda *a: reference.engram_gate(*a, eps), [t.double() for t in (x, k, v, w)], grad.double(), "cpu"
+    )
     assert out.dtype == dtype and out.device.type == CUDA
     # Wide rows sum more terms; grad_w also sums over tokens, and a branch whose score s sits
     # near 0 (slope 0.5/sqrt|s|) amplifies the fp32 rounding of raw, which CPU and CUDA round
@@ -460,8 +511,16 @@ def test_gate_saved_statistics_vs_cpu():
 # Shapes whose backward needs close to 48 KiB of dynamic shared memory or more (4 * D * (M + 1)
 # bytes for the gate, float64 doubling it): with the kernels' static shared memory on top, these
 # launches failed when only the dynamic bytes were compared with the 48 KiB default.
-@pytest.mark.parametrize("M,D,dtype", [(2, 4096, torch.float32), (3, 3072, torch.float32), (1, 6144, torch.float32),
-                                       (5, 2048, torch.float32), (2, 2048, torch.float64)])
+@pytest.mark.parametrize(
+    "M,D,dtype",
+    [
+        (2, 4096, torch.float32),
+        (3, 3072, torch.float32),
+        (1, 6144, torch.float32),
+        (5, 2048, torch.float32),
+        (2, 2048, torch.float64),
+    ],
+)
 def test_gate_backward_near_the_shared_memory_limit(M, D, dtype):
     x, k, v, w = gate_inputs((3,), M, D, dtype)
     grad = torch.randn(3, M, D, dtype=torch.float64).to(dtype)
@@ -486,8 +545,9 @@ def test_short_conv_backward_near_the_shared_memory_limit():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 4])
-@pytest.mark.parametrize("B,T,D,K,dilation", [(2, 13, 24, 4, 3), (2, 4, 37, 4, 3), (1, 1, 8, 3, 1),
-                                              (2, 50, 512, 4, 3), (1, 9, 4096, 4, 2)])
+@pytest.mark.parametrize(
+    "B,T,D,K,dilation", [(2, 13, 24, 4, 3), (2, 4, 37, 4, 3), (1, 1, 8, 3, 1), (2, 50, 512, 4, 3), (1, 9, 4096, 4, 2)]
+)
 @pytest.mark.parametrize("activation", [True, False])
 def test_short_conv_forward_backward_vs_cpu_and_reference(dtype, M, B, T, D, K, dilation, activation):
     if D == 4096 and (M == 1 or dtype == torch.float64 or not activation):
@@ -556,10 +616,18 @@ def test_gate_and_conv_opcheck_cuda():
 
 # --- the whole layer --------------------------------------------------------------------------
 
+
 def small_layer(dtype=torch.float32, M=2, D=64, use_conv=True):
-    cfg = te.EngramConfig(engram_vocab_size=(5003, 5003), max_ngram_size=3, n_head_per_ngram=4,
-                          n_embed_per_ngram=64, layer_ids=(1,), compressed_vocab_size=500, pad_id=0,
-                          use_conv=use_conv)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(5003, 5003),
+        max_ngram_size=3,
+        n_head_per_ngram=4,
+        n_embed_per_ngram=64,
+        layer_ids=(1,),
+        compressed_vocab_size=500,
+        pad_id=0,
+        use_conv=use_conv,
+    )
     torch.manual_seed(0)
     mod = te.Engram(cfg, 1, D, hc_mult=M, hasher=te.NgramHasher(cfg), dtype=dtype)
     with torch.no_grad():

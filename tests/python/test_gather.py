@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import torch_engram  # noqa: F401
+from conftest import DEVICES
 from torch_engram import ops
 from torch_engram import reference as ref
 
@@ -14,8 +14,9 @@ INDEX_DTYPES = [torch.int64, torch.int32]
 SHAPES = [(2, 7, 16), (7, 16), (1, 1, 16), (3, 4)]
 
 
-def make(shape, num_rows=97, d_head=8, dtype=torch.float32, index_dtype=torch.int64, device="cpu", seed=0,
-         num_distinct=None):
+def make(
+    shape, num_rows=97, d_head=8, dtype=torch.float32, index_dtype=torch.int64, device="cpu", seed=0, num_distinct=None
+):
     """A table and rows with plenty of duplicates (rows drawn from `num_distinct` values)."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(num_rows, d_head, generator=g, dtype=torch.float64).to(dtype)
@@ -35,11 +36,16 @@ def assert_grad_close(actual, expected):
     if actual.dtype == torch.float64:
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     else:
-        torch.testing.assert_close(actual, expected, rtol=2e-5 if actual.dtype == torch.float32 else None,
-                                   atol=2e-5 if actual.dtype == torch.float32 else None)
+        torch.testing.assert_close(
+            actual,
+            expected,
+            rtol=2e-5 if actual.dtype == torch.float32 else None,
+            atol=2e-5 if actual.dtype == torch.float32 else None,
+        )
 
 
 # --- forward ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,6 +107,7 @@ def test_forward_fake_tensors():
 
 # --- backward ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
@@ -130,10 +137,11 @@ def test_backward_ops_match_reference(device, dtype, index_dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_many_lookups(device, dtype):
     # Enough lookups for the parallel radix sort (not the small-input comparison sort).
-    table, rows = make((8, 256, 16), num_rows=50000, d_head=4, dtype=dtype, device=device, num_distinct=3000)
+    _table, rows = make((8, 256, 16), num_rows=50000, d_head=4, dtype=dtype, device=device, num_distinct=3000)
     grad_e = grad_for(rows, 4, dtype, device)
-    assert_grad_close(ops.multihead_gather_backward(grad_e, rows, 50000),
-                      ref.multihead_gather_backward(grad_e, rows, 50000))
+    assert_grad_close(
+        ops.multihead_gather_backward(grad_e, rows, 50000), ref.multihead_gather_backward(grad_e, rows, 50000)
+    )
     unique_rows, values = ops.multihead_gather_backward_sparse(grad_e, rows)
     ref_rows, ref_values = ref.multihead_gather_backward_sparse(grad_e, rows)
     assert torch.equal(unique_rows, ref_rows)
@@ -201,7 +209,7 @@ def test_grad_accumulates_on_parameter(device, sparse_grad):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_grad_with_sparse_adam(device):
-    table, rows = make((4, 8, 16), num_rows=300, device=device, num_distinct=100)
+    table, _rows = make((4, 8, 16), num_rows=300, device=device, num_distinct=100)
     p = torch.nn.Parameter(table.clone())
     q = torch.nn.Parameter(table.clone())
     opt_p = torch.optim.SparseAdam([p], lr=1e-2)
@@ -228,6 +236,7 @@ def test_gradcheck_float64():
 
 
 # --- determinism ------------------------------------------------------------------------------
+
 
 def test_backward_deterministic_across_runs_and_threads():
     # Zipf-like duplicates so segments are long and order-dependent sums would show.
@@ -258,14 +267,18 @@ def test_backward_deterministic_across_runs_and_threads():
 
 # --- torch.library / torch.compile ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     table, rows = make((2, 5, 4), d_head=6, device=device, num_distinct=12)
     grad_e = grad_for(rows, 6, torch.float32, device)
     torch.library.opcheck(torch.ops.engram.multihead_gather, (table, rows, False))
     torch.library.opcheck(torch.ops.engram.multihead_gather, (table.clone().requires_grad_(), rows, False))
-    torch.library.opcheck(torch.ops.engram.multihead_gather, (table.clone().requires_grad_(), rows, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.engram.multihead_gather,
+        (table.clone().requires_grad_(), rows, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     torch.library.opcheck(torch.ops.engram.multihead_gather_backward, (grad_e, rows, table.shape[0]))
     torch.library.opcheck(torch.ops.engram.multihead_gather_backward_sparse, (grad_e, rows))
 
@@ -321,6 +334,7 @@ def test_compile_sparse_grad(device):
 
 
 # --- bad inputs -------------------------------------------------------------------------------
+
 
 def test_bad_inputs():
     table, rows = make((2, 3, 4))

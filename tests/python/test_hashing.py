@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
 
 import torch_engram as te
+from conftest import DEVICES
 from torch_engram import reference
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_hash.txt"
@@ -19,15 +19,16 @@ GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_hash.txt"
 def numpy_official_rows(x, config, v_comp, primes, pad):
     """Independent transcription of the official NumPy hashing: [L, B, T, H] global rows."""
     x = np.asarray(x, dtype=np.int64)
-    B, T = x.shape
+    _B, T = x.shape
     n_max, K = config.max_ngram_size, config.n_head_per_ngram
     half = max(1, int(np.iinfo(np.int64).max // v_comp) // 2)
     out = []
     for li, layer_id in enumerate(config.layer_ids):
         g = np.random.default_rng(int(config.seed + 10007 * layer_id))
         m = g.integers(0, half, size=(n_max,), dtype=np.int64) * 2 + 1
-        shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad)[:, :T]
-                        for k in range(1, n_max)]
+        shifts = [x] + [
+            np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad)[:, :T] for k in range(1, n_max)
+        ]
         cols, base = [], 0
         for n in range(2, n_max + 1):
             mix = shifts[0] * m[0]
@@ -72,9 +73,16 @@ def test_golden_file_matches_op(cpu_kernel):
         n, k, v_comp, pad, seed = (int(v) for v in p1.split())
         layers = [int(v) for v in p2.split()]
         t = int(p3)
-        cfg = te.EngramConfig(engram_vocab_size=vocab, max_ngram_size=n, n_head_per_ngram=k,
-                              n_embed_per_ngram=k, layer_ids=layers, compressed_vocab_size=v_comp,
-                              pad_id=pad, seed=seed)
+        cfg = te.EngramConfig(
+            engram_vocab_size=vocab,
+            max_ngram_size=n,
+            n_head_per_ngram=k,
+            n_embed_per_ngram=k,
+            layer_ids=layers,
+            compressed_vocab_size=v_comp,
+            pad_id=pad,
+            seed=seed,
+        )
         hasher = te.NgramHasher(cfg)
         ids = torch.tensor([int(v) for v in lines[i + 1].split()[1:]]).view(-1, t)
         out = hasher(ids, out_dtype=torch.int64)
@@ -105,8 +113,13 @@ def test_matches_numpy_official(name, T, device):
     g = torch.Generator().manual_seed(T)
     ids = torch.randint(0, v_comp, (3, T), generator=g)
     ids[0, 0] = v_comp - 1  # the largest id: products must not overflow
-    expected = numpy_official_rows(ids.numpy(), cfg, v_comp, te.layer_primes(cfg.engram_vocab_size,
-                                   len(cfg.layer_ids), cfg.n_head_per_ngram), cfg.pad_id)
+    expected = numpy_official_rows(
+        ids.numpy(),
+        cfg,
+        v_comp,
+        te.layer_primes(cfg.engram_vocab_size, len(cfg.layer_ids), cfg.n_head_per_ngram),
+        cfg.pad_id,
+    )
     out = hasher(ids.to(device))
     assert out.dtype == torch.int32  # every layer here has < 2^31 rows
     assert np.array_equal(out.cpu().numpy().astype(np.int64), expected)
@@ -143,8 +156,13 @@ def test_cpu_kernels_match_numpy_official(name, B, T, cpu_kernel):
     g = torch.Generator().manual_seed(T)
     ids = torch.randint(0, v_comp, (B, T), generator=g)
     ids[0, 0] = v_comp - 1
-    expected = numpy_official_rows(ids.numpy(), cfg, v_comp, te.layer_primes(cfg.engram_vocab_size,
-                                   len(cfg.layer_ids), cfg.n_head_per_ngram), cfg.pad_id)
+    expected = numpy_official_rows(
+        ids.numpy(),
+        cfg,
+        v_comp,
+        te.layer_primes(cfg.engram_vocab_size, len(cfg.layer_ids), cfg.n_head_per_ngram),
+        cfg.pad_id,
+    )
     assert np.array_equal(hasher(ids).numpy().astype(np.int64), expected)
     assert np.array_equal(hasher(ids, out_dtype=torch.int64).numpy(), expected)
     assert np.array_equal(hasher(ids.int()).numpy().astype(np.int64), expected)  # int32 ids read as is
@@ -155,9 +173,11 @@ def test_cpu_kernels_lut_doc_start_oov_match_reference(out_dtype, cpu_kernel):
     g = torch.Generator().manual_seed(1)
     lut = torch.randint(0, 9000, (12000,), generator=g)
     lut[:9000] = torch.randperm(9000, generator=g)
-    configs = (te.EngramConfig.official_demo(), te.EngramConfig.v41_flash(compressed_vocab_size=None),
-               te.EngramConfig.official_demo(n_head_per_ngram=16, n_embed_per_ngram=1024,
-                                             layer_ids=(0, 3, 9)))
+    configs = (
+        te.EngramConfig.official_demo(),
+        te.EngramConfig.v41_flash(compressed_vocab_size=None),
+        te.EngramConfig.official_demo(n_head_per_ngram=16, n_embed_per_ngram=1024, layer_ids=(0, 3, 9)),
+    )
     for cfg in configs:
         hasher = te.NgramHasher(cfg, lut=lut)
         assert_simd_eligible(hasher)
@@ -166,8 +186,17 @@ def test_cpu_kernels_lut_doc_start_oov_match_reference(out_dtype, cpu_kernel):
         ids[2, 5::17] = 12000
         doc = torch.rand(4, 300, generator=g) < 0.1
         out = hasher(ids, doc_start=doc, out_dtype=out_dtype, oov_to_pad=True)
-        ref = reference.ngram_hash(ids, hasher.lut, hasher.num_ids, hasher.multipliers, hasher.primes,
-                                   hasher.offsets, hasher._pad_id, doc_start=doc, oov_to_pad=True)
+        ref = reference.ngram_hash(
+            ids,
+            hasher.lut,
+            hasher.num_ids,
+            hasher.multipliers,
+            hasher.primes,
+            hasher.offsets,
+            hasher._pad_id,
+            doc_start=doc,
+            oov_to_pad=True,
+        )
         assert out.dtype == out_dtype
         assert torch.equal(out.long(), ref)
 
@@ -175,8 +204,7 @@ def test_cpu_kernels_lut_doc_start_oov_match_reference(out_dtype, cpu_kernel):
 def test_cpu_kernel_env_rejects_unknown_name(monkeypatch):
     hasher = te.NgramHasher(CONFIGS["demo"])
     monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="ENGRAM_NGRAM_HASH_ISA must be auto, portable or avx512, "
-                                           "got 'sse9'"):
+    with pytest.raises(RuntimeError, match="ENGRAM_NGRAM_HASH_ISA must be auto, portable or avx512, got 'sse9'"):
         hasher(torch.tensor([[1, 2, 3]]))
     monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", "portable")
     assert te._C.ngram_hash_isa() == "portable"
@@ -197,15 +225,23 @@ def test_lut_fused_equals_precompressed(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_doc_start_matches_reference_and_pads(device):
-    cfg = te.EngramConfig(engram_vocab_size=(1009, 2003, 3001), max_ngram_size=4, n_head_per_ngram=3,
-                          n_embed_per_ngram=6, layer_ids=(1,), compressed_vocab_size=300, pad_id=0)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(1009, 2003, 3001),
+        max_ngram_size=4,
+        n_head_per_ngram=3,
+        n_embed_per_ngram=6,
+        layer_ids=(1,),
+        compressed_vocab_size=300,
+        pad_id=0,
+    )
     hasher = te.NgramHasher(cfg).to(device)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 300, (2, 40), generator=g)
     doc = torch.rand(2, 40, generator=g) < 0.15
     out = hasher(ids.to(device), doc_start=doc.to(device), out_dtype=torch.int64).cpu()
-    ref = reference.ngram_hash(ids, None, 300, hasher.multipliers.cpu(), hasher.primes.cpu(),
-                               hasher.offsets.cpu(), 0, doc_start=doc)
+    ref = reference.ngram_hash(
+        ids, None, 300, hasher.multipliers.cpu(), hasher.primes.cpu(), hasher.offsets.cpu(), 0, doc_start=doc
+    )
     assert torch.equal(out, ref)
     # A document starting at t makes every n-gram at t identical to the one at sequence start
     # with the same token, i.e. all shifts read the pad id.
@@ -220,8 +256,9 @@ def test_doc_start_matches_reference_and_pads(device):
 
 
 def test_pads_before_start_equal_explicit_pad_tokens():
-    cfg = te.EngramConfig(engram_vocab_size=(1009, 2003), layer_ids=(0,), compressed_vocab_size=50,
-                          pad_id=3, n_embed_per_ngram=8)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(1009, 2003), layer_ids=(0,), compressed_vocab_size=50, pad_id=3, n_embed_per_ngram=8
+    )
     hasher = te.NgramHasher(cfg)
     ids = torch.tensor([[5, 9, 11]])
     padded = torch.tensor([[3, 3, 5, 9, 11]])
@@ -267,8 +304,18 @@ def test_pad_id_and_lut_entries_are_validated(device):
     ids = torch.tensor([[1, 2, 3]], device=device)
 
     def run(lut=hasher.lut, pad_id=hasher.pad_id, oov_to_pad=False):
-        out = torch.ops.engram.ngram_hash(ids, lut, hasher.num_ids, hasher.multipliers, hasher.primes, hasher.offsets,
-                                          pad_id, None, torch.int64, oov_to_pad)
+        out = torch.ops.engram.ngram_hash(
+            ids,
+            lut,
+            hasher.num_ids,
+            hasher.multipliers,
+            hasher.primes,
+            hasher.offsets,
+            pad_id,
+            None,
+            torch.int64,
+            oov_to_pad,
+        )
         if device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -284,8 +331,11 @@ def test_pad_id_and_lut_entries_are_validated(device):
         lut = hasher.lut.clone()
         lut[2] = value
         for oov in (False, True):
-            with pytest.raises(RuntimeError, match=rf"lut entries must be compressed ids in \[0, \d+\).*"
-                                                   rf"got lut\[2\] = {value} at \[0, 1\]"):
+            with pytest.raises(
+                RuntimeError,
+                match=rf"lut entries must be compressed ids in \[0, \d+\).*"
+                rf"got lut\[2\] = {value} at \[0, 1\]",
+            ):
                 run(lut=lut, oov_to_pad=oov)
     # Without a LUT, ids are compressed ids already: their bound is num_ids, and products fit.
     lut = hasher.lut.clone()
@@ -294,23 +344,32 @@ def test_pad_id_and_lut_entries_are_validated(device):
 
 
 def test_int32_output_refused_past_2_31_rows():
-    cfg = te.EngramConfig(engram_vocab_size=(2**31 - 5, 10), layer_ids=(0,), compressed_vocab_size=10,
-                          pad_id=0, n_head_per_ngram=1, n_embed_per_ngram=1)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(2**31 - 5, 10),
+        layer_ids=(0,),
+        compressed_vocab_size=10,
+        pad_id=0,
+        n_head_per_ngram=1,
+        n_embed_per_ngram=1,
+    )
     hasher = te.NgramHasher(cfg)
     assert hasher(torch.tensor([[1, 2]])).dtype == torch.int64  # chosen automatically
     with pytest.raises(RuntimeError, match="int32 needs fewer than 2\\^31 rows"):
         hasher(torch.tensor([[1, 2]]), out_dtype=torch.int32)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_ngram_size=1, engram_vocab_size=()), "max_ngram_size must be >= 2"),
-    (dict(engram_vocab_size=(100,)), "engram_vocab_size must be one size per order"),
-    (dict(n_embed_per_ngram=12, n_head_per_ngram=8), "n_embed_per_ngram must be a positive multiple"),
-    (dict(layer_ids=(1, 1)), "layer_ids must be distinct"),
-    (dict(layer_ids=()), "layer_ids must be non-empty"),
-    (dict(pad_id=-1), "pad_id must be >= 0"),
-    (dict(gate_eps=-1.0), "gate_eps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_ngram_size=1, engram_vocab_size=()), "max_ngram_size must be >= 2"),
+        (dict(engram_vocab_size=(100,)), "engram_vocab_size must be one size per order"),
+        (dict(n_embed_per_ngram=12, n_head_per_ngram=8), "n_embed_per_ngram must be a positive multiple"),
+        (dict(layer_ids=(1, 1)), "layer_ids must be distinct"),
+        (dict(layer_ids=()), "layer_ids must be non-empty"),
+        (dict(pad_id=-1), "pad_id must be >= 0"),
+        (dict(gate_eps=-1.0), "gate_eps must be >= 0"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         te.EngramConfig(**kwargs)
@@ -348,6 +407,8 @@ def test_torch_compile_fullgraph():
 def test_opcheck():
     hasher = te.NgramHasher(CONFIGS["demo"])
     ids = torch.randint(0, 129280, (2, 16))
-    torch.library.opcheck(torch.ops.engram.ngram_hash.default,
-                          (ids, None, 129280, hasher.multipliers, hasher.primes, hasher.offsets, 2),
-                          {"out_dtype": torch.int32})
+    torch.library.opcheck(
+        torch.ops.engram.ngram_hash.default,
+        (ids, None, 129280, hasher.multipliers, hasher.primes, hasher.offsets, 2),
+        {"out_dtype": torch.int32},
+    )

@@ -5,13 +5,20 @@ import io
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import torch_engram as te
+from conftest import DEVICES
 from torch_engram.reference.layer import OfficialEngram, engram_module_reference
 
-SMALL = te.EngramConfig(engram_vocab_size=(211, 307), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2,
-                        layer_ids=(1, 3), pad_id=0, compressed_vocab_size=50)
+SMALL = te.EngramConfig(
+    engram_vocab_size=(211, 307),
+    max_ngram_size=3,
+    n_embed_per_ngram=8,
+    n_head_per_ngram=2,
+    layer_ids=(1, 3),
+    pad_id=0,
+    compressed_vocab_size=50,
+)
 
 
 def make(config=SMALL, M=1, D=16, dtype=torch.float32, device="cpu", layer_id=1, **kw):
@@ -60,8 +67,9 @@ def test_matches_official_demo_formulation():
     mod = make(SMALL, M=4, D=32)
     ids, hidden = inputs(mod, T=12)
     rows = mod.hasher(ids)[mod.layer_index]
-    official = OfficialEngram(list(mod.hasher.primes[mod.layer_index].tolist()), SMALL.d_head, 32, 4,
-                              dilation=SMALL.dilation).load_from(mod)
+    official = OfficialEngram(
+        list(mod.hasher.primes[mod.layer_index].tolist()), SMALL.d_head, 32, 4, dilation=SMALL.dilation
+    ).load_from(mod)
     table_ids = rows.long() - mod.hasher.offsets[mod.layer_index]
     torch.testing.assert_close(mod(hidden, rows=rows), official(hidden, table_ids), rtol=2e-5, atol=2e-5)
 

@@ -22,11 +22,19 @@ def rss_mib() -> float:
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 @pytest.mark.parametrize("grad", ["fused", "sparse", "dense"])
 def test_rss_stays_flat_over_1000_steps(grad):
-    cfg = te.EngramConfig(engram_vocab_size=(811, 907), max_ngram_size=3, n_embed_per_ngram=32, n_head_per_ngram=2,
-                          layer_ids=(1,), pad_id=0, compressed_vocab_size=500)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(811, 907),
+        max_ngram_size=3,
+        n_embed_per_ngram=32,
+        n_head_per_ngram=2,
+        layer_ids=(1,),
+        pad_id=0,
+        compressed_vocab_size=500,
+    )
     torch.manual_seed(0)
-    mod = te.Engram(cfg, 1, 64, hc_mult=2, hasher=te.NgramHasher(cfg), table_grad=grad,
-                    table_options=dict(state_alloc="eager"))
+    mod = te.Engram(
+        cfg, 1, 64, hc_mult=2, hasher=te.NgramHasher(cfg), table_grad=grad, table_options=dict(state_alloc="eager")
+    )
     opts = [o for o in optim.make_optimizers(mod, base_lr=1e-3) if o is not None]
     g = torch.Generator().manual_seed(0)
     marks = {}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from torch_engram.config import EngramConfig
 from torch_engram.models import ModelConfig, MoE, TransformerLM, default_engram_layers
 
@@ -91,9 +92,7 @@ def test_moe_routes_top_k_and_balances():
         for j in range(2):
             xe = x.reshape(-1, 8)[t]
             k = e[t, j]
-            expected[t] += w[t, j] * (
-                (torch.nn.functional.silu(xe @ moe.w1[k]) * (xe @ moe.w3[k])) @ moe.w2[k]
-            )
+            expected[t] += w[t, j] * ((torch.nn.functional.silu(xe @ moe.w1[k]) * (xe @ moe.w3[k])) @ moe.w2[k])
     torch.testing.assert_close(y.reshape(-1, 8), expected, rtol=1e-5, atol=1e-5)
     torch.nn.init.zeros_(moe.router.weight)  # uniform scores: the balance loss is exactly 1
     assert moe(x)[1].item() == pytest.approx(1.0)

@@ -4,9 +4,9 @@ argument errors."""
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import torch_engram  # noqa: F401
+from conftest import DEVICES
 from torch_engram import ops
 from torch_engram import reference as ref
 
@@ -94,8 +94,13 @@ def test_gradients_match_reference(device, dtype, M, activation):
 
 @pytest.mark.parametrize(
     "B, T, M, K, dilation, activation",
-    [(2, 7, 2, 4, 2, True), (1, 1, 1, 4, 3, True), (2, 3, 4, 3, 3, True), (1, 5, 1, 1, 1, True),
-     (2, 6, 2, 2, 1, False)],
+    [
+        (2, 7, 2, 4, 2, True),
+        (1, 1, 1, 4, 3, True),
+        (2, 3, 4, 3, 3, True),
+        (1, 5, 1, 1, 1, True),
+        (2, 6, 2, 2, 1, False),
+    ],
 )
 def test_gradcheck(B, T, M, K, dilation, activation):
     u, nw, cw = make_inputs(B, T, M, 5, K, torch.float64, seed=5)
@@ -183,8 +188,9 @@ def test_opcheck_public_and_internal():
     torch.library.opcheck(torch.ops.engram.short_conv_forward.default, (u, nw, cw, 3, 1e-5, True))
     out, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5)
     for activation in (True, False):
-        torch.library.opcheck(torch.ops.engram.short_conv_backward.default,
-                              (torch.randn_like(out), u, nw, cw, rstd, 3, activation))
+        torch.library.opcheck(
+            torch.ops.engram.short_conv_backward.default, (torch.randn_like(out), u, nw, cw, rstd, 3, activation)
+        )
 
 
 def test_torch_compile_matches_eager():
@@ -240,10 +246,11 @@ def test_non_contiguous_input():
         (lambda u, nw, cw, d: (u, nw, cw.unsqueeze(1), d), "conv_weight must be \\[M\\*D=32"),
         (lambda u, nw, cw, d: (u, nw, cw[:, :0], d), "kernel_size >= 1"),
         (lambda u, nw, cw, d: (u, nw, cw, 0), "dilation must be >= 1, got 0"),
-        (lambda u, nw, cw, d: (u, nw.bfloat16(), cw, d),
-         "norm_weight must be float32 or u's dtype Float, got BFloat16"),
-        (lambda u, nw, cw, d: (u, nw, cw.double(), d),
-         "conv_weight must be float32 or u's dtype Float, got Double"),
+        (
+            lambda u, nw, cw, d: (u, nw.bfloat16(), cw, d),
+            "norm_weight must be float32 or u's dtype Float, got BFloat16",
+        ),
+        (lambda u, nw, cw, d: (u, nw, cw.double(), d), "conv_weight must be float32 or u's dtype Float, got Double"),
         (lambda u, nw, cw, d: (u.long(), nw, cw, d), "u must be float32, bfloat16, float16 or float64"),
     ],
 )

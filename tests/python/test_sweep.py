@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+
 from torch_engram.allocation import count_params
 from torch_engram.models import ModelConfig, TransformerLM
 from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
@@ -115,9 +116,7 @@ def test_combine_equals_one_run_over_all_seeds(tmp_path):
     one = run_sweep(tiny_preset(rhos=(1.0, 0.5)), data, tmp_path / "both", progress=False)
     for seed in (0, 1):
         run_sweep(tiny_preset(rhos=(1.0, 0.5), seeds=(seed,)), data, tmp_path / f"s{seed}", progress=False)
-    merged = main(
-        ["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")]
-    )
+    merged = main(["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")])
     for a, b in zip(one["summary"], merged["summary"]):
         assert a["rho"] == b["rho"] and b["n_seeds"] == 2
         assert a["val_loss_mean"] == pytest.approx(b["val_loss_mean"], abs=2e-6)
@@ -274,9 +273,7 @@ def test_lr_schedule():
 
 
 def test_cli_budget_options():
-    args = build_parser().parse_args(
-        ["--preset", "quick", "--tokens", "100000", "--rhos", "1,0.5", "--seeds", "0,1"]
-    )
+    args = build_parser().parse_args(["--preset", "quick", "--tokens", "100000", "--rhos", "1,0.5", "--seeds", "0,1"])
     p = preset_from_args(args)
     assert p.train.steps == math.ceil(100000 / p.train.tokens_per_step)
     assert p.rhos == (1.0, 0.5) and p.seeds == (0, 1)

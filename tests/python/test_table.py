@@ -4,10 +4,10 @@ the three gradient modes, gradient accumulation, clipping, checkpoints and torch
 
 import pytest
 import torch
-from conftest import DEVICES
 from torch import nn
 
 import torch_engram as te
+from conftest import DEVICES
 from torch_engram import optim
 from torch_engram import reference as ref
 from torch_engram.table import OPTIMIZERS, EngramTable, state_bytes_per_row
@@ -20,8 +20,9 @@ def hparams(lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01):
 
 
 def state(optimizer, R, D, device, dtype=torch.float32, state_dtype=None):
-    t = EngramTable(R, D, optimizer=optimizer, device=device, dtype=dtype, state_dtype=state_dtype,
-                    stochastic_rounding=False)
+    t = EngramTable(
+        R, D, optimizer=optimizer, device=device, dtype=dtype, state_dtype=state_dtype, stochastic_rounding=False
+    )
     return t
 
 
@@ -33,8 +34,12 @@ def clone_state(t):
     return [x.detach().clone() for x in state_tensors(t)]
 
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13),
-       torch.bfloat16: dict(rtol=2e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=1e-3)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-13),
+    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,13 +102,14 @@ def test_fused_backward_equals_sparse_backward_then_update(device, optimizer, dt
     b = state(optimizer, R, D, device, dtype)
     b.load_state_dict(a.state_dict())
     hp = hparams(**HP)
-    for s in range(3):
+    for _s in range(3):
         rows = torch.randint(0, R, (4, 7, H), device=device)
         grad_e = torch.randn(4, 7, H * D, device=device, dtype=dtype)
         with torch.no_grad():
             torch.ops.engram.multihead_gather_fused_update(grad_e, rows, *state_tensors(a), hp, optimizer, -1)
-            unique, sums = torch.ops.engram.multihead_gather_backward_sparse(grad_e.float() if dtype != torch.float64
-                                                                             else grad_e, rows)
+            unique, sums = torch.ops.engram.multihead_gather_backward_sparse(
+                grad_e.float() if dtype != torch.float64 else grad_e, rows
+            )
             te.ops.table_update(*state_tensors(b), unique, sums, hp, optimizer)
     for x, y in zip(state_tensors(a), state_tensors(b)):
         if device == "cuda" and optimizer in ("partial_rowwise_adam", "rowwise_adagrad"):
@@ -135,11 +141,12 @@ def test_bf16_state_and_stochastic_rounding(device, state_dtype):
     R, D = 64, 32
 
     def run(seed):
-        t = EngramTable(R, D, optimizer="adam", dtype=torch.bfloat16, state_dtype=state_dtype, seed=seed,
-                        device=device, lr=1e-3)
+        t = EngramTable(
+            R, D, optimizer="adam", dtype=torch.bfloat16, state_dtype=state_dtype, seed=seed, device=device, lr=1e-3
+        )
         torch.manual_seed(0)
         t.reset_parameters()
-        for s in range(5):
+        for _s in range(5):
             rows = torch.arange(0, R, 2, device=device)
             g = torch.randn(rows.numel(), D, device=device)
             with torch.no_grad():
@@ -165,7 +172,7 @@ def test_stochastic_rounding_matches_reference_and_is_unbiased():
     want = clone_state(t)
     rows = torch.arange(R)
     # A step of 1/8 bfloat16 ulp at 1.0: round-to-nearest would never move the weight.
-    g = torch.full((R, D), -2.0**-7 / 8)
+    g = torch.full((R, D), -(2.0**-7) / 8)
     with torch.no_grad():
         te.ops.table_update(*state_tensors(t), rows, g, t.hparams, "sgd", t.seed)
     ref.table_update(*want, rows, g, t.hparams, "sgd", seed=11, maths=torch.float32)
@@ -285,7 +292,7 @@ def test_table_looked_up_twice_and_frozen_table():
 
 def test_clipping_sees_only_the_rest_of_the_model():
     def clipped(model_params):
-        model, opts = fresh()
+        model, _opts = fresh()
         rows, y = batch(0)
         (model(rows) - y).square().mean().mul(100).backward()
         norm = torch.nn.utils.clip_grad_norm_(model_params(model), 0.1)
@@ -333,8 +340,15 @@ def test_compile_fullgraph_fused_equals_eager_bitwise():
 
 
 def test_engram_layer_compiles_with_fused_table():
-    cfg = te.EngramConfig(engram_vocab_size=(211, 307), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2,
-                          layer_ids=(1,), pad_id=0, compressed_vocab_size=50)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(211, 307),
+        max_ngram_size=3,
+        n_embed_per_ngram=8,
+        n_head_per_ngram=2,
+        layer_ids=(1,),
+        pad_id=0,
+        compressed_vocab_size=50,
+    )
     torch.manual_seed(0)
     a = te.Engram(cfg, 1, 16, hasher=te.NgramHasher(cfg))
     b = te.Engram(cfg, 1, 16, hasher=te.NgramHasher(cfg))
@@ -356,14 +370,19 @@ def test_opcheck(optimizer):
     rows = torch.randint(0, 20, (3, 2))
     grad_e = torch.randn(3, 8)
     hp = hparams(**HP)
-    torch.library.opcheck(torch.ops.engram.table_update.default,
-                          (*clone_state(t), torch.tensor([1, 5, 7]), torch.randn(3, 4), hp, optimizer, -1))
-    torch.library.opcheck(torch.ops.engram.multihead_gather_fused_update.default,
-                          (grad_e, rows, *clone_state(t), hp, optimizer, -1))
+    torch.library.opcheck(
+        torch.ops.engram.table_update.default,
+        (*clone_state(t), torch.tensor([1, 5, 7]), torch.randn(3, 4), hp, optimizer, -1),
+    )
+    torch.library.opcheck(
+        torch.ops.engram.multihead_gather_fused_update.default, (grad_e, rows, *clone_state(t), hp, optimizer, -1)
+    )
     w = t.weight.detach().clone()
-    torch.library.opcheck(torch.ops.engram.multihead_gather_fused.default,
-                          (w, rows, *clone_state(t)[1:], hp, optimizer, -1), test_utils=("test_schema",
-                                                                                       "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.engram.multihead_gather_fused.default,
+        (w, rows, *clone_state(t)[1:], hp, optimizer, -1),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_errors():
@@ -384,7 +403,7 @@ def test_errors():
             te.ops.table_update(*s, rows, g, hp.float(), "adam")
         with pytest.raises(RuntimeError, match=r"beta1 must lie in \[0, 1\)"):
             te.ops.table_update(*s, rows, g, hparams(betas=(1.0, 0.9)), "adam")
-        with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 weights"):
+        with pytest.raises(RuntimeError, match=r"stochastic rounding .* is for bfloat16 weights"):
             te.ops.table_update(*s, rows, g, hp, "adam", 3)
         with pytest.raises(RuntimeError, match=r"grads must be \[U=2, d_head=4\]"):
             te.ops.table_update(*s, rows, torch.randn(2, 5), hp, "adam")
@@ -394,10 +413,14 @@ def test_errors():
     with pytest.raises(RuntimeError, match="not differentiable"):
         te.ops.table_update(t.weight, *s[1:], rows, g, hp, "adam")  # grad mode on, weight requires grad
     assert all(torch.equal(a, b) for a, b in zip(clone_state(t), before))
-    for kw, msg in [(dict(grad="lazy"), "grad must be one of"), (dict(optimizer="lamb"), "optimizer must be one of"),
-                    (dict(placement="host"), "placement must be one of"), (dict(lr=-1.0), "lr must be finite"),
-                    (dict(stochastic_rounding=True), "stochastic_rounding is for bfloat16"),
-                    (dict(state_dtype=torch.float16), "state_dtype must be")]:
+    for kw, msg in [
+        (dict(grad="lazy"), "grad must be one of"),
+        (dict(optimizer="lamb"), "optimizer must be one of"),
+        (dict(placement="host"), "placement must be one of"),
+        (dict(lr=-1.0), "lr must be finite"),
+        (dict(stochastic_rounding=True), "stochastic_rounding is for bfloat16"),
+        (dict(state_dtype=torch.float16), "state_dtype must be"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             EngramTable(10, 4, **kw)
     sparse = EngramTable(10, 4, grad="dense")

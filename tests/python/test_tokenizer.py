@@ -14,8 +14,9 @@ from torch_engram.tokenizer import Compression, build_compression, compress, eng
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable symbol table, written out independently of `tokenizers`."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -94,8 +95,22 @@ def test_special_tokens_kept(comp):
 
 # Merges --------------------------------------------------------------------------------------------
 def test_case_accent_whitespace_variants_merge():
-    vocab = ["Hello", "hello", "HELLO", " hello ", "café", "cafe", "CAFÉ", "ﬁle", "file",
-             "\t\n", " ", "\r\n \t", "  ", "x"]
+    vocab = [
+        "Hello",
+        "hello",
+        "HELLO",
+        " hello ",
+        "café",
+        "cafe",
+        "CAFÉ",
+        "ﬁle",
+        "file",
+        "\t\n",
+        " ",
+        "\r\n \t",
+        "  ",
+        "x",
+    ]
     c = build_compression(vocab)
     assert c.lut.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 4]
     assert c.keys == ("hello", "cafe", "file", " ", "x")
@@ -229,7 +244,7 @@ def test_compress_out_of_range_raises(comp):
         compress(torch.tensor([0, n, 1]), comp.lut)
     with pytest.raises(ValueError, match=r"got -100 \(2 ids outside"):
         compress(torch.tensor([[5, -100], [-100, 7]]), comp.lut)
-    with pytest.raises(TypeError, match="ids must be an integer tensor, got dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"ids must be an integer tensor, got dtype torch\.float32"):
         compress(torch.zeros(3), comp.lut)
     with pytest.raises(ValueError, match="lut must be a 1-D int64 tensor"):
         compress(torch.zeros(3, dtype=torch.int64), comp.lut.to(torch.int32))
@@ -246,8 +261,7 @@ def test_compress_oov_to_pad(comp):
 
 # Storage with the model ----------------------------------------------------------------------------
 def test_hasher_from_tokenizer(bpe, comp):
-    config = EngramConfig(engram_vocab_size=(1009, 1013), layer_ids=(0, 3), n_embed_per_ngram=64,
-                          n_head_per_ngram=2)
+    config = EngramConfig(engram_vocab_size=(1009, 1013), layer_ids=(0, 3), n_embed_per_ngram=64, n_head_per_ngram=2)
     hasher = NgramHasher.from_tokenizer(config, bpe)
     assert torch.equal(hasher.lut, comp.lut)
     assert hasher.compressed_vocab_size == comp.num_compressed

@@ -19,17 +19,18 @@ inline void check_short_conv_args(const char* op, const at::Tensor& u, const at:
   TORCH_CHECK(norm_weight.dim() == 2 && norm_weight.size(0) == M && norm_weight.size(1) == D, op,
               ": norm_weight must be [M=", M, ", D=", D, "], got shape ", norm_weight.sizes());
   TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == M * D && conv_weight.size(1) >= 1, op,
-              ": conv_weight must be [M*D=", M * D, ", kernel_size >= 1] (nn.Conv1d's weight without its middle "
-              "dimension), got shape ", conv_weight.sizes());
+              ": conv_weight must be [M*D=", M * D,
+              ", kernel_size >= 1] (nn.Conv1d's weight without its middle "
+              "dimension), got shape ",
+              conv_weight.sizes());
   TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
   const char* names[] = {"norm_weight", "conv_weight"};
   const at::Tensor* weights[] = {&norm_weight, &conv_weight};
   for (int i = 0; i < 2; ++i) {
     const auto wt = weights[i]->scalar_type();
-    TORCH_CHECK(wt == at::kFloat || wt == dt, op, ": ", names[i], " must be float32 or u's dtype ", dt, ", got ",
-                wt);
-    TORCH_CHECK(weights[i]->device() == u.device(), op, ": ", names[i], " must be on u's device ", u.device(),
-                ", got ", weights[i]->device());
+    TORCH_CHECK(wt == at::kFloat || wt == dt, op, ": ", names[i], " must be float32 or u's dtype ", dt, ", got ", wt);
+    TORCH_CHECK(weights[i]->device() == u.device(), op, ": ", names[i], " must be on u's device ", u.device(), ", got ",
+                weights[i]->device());
   }
 }
 

@@ -10,9 +10,7 @@
 namespace engram {
 
 // Accumulation (and saved-statistics) dtype: float64 for float64 inputs, float32 otherwise.
-inline at::ScalarType gate_acc_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType gate_acc_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Statistics shape [..., M] of a hidden [..., M, D].
 inline std::vector<int64_t> gate_stat_shape(const at::Tensor& hidden) {
@@ -43,14 +41,13 @@ inline void check_engram_gate_args(const char* op, const at::Tensor& hidden, con
   const auto kv_shape = gate_kv_shape(hidden);
   TORCH_CHECK(kv.sizes() == at::IntArrayRef(kv_shape), op, ": kv must be [..., (M + 1) * D] = ", kv_shape,
               " (the M keys, then the value), got ", kv.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == D, op, ": weight must be [M=", M,
-              ", D=", D, "], got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == D, op, ": weight must be [M=", M, ", D=", D,
+              "], got shape ", weight.sizes());
   TORCH_CHECK(kv.scalar_type() == dt, op, ": kv must have hidden's dtype ", dt, ", got ", kv.scalar_type());
   // fp32 gains are the norm (TileKernels folds them in fp32); gains in hidden's own dtype are
   // accepted too (a model cast with .to(dtype)), maths in the accumulation dtype either way.
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dt, op,
-              ": weight (folded RMSNorm gains) must be float32 or hidden's dtype ", dt, ", got ",
-              weight.scalar_type());
+              ": weight (folded RMSNorm gains) must be float32 or hidden's dtype ", dt, ", got ", weight.scalar_type());
   for (const auto* t : {&kv, &weight}) {
     TORCH_CHECK(t->device() == hidden.device(), op, ": kv and weight must be on hidden's device ", hidden.device(),
                 ", got ", t->device());
@@ -61,9 +58,9 @@ inline void check_gate_eps(const char* op, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
 }
 
-inline void check_engram_gate_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,
-                                            const at::Tensor& kv, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& r_x, const at::Tensor& r_k,
-                                            const at::Tensor& raw) {
+inline void check_engram_gate_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& kv,
+                                            const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& r_x,
+                                            const at::Tensor& r_k, const at::Tensor& raw) {
   constexpr const char* op = "engram_gate_backward";
   check_engram_gate_args(op, hidden, kv, weight);
   TORCH_CHECK(grad_out.sizes() == hidden.sizes(), op, ": grad_out must have the shape of hidden ", hidden.sizes(),
@@ -77,8 +74,8 @@ inline void check_engram_gate_backward_args(const at::Tensor& grad_out, const at
   const char* names[] = {"alpha", "r_x", "r_k", "raw"};
   const at::Tensor* stats[] = {&alpha, &r_x, &r_k, &raw};
   for (int i = 0; i < 4; ++i) {
-    TORCH_CHECK(stats[i]->sizes() == at::IntArrayRef(stat_shape), op, ": ", names[i], " must be [..., M] = ",
-                stat_shape, ", got ", stats[i]->sizes());
+    TORCH_CHECK(stats[i]->sizes() == at::IntArrayRef(stat_shape), op, ": ", names[i],
+                " must be [..., M] = ", stat_shape, ", got ", stats[i]->sizes());
     TORCH_CHECK(stats[i]->scalar_type() == acc, op, ": ", names[i], " must be ", acc, ", got ",
                 stats[i]->scalar_type());
     TORCH_CHECK(stats[i]->device() == hidden.device(), op, ": ", names[i], " must be on hidden's device ",

@@ -44,9 +44,7 @@ ENGRAM_HOST_DEVICE uint64_t segment_key(int64_t row, int64_t pos, int pos_bits) 
   return (static_cast<uint64_t>(row) << pos_bits) | static_cast<uint64_t>(pos);
 }
 
-ENGRAM_HOST_DEVICE int64_t segment_key_row(uint64_t key, int pos_bits) {
-  return static_cast<int64_t>(key >> pos_bits);
-}
+ENGRAM_HOST_DEVICE int64_t segment_key_row(uint64_t key, int pos_bits) { return static_cast<int64_t>(key >> pos_bits); }
 
 ENGRAM_HOST_DEVICE int64_t segment_key_pos(uint64_t key, int pos_bits) {
   return static_cast<int64_t>(key & ((uint64_t{1} << pos_bits) - 1));

@@ -31,13 +31,12 @@ inline void check_multihead_gather_args(const at::Tensor& table, const at::Tenso
 }
 
 // Checks grad_e [..., H * d_head] against rows [..., H] and returns d_head.
-inline int64_t check_multihead_gather_backward_args(const at::Tensor& grad_e, const at::Tensor& rows,
-                                                    const char* op) {
+inline int64_t check_multihead_gather_backward_args(const at::Tensor& grad_e, const at::Tensor& rows, const char* op) {
   check_gather_rows(rows, op);
-  TORCH_CHECK(is_gather_dtype(grad_e.scalar_type()), op,
-              ": grad_e must be float32, bfloat16, float16 or float64, got ", grad_e.scalar_type());
-  TORCH_CHECK(grad_e.device() == rows.device(), op, ": rows must be on grad_e's device ", grad_e.device(),
-              ", got ", rows.device());
+  TORCH_CHECK(is_gather_dtype(grad_e.scalar_type()), op, ": grad_e must be float32, bfloat16, float16 or float64, got ",
+              grad_e.scalar_type());
+  TORCH_CHECK(grad_e.device() == rows.device(), op, ": rows must be on grad_e's device ", grad_e.device(), ", got ",
+              rows.device());
   const int64_t lead = rows.dim() - 1;
   TORCH_CHECK(grad_e.dim() == rows.dim() && grad_e.sizes().slice(0, lead) == rows.sizes().slice(0, lead), op,
               ": grad_e must be [..., H * d_head] with the leading shape of rows ", rows.sizes().slice(0, lead),

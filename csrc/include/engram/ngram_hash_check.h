@@ -9,9 +9,9 @@
 namespace engram {
 
 inline void check_ngram_hash_args(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
-                                  const at::Tensor& multipliers, const at::Tensor& primes,
-                                  const at::Tensor& offsets, int64_t pad_id,
-                                  const std::optional<at::Tensor>& doc_start, at::ScalarType out_dtype) {
+                                  const at::Tensor& multipliers, const at::Tensor& primes, const at::Tensor& offsets,
+                                  int64_t pad_id, const std::optional<at::Tensor>& doc_start,
+                                  at::ScalarType out_dtype) {
   TORCH_CHECK(ids.dim() == 2, "ngram_hash: ids must be [batch, seq], got shape ", ids.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
               "ngram_hash: ids must be int64 or int32, got ", ids.scalar_type());
@@ -21,8 +21,8 @@ inline void check_ngram_hash_args(const at::Tensor& ids, const std::optional<at:
   TORCH_CHECK(primes.dim() == 2 && primes.size(0) == L && primes.size(1) > 0 && primes.size(1) % (N - 1) == 0,
               "ngram_hash: primes must be [num_layers=", L, ", (max_ngram_size-1)*n_head] with max_ngram_size=", N,
               ", got shape ", primes.sizes());
-  TORCH_CHECK(offsets.sizes() == primes.sizes(), "ngram_hash: offsets must have the shape of primes ",
-              primes.sizes(), ", got ", offsets.sizes());
+  TORCH_CHECK(offsets.sizes() == primes.sizes(), "ngram_hash: offsets must have the shape of primes ", primes.sizes(),
+              ", got ", offsets.sizes());
   for (const auto* t : {&multipliers, &primes, &offsets}) {
     TORCH_CHECK(t->scalar_type() == at::kLong, "ngram_hash: multipliers, primes and offsets must be int64, got ",
                 t->scalar_type());
@@ -45,8 +45,8 @@ inline void check_ngram_hash_args(const at::Tensor& ids, const std::optional<at:
                 ", got ", doc_start->sizes());
     TORCH_CHECK(doc_start->scalar_type() == at::kBool, "ngram_hash: doc_start must be bool, got ",
                 doc_start->scalar_type());
-    TORCH_CHECK(doc_start->device() == ids.device(), "ngram_hash: doc_start must be on ids' device ",
-                ids.device(), ", got ", doc_start->device());
+    TORCH_CHECK(doc_start->device() == ids.device(), "ngram_hash: doc_start must be on ids' device ", ids.device(),
+                ", got ", doc_start->device());
   }
   TORCH_CHECK(out_dtype == at::kLong || out_dtype == at::kInt, "ngram_hash: out_dtype must be int64 or int32, got ",
               out_dtype);

@@ -21,8 +21,8 @@ inline uint64_t next_unused_prime(uint64_t start, const std::set<uint64_t>& used
 // primes[layer][order - 2][head]. One pool of used primes spans all layers; each order restarts
 // its search at vocab_size_per_ngram[order - 2] - 1, and each head continues from the previous
 // head's prime.
-inline std::vector<std::vector<std::vector<int64_t>>> layer_primes(
-    const std::vector<int64_t>& vocab_size_per_ngram, int64_t num_layers, int64_t n_head) {
+inline std::vector<std::vector<std::vector<int64_t>>> layer_primes(const std::vector<int64_t>& vocab_size_per_ngram,
+                                                                   int64_t num_layers, int64_t n_head) {
   if (num_layers < 0 || n_head < 1) {
     throw std::invalid_argument("layer_primes: num_layers must be >= 0 and n_head >= 1, got " +
                                 std::to_string(num_layers) + " and " + std::to_string(n_head));

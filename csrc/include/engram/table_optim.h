@@ -127,9 +127,9 @@ ENGRAM_HOST_DEVICE uint64_t splitmix64(uint64_t x) {
 }
 
 ENGRAM_HOST_DEVICE uint32_t rounding_bits(uint64_t seed, int64_t step, int64_t row, int64_t col) {
-  const uint64_t h = splitmix64(seed ^ splitmix64(static_cast<uint64_t>(step) ^
-                                                   splitmix64(static_cast<uint64_t>(row) * 0x100000001B3ull +
-                                                              static_cast<uint64_t>(col))));
+  const uint64_t h = splitmix64(
+      seed ^ splitmix64(static_cast<uint64_t>(step) ^
+                        splitmix64(static_cast<uint64_t>(row) * 0x100000001B3ull + static_cast<uint64_t>(col))));
   return static_cast<uint32_t>(h >> 48);  // 16 bits
 }
 

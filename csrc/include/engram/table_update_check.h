@@ -35,8 +35,8 @@ struct TableUpdateArgs {
 // csrc/library.cpp); hparams float64 CPU [5].
 inline TableUpdateArgs check_table_state(const char* op, const at::Tensor& weight, const at::Tensor& momentum1,
                                          const at::Tensor& momentum2, const at::Tensor& row_step,
-                                         const at::Tensor& step, const at::Tensor& hparams,
-                                         std::string_view optimizer, int64_t seed) {
+                                         const at::Tensor& step, const at::Tensor& hparams, std::string_view optimizer,
+                                         int64_t seed) {
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [num_rows, d_head], got shape ", weight.sizes());
   const auto t = weight.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble, op,
@@ -69,21 +69,21 @@ inline TableUpdateArgs check_table_state(const char* op, const at::Tensor& weigh
                 momentum2.scalar_type());
   }
   const int64_t steps = adam || partial ? R : 0;
-  TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == steps, op, ": row_step must be [", steps,
-              "] for optimizer '", std::string(optimizer), "', got shape ", row_step.sizes());
+  TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == steps, op, ": row_step must be [", steps, "] for optimizer '",
+              std::string(optimizer), "', got shape ", row_step.sizes());
   TORCH_CHECK(steps == 0 || (row_step.scalar_type() == at::kInt && row_step.is_contiguous() &&
                              row_step.device() == weight.device()),
               op, ": row_step must be contiguous int32 on ", weight.device(), ", got ", row_step.scalar_type(), " on ",
               row_step.device());
-  TORCH_CHECK(step.dim() == 1 && step.size(0) == 1 && step.scalar_type() == at::kLong &&
-                  step.device() == weight.device(),
-              op, ": step must be an int64 [1] tensor on ", weight.device(), ", got ", step.scalar_type(), " ",
-              step.sizes(), " on ", step.device());
+  TORCH_CHECK(
+      step.dim() == 1 && step.size(0) == 1 && step.scalar_type() == at::kLong && step.device() == weight.device(), op,
+      ": step must be an int64 [1] tensor on ", weight.device(), ", got ", step.scalar_type(), " ", step.sizes(),
+      " on ", step.device());
 
-  TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 1 &&
-                  hparams.size(0) == 5,
-              op, ": hparams must be a float64 CPU tensor [5] (lr, beta1, beta2, eps, weight_decay), got ",
-              hparams.scalar_type(), " ", hparams.sizes(), " on ", hparams.device());
+  TORCH_CHECK(
+      hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 1 && hparams.size(0) == 5,
+      op, ": hparams must be a float64 CPU tensor [5] (lr, beta1, beta2, eps, weight_decay), got ",
+      hparams.scalar_type(), " ", hparams.sizes(), " on ", hparams.device());
   const auto h = hparams.contiguous();
   const double* v = h.const_data_ptr<double>();
   TableOptimParams p{v[0], v[1], v[2], v[3], v[4]};
@@ -93,8 +93,8 @@ inline TableUpdateArgs check_table_state(const char* op, const at::Tensor& weigh
   TORCH_CHECK(std::isfinite(p.eps) && p.eps >= 0.0, op, ": eps must be finite and >= 0, got ", p.eps);
   TORCH_CHECK(std::isfinite(p.weight_decay) && p.weight_decay >= 0.0, op,
               ": weight_decay must be finite and >= 0, got ", p.weight_decay);
-  TORCH_CHECK(seed < 0 || t == at::kBFloat16, op,
-              ": stochastic rounding (seed >= 0) is for bfloat16 weights, got a ", t, " weight with seed ", seed);
+  TORCH_CHECK(seed < 0 || t == at::kBFloat16, op, ": stochastic rounding (seed >= 0) is for bfloat16 weights, got a ",
+              t, " weight with seed ", seed);
   return {o, p, seed >= 0};
 }
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,24 @@ def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
     def adamw(groups: list[dict]) -> torch.optim.Optimizer:
         params = groups[0]["params"]
         return torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=tc.lr,
+            betas=(tc.beta1, tc.beta2),
+            eps=tc.adam_eps,
         )
 
-    table_opt, rest_opt = engram_optimizers(model, tc.lr, tc.weight_decay, tc.table_lr_mult, optimizer_factory=adamw,
-                                            betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)
+    table_opt, rest_opt = engram_optimizers(
+        model,
+        tc.lr,
+        tc.weight_decay,
+        tc.table_lr_mult,
+        optimizer_factory=adamw,
+        betas=(tc.beta1, tc.beta2),
+        eps=tc.adam_eps,
+    )
     opts = [o for o in (rest_opt, table_opt) if o is not None]
     for opt in opts:
         for group in opt.param_groups:

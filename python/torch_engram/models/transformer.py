@@ -53,13 +53,9 @@ class Block(nn.Module):
         if layer_id < cfg.n_dense_layers:
             self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.d_dense)
         else:
-            self.ffn = MoE(
-                cfg.d_model, cfg.n_routed_experts, cfg.top_k, cfg.d_expert, cfg.d_shared, cfg.routing
-            )
+            self.ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.top_k, cfg.d_expert, cfg.d_shared, cfg.routing)
 
-    def forward(
-        self, h: torch.Tensor, cos, sin, rows: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, cos, sin, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, T, D] (M = 1) or [B, T, M, D]; returns (h, aux_loss)."""
         if self.engram is not None:
             h = h + self.engram(h, rows=rows)
@@ -83,12 +79,19 @@ class LMOutput:
     aux_loss: torch.Tensor  # mean load-balancing loss over MoE blocks (unscaled)
 
 
-def _default_engram_factory(cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str,
-                            table_optimizer: str = "adam") -> nn.Module:
+def _default_engram_factory(
+    cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str, table_optimizer: str = "adam"
+) -> nn.Module:
     from ..modules import Engram
 
-    return Engram(cfg, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult, table_grad=table_grad,
-                  table_optimizer=table_optimizer)
+    return Engram(
+        cfg,
+        layer_id=layer_id,
+        hidden_size=hidden_size,
+        hc_mult=hc_mult,
+        table_grad=table_grad,
+        table_optimizer=table_optimizer,
+    )
 
 
 EngramFactory = Callable[..., nn.Module]
@@ -124,8 +127,14 @@ class TransformerLM(nn.Module):
             Block(
                 cfg,
                 i,
-                factory(cfg.engram, layer_id=i, hidden_size=D, hc_mult=M, table_grad=table_grad,
-                        table_optimizer=table_optimizer)
+                factory(
+                    cfg.engram,
+                    layer_id=i,
+                    hidden_size=D,
+                    hc_mult=M,
+                    table_grad=table_grad,
+                    table_optimizer=table_optimizer,
+                )
                 if i in engram_ids
                 else None,
             )
@@ -192,9 +201,7 @@ class TransformerLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"TransformerLM: sequence length must be <= max_seq_len={self.cfg.max_seq_len}, got {T}"
-            )
+            raise ValueError(f"TransformerLM: sequence length must be <= max_seq_len={self.cfg.max_seq_len}, got {T}")
         h = self.embed(input_ids)
         if self.cfg.hc_mult > 1:
             h = h.unsqueeze(2).expand(B, T, self.cfg.hc_mult, self.cfg.d_model).contiguous()

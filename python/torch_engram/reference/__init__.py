@@ -8,7 +8,20 @@ from .hashing import ngram_hash
 from .layer import OfficialEngram, engram_layer, engram_module_reference
 from .table_optim import multihead_gather_fused_update, table_update
 
-__all__ = ["DemoGate", "DemoShortConv", "OfficialEngram", "engram_gate", "engram_gate_separate", "engram_layer",
-           "engram_module_reference", "multihead_gather", "multihead_gather_backward",
-           "multihead_gather_backward_sparse", "ngram_hash", "short_conv", "signed_sqrt", "table_update",
-           "multihead_gather_fused_update"]
+__all__ = [
+    "DemoGate",
+    "DemoShortConv",
+    "OfficialEngram",
+    "engram_gate",
+    "engram_gate_separate",
+    "engram_layer",
+    "engram_module_reference",
+    "multihead_gather",
+    "multihead_gather_backward",
+    "multihead_gather_backward_sparse",
+    "multihead_gather_fused_update",
+    "ngram_hash",
+    "short_conv",
+    "signed_sqrt",
+    "table_update",
+]

@@ -8,8 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
-               eps: float, activation: bool = True) -> torch.Tensor:
+def short_conv(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    dilation: int,
+    eps: float,
+    activation: bool = True,
+) -> torch.Tensor:
     """u [B, T, M, D]; norm_weight [M, D]; conv_weight [M * D, kernel_size] (channel m * D + d,
     tap i reads t - (kernel_size - 1 - i) * dilation). Computed in float32 (float64 for float64
     u), returned in u's dtype."""
@@ -20,8 +26,9 @@ def short_conv(u: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Te
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(acc)
     channels = normed.reshape(B, T, M * D).transpose(1, 2)  # [B, C, T]
     # Causal: left padding (K - 1) * dilation, so position t only reads t and earlier.
-    y = F.conv1d(F.pad(channels, ((K - 1) * dilation, 0)), conv_weight.to(acc).unsqueeze(1), groups=M * D,
-                 dilation=dilation)
+    y = F.conv1d(
+        F.pad(channels, ((K - 1) * dilation, 0)), conv_weight.to(acc).unsqueeze(1), groups=M * D, dilation=dilation
+    )
     if activation:
         y = F.silu(y)
     return (x + y.transpose(1, 2).reshape(B, T, M, D)).to(u.dtype)
@@ -32,14 +39,29 @@ class DemoShortConv(nn.Module):
     nn.Conv1d padded on both sides and cut back to T, SiLU. Returns SiLU(Conv(RMSNorm(U))) without
     the residual, as the demo (which adds U outside)."""
 
-    def __init__(self, hidden_size: int, kernel_size: int = 4, dilation: int = 1, norm_eps: float = 1e-5,
-                 hc_mult: int = 4, activation: bool = True, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        kernel_size: int = 4,
+        dilation: int = 1,
+        norm_eps: float = 1e-5,
+        hc_mult: int = 4,
+        activation: bool = True,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         channels = hidden_size * hc_mult
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
-                              padding=(kernel_size - 1) * dilation, dilation=dilation, dtype=dtype)
-        self.norms = nn.ModuleList(
-            [nn.RMSNorm(hidden_size, eps=norm_eps, dtype=dtype) for _ in range(hc_mult)])
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+            dtype=dtype,
+        )
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps, dtype=dtype) for _ in range(hc_mult)])
         self.activation = activation
         self.dilation = dilation
 

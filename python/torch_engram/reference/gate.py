@@ -27,8 +27,14 @@ def signed_sqrt(s: torch.Tensor) -> torch.Tensor:
     return s.abs().clamp_min(SIGNED_SQRT_FLOOR).sqrt() * s.sign()
 
 
-def engram_gate_separate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         query_weight: torch.Tensor, key_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def engram_gate_separate(
+    hidden: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_weight: torch.Tensor,
+    key_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """u^(m) = sigmoid(s') * v with s = dot(RMSNorm_q(h^(m)), RMSNorm_k(k^(m))) / sqrt(D).
 
     hidden, key [..., M, D]; value [..., D]; query_weight, key_weight [M, D] (the gains).
@@ -43,8 +49,9 @@ def engram_gate_separate(hidden: torch.Tensor, key: torch.Tensor, value: torch.T
     return (alpha.unsqueeze(-1) * v.unsqueeze(-2)).to(hidden.dtype)
 
 
-def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> torch.Tensor:
+def engram_gate(
+    hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
     """The engram_gate op: folded gains weight = w_q * w_k [M, D]."""
     return engram_gate_separate(hidden, key, value, torch.ones_like(weight), weight, eps)
 
@@ -56,8 +63,7 @@ class DemoGate(nn.Module):
     forward(hidden [B, T, M, D], key [B, T, M, D], value [B, T, D]) -> [B, T, M, D].
     """
 
-    def __init__(self, hidden_size: int, hc_mult: int, eps: float | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, hidden_size: int, hc_mult: int, eps: float | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.hidden_size = hidden_size
         self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size, eps=eps, dtype=dtype) for _ in range(hc_mult)])

@@ -26,8 +26,7 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
     return acc.to(device=grad_e.device, dtype=grad_e.dtype)
 
 
-def multihead_gather_backward_sparse(grad_e: torch.Tensor,
-                                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse table gradient: (ascending unique rows [U] int64, their summed gradients [U, d_head])."""
     d_head = grad_e.shape[-1] // rows.shape[-1]
     unique_rows, inverse = torch.unique(rows.reshape(-1).long().cpu(), sorted=True, return_inverse=True)

@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def ngram_hash(ids: torch.Tensor, lut: torch.Tensor | None, num_ids: int, multipliers: torch.Tensor,
-               primes: torch.Tensor, offsets: torch.Tensor, pad_id: int, doc_start: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.int64, oov_to_pad: bool = False) -> torch.Tensor:
+def ngram_hash(
+    ids: torch.Tensor,
+    lut: torch.Tensor | None,
+    num_ids: int,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor,
+    pad_id: int,
+    doc_start: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.int64,
+    oov_to_pad: bool = False,
+) -> torch.Tensor:
     """Row ids [L, B, T, H]. Products x' * m stay below 2^63, so int64 arithmetic is exact."""
     ids = ids.to(torch.int64)
     bad = (ids < 0) | (ids >= num_ids)
@@ -30,7 +39,7 @@ def ngram_hash(ids: torch.Tensor, lut: torch.Tensor | None, num_ids: int, multip
         if doc_start is not None:
             # The token at t - k + 1 starting a document means shift k crosses a boundary.
             starts = torch.zeros_like(crossed)
-            starts[:, k - 1:] = doc_start[:, : T - k + 1] if k - 1 < T else starts[:, k - 1:]
+            starts[:, k - 1 :] = doc_start[:, : T - k + 1] if k - 1 < T else starts[:, k - 1 :]
             crossed = crossed | starts
             prev = torch.where(crossed, pad_id, prev)
         shifted.append(prev)

@@ -12,8 +12,21 @@ from .conv import DemoShortConv, short_conv
 from .gate import DemoGate, engram_gate_separate
 
 
-def engram_layer(hidden, rows, table, kv_weight, kv_bias, norm_q_weight, norm_k_weight, conv_norm_weight,
-                 conv_weight, *, gate_eps: float, conv_eps: float, dilation: int):
+def engram_layer(
+    hidden,
+    rows,
+    table,
+    kv_weight,
+    kv_bias,
+    norm_q_weight,
+    norm_k_weight,
+    conv_norm_weight,
+    conv_weight,
+    *,
+    gate_eps: float,
+    conv_eps: float,
+    dilation: int,
+):
     """hidden [B, T, M, D], rows [B, T, H] -> update [B, T, M, D] (docs/SPEC.md sections 3-5).
 
     conv_weight None gives the V4.1 form (no conv)."""
@@ -21,7 +34,7 @@ def engram_layer(hidden, rows, table, kv_weight, kv_bias, norm_q_weight, norm_k_
     e = table[rows.long()].flatten(-2)  # [B, T, H * d_head], order-major, head-minor
     kv = F.linear(e, kv_weight, kv_bias)
     key = kv[..., : M * D].unflatten(-1, (M, D))
-    value = kv[..., M * D:]
+    value = kv[..., M * D :]
     u = engram_gate_separate(hidden, key, value, norm_q_weight, norm_k_weight, gate_eps)
     if conv_weight is None:
         return u
@@ -39,9 +52,19 @@ def engram_module_reference(module, hidden: torch.Tensor, rows: torch.Tensor) ->
         wq, wk = module.norm_q_weight, module.norm_k_weight
     gate_eps = c.gate_eps if c.gate_eps is not None else torch.finfo(hidden.dtype).eps
     out = engram_layer(
-        h, rows, module.table.weight, module.kv_proj.weight, module.kv_proj.bias, wq, wk,
-        module.conv_norm_weight if c.use_conv else None, module.conv_weight if c.use_conv else None,
-        gate_eps=gate_eps, conv_eps=c.conv_eps, dilation=c.dilation)
+        h,
+        rows,
+        module.table.weight,
+        module.kv_proj.weight,
+        module.kv_proj.bias,
+        wq,
+        wk,
+        module.conv_norm_weight if c.use_conv else None,
+        module.conv_weight if c.use_conv else None,
+        gate_eps=gate_eps,
+        conv_eps=c.conv_eps,
+        dilation=c.dilation,
+    )
     return out.squeeze(2) if squeeze else out
 
 
@@ -50,9 +73,21 @@ class OfficialEngram(nn.Module):
     gradient), M key projections and a value projection, the demo's gate (nn.RMSNorm modules) and
     ShortConv (nn.Conv1d). Takes per-table ids [B, T, H] (before offsets), like the demo's hash."""
 
-    def __init__(self, table_sizes, d_head: int, hidden_size: int, hc_mult: int, kernel_size: int = 4,
-                 dilation: int = 3, bias: bool = True, use_conv: bool = True, gate_eps=None,
-                 conv_eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        table_sizes,
+        d_head: int,
+        hidden_size: int,
+        hc_mult: int,
+        kernel_size: int = 4,
+        dilation: int = 3,
+        bias: bool = True,
+        use_conv: bool = True,
+        gate_eps=None,
+        conv_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         f = dict(device=device, dtype=dtype)
         offsets = [0]
@@ -65,8 +100,11 @@ class OfficialEngram(nn.Module):
         self.value_proj = nn.Linear(d_mem, hidden_size, bias=bias, **f)
         self.key_projs = nn.ModuleList([nn.Linear(d_mem, hidden_size, bias=bias, **f) for _ in range(hc_mult)])
         self.gate = DemoGate(hidden_size, hc_mult, eps=gate_eps, dtype=dtype).to(device)
-        self.short_conv = (DemoShortConv(hidden_size, kernel_size, dilation, conv_eps, hc_mult, dtype=dtype).to(device)
-                           if use_conv else None)
+        self.short_conv = (
+            DemoShortConv(hidden_size, kernel_size, dilation, conv_eps, hc_mult, dtype=dtype).to(device)
+            if use_conv
+            else None
+        )
 
     def forward(self, hidden: torch.Tensor, table_ids: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, M, D], table_ids [B, T, H] -> the update [B, T, M, D]."""
@@ -76,18 +114,18 @@ class OfficialEngram(nn.Module):
         return value if self.short_conv is None else value + self.short_conv(value)
 
     @torch.no_grad()
-    def load_from(self, module) -> "OfficialEngram":
+    def load_from(self, module) -> OfficialEngram:
         """Copy an Engram module's weights (same layout) into this formulation."""
         M, D = self.hc_mult, self.hidden_size
         self.embedding.weight.copy_(module.table.weight)
         w, b = module.kv_proj.weight, module.kv_proj.bias
         for m in range(M):
-            self.key_projs[m].weight.copy_(w[m * D:(m + 1) * D])
+            self.key_projs[m].weight.copy_(w[m * D : (m + 1) * D])
             if b is not None:
-                self.key_projs[m].bias.copy_(b[m * D:(m + 1) * D])
-        self.value_proj.weight.copy_(w[M * D:])
+                self.key_projs[m].bias.copy_(b[m * D : (m + 1) * D])
+        self.value_proj.weight.copy_(w[M * D :])
         if b is not None:
-            self.value_proj.bias.copy_(b[M * D:])
+            self.value_proj.bias.copy_(b[M * D :])
         wk = module.gate_weight if module.fold_gains else module.norm_k_weight
         wq = torch.ones_like(wk) if module.fold_gains else module.norm_q_weight
         for m in range(M):

@@ -41,9 +41,19 @@ def bf16_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return out.to(torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
-def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch.Tensor, row_step: torch.Tensor,
-                 step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, hparams, optimizer: str,
-                 seed: int = -1, maths: torch.dtype = torch.float64) -> None:
+def table_update(
+    weight: torch.Tensor,
+    momentum1: torch.Tensor,
+    momentum2: torch.Tensor,
+    row_step: torch.Tensor,
+    step: torch.Tensor,
+    rows: torch.Tensor,
+    grads: torch.Tensor,
+    hparams,
+    optimizer: str,
+    seed: int = -1,
+    maths: torch.dtype = torch.float64,
+) -> None:
     """In place, for each r = rows[i] (strictly increasing) with gradient g = grads[i]
     (decay = 1 - lr * weight_decay):
 
@@ -56,8 +66,9 @@ def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch
     A bfloat16 weight is rounded stochastically when seed >= 0 (bits from rounding_bits with the
     table's step count), else to nearest. step (int64 [1]) is incremented.
     """
-    lr, beta1, beta2, eps, weight_decay = (float(x) for x in (hparams.tolist() if torch.is_tensor(hparams)
-                                                              else hparams))
+    lr, beta1, beta2, eps, weight_decay = (
+        float(x) for x in (hparams.tolist() if torch.is_tensor(hparams) else hparams)
+    )
     rows = rows.long()
     if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
         raise ValueError("table_update: rows must be strictly increasing")
@@ -102,10 +113,19 @@ def table_update(weight: torch.Tensor, momentum1: torch.Tensor, momentum2: torch
         weight[rows] = w.to(weight.dtype)
 
 
-def multihead_gather_fused_update(grad_e: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                                  momentum1: torch.Tensor, momentum2: torch.Tensor, row_step: torch.Tensor,
-                                  step: torch.Tensor, hparams, optimizer: str, seed: int = -1,
-                                  maths: torch.dtype = torch.float64) -> None:
+def multihead_gather_fused_update(
+    grad_e: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    momentum1: torch.Tensor,
+    momentum2: torch.Tensor,
+    row_step: torch.Tensor,
+    step: torch.Tensor,
+    hparams,
+    optimizer: str,
+    seed: int = -1,
+    maths: torch.dtype = torch.float64,
+) -> None:
     """The fused backward: the row-sparse gradient of multihead_gather, then one table_update."""
     unique, sums = multihead_gather_backward_sparse(grad_e.to(maths), rows)
     table_update(weight, momentum1, momentum2, row_step, step, unique, sums, hparams, optimizer, seed, maths)
