@@ -26,9 +26,9 @@ inline at::Tensor ngram_hash(const at::Tensor& ids, const std::optional<at::Tens
                              const at::Tensor& multipliers, const at::Tensor& primes, const at::Tensor& offsets,
                              int64_t pad_id, const std::optional<at::Tensor>& doc_start = std::nullopt,
                              at::ScalarType out_dtype = at::kLong, bool oov_to_pad = false) {
-  using Sig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
-                         at::ScalarType, bool);
+  using Sig =
+      at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&,
+                 const at::Tensor&, int64_t, const std::optional<at::Tensor>&, at::ScalarType, bool);
   return detail::op<Sig>("engram::ngram_hash")
       .call(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype, oov_to_pad);
 }
@@ -57,8 +57,8 @@ inline at::Tensor multihead_gather_fused(const at::Tensor& weight, const at::Ten
                                          const at::Tensor& momentum2, const at::Tensor& row_step,
                                          const at::Tensor& step, const at::Tensor& hparams,
                                          const std::string& optimizer, int64_t seed = -1) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
   return detail::op<Sig>("engram::multihead_gather_fused")
       .call(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed);
 }
