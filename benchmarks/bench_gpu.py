@@ -28,6 +28,15 @@ import torch_engram as te
 from torch_engram import reference
 
 RESULTS: list[dict] = []
+# Where results go; rewritten after every measurement, so a run cut short by a time limit still
+# leaves everything it measured.
+OUT: dict = dict(path=None, header=None)
+
+
+def flush() -> None:
+    if OUT["path"]:
+        with open(OUT["path"], "w") as f:
+            json.dump(dict(header=OUT["header"], results=RESULTS), f, indent=1)
 
 
 def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -64,6 +73,7 @@ def record(
     if peer is not None:
         row["peer"] = peer
     RESULTS.append(row)
+    flush()
     bw = f"{row['GB/s']:9.1f}" if "GB/s" in row else " " * 9
     pct = f"{row['%copy']:6.1f}%" if "%copy" in row else " " * 7
     more = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
@@ -316,6 +326,7 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d %H:%M"),
         quick=args.quick,
     )
+    OUT.update(path=args.json, header=header)
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()))
     print(f"{'section':<10} {'case':<62} {'ms':>10} {'GB/s':>9} {'%copy':>7}  extra")
     only = set(args.only.split(","))
@@ -337,9 +348,7 @@ def main() -> None:
             traceback.print_exc()
             RESULTS.append(dict(section=name, error=f"{type(exc).__name__}: {exc}"))
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, results=RESULTS), f, indent=1)
+    flush()
     raise SystemExit(1 if failed else 0)
 
 

@@ -58,7 +58,7 @@ def main() -> None:
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         verbose=True,
-        extra_include_paths=[str(ROOT / "csrc/include")],
+        extra_include_paths=[str(ROOT / "csrc/include"), str(ROOT / "csrc")],
         extra_cflags=["-O3", "-std=c++20", *defines],
         extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--expt-extended-lambda", *defines],
     )

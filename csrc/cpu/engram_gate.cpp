@@ -12,8 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "check/gate.h"
 #include "engram/gate.h"
-#include "engram/gate_check.h"
 #include "rows.h"
 
 namespace engram {

@@ -9,8 +9,8 @@
 #include <cstring>
 #include <limits>
 
+#include "check/multihead_gather.h"
 #include "engram/multihead_gather.h"
-#include "engram/multihead_gather_check.h"
 
 namespace engram {
 namespace {

@@ -14,8 +14,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "check/ngram_hash.h"
 #include "engram/hash.h"
-#include "engram/ngram_hash_check.h"
 #include "ngram_hash_kernels.h"
 
 namespace engram {

@@ -17,8 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "check/multihead_gather.h"
 #include "engram/multihead_gather.h"
-#include "engram/multihead_gather_check.h"
 
 namespace engram::cpu {
 
@@ -43,6 +43,7 @@ void for_each_chunk(const Chunks& ch, const F& f) {
 }
 
 constexpr int64_t kMinChunk = int64_t{1} << 14;
+constexpr int64_t kMinSumChunk = int64_t{1} << 10;
 // Segments ahead of the sink whose targets are prefetched.
 constexpr int64_t kSinkPrefetch = 8;
 // Below this many lookups a comparison sort of the (unique) keys beats radix passes.
@@ -95,10 +96,21 @@ inline uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int lo_bit
   return src;
 }
 
+// A per-thread buffer of at least n elements that lives as long as the thread (Slot tells apart
+// buffers used at the same time). A fresh allocation of tens of MB per call costs one page fault
+// per 4 KiB on first write, as much as the sums themselves; the threads of torch's pool persist,
+// so after the first step these buffers are already mapped. Contents are not preserved.
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
 // Lookups grouped by table row: the shared front half of both backward ops.
 struct RowSegments {
-  std::unique_ptr<uint64_t[]> buffer;  // 2 * num_lookups keys: the keys and the sort's scratch
-  const uint64_t* keys = nullptr;      // num_lookups sorted keys (row << pos_bits | position)
+  uint64_t* buffer = nullptr;      // 2 * num_lookups keys (the keys and the sort's), this thread's scratch
+  const uint64_t* keys = nullptr;  // num_lookups sorted keys (row << pos_bits | position)
   int pos_bits = 0;
   at::Tensor unique_rows;      // [U] int64, ascending
   std::vector<int64_t> start;  // [U + 1]: keys[start[u]:start[u+1]] are row unique_rows[u]
@@ -113,8 +125,8 @@ RowSegments row_segments(const at::Tensor& rows, int64_t num_rows, const char* o
   seg.pos_bits = segment_pos_bits(n);
   const uint64_t key_limit = segment_row_limit(seg.pos_bits);
   const uint64_t limit = num_rows >= 0 ? std::min<uint64_t>(key_limit, static_cast<uint64_t>(num_rows)) : key_limit;
-  seg.buffer.reset(new uint64_t[std::max<int64_t>(2 * n, 1)]);
-  uint64_t* keys = seg.buffer.get();
+  seg.buffer = scratch<uint64_t, 0>(std::max<int64_t>(2 * n, 1));
+  uint64_t* keys = seg.buffer;
   const index_t* r = rows.const_data_ptr<index_t>();
 
   const Chunks ch = make_chunks(n, kMinChunk);
@@ -205,7 +217,7 @@ void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d
   const uint64_t* keys = seg.keys;
   const int pb = seg.pos_bits;
   // rank[p]: the segment of the lookup at position p.
-  std::unique_ptr<rank_t[]> rank(new rank_t[n]);
+  rank_t* rank = scratch<rank_t, 0>(n);
   at::parallel_for(0, U, 1024, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
       for (int64_t i = seg.start[u]; i < seg.start[u + 1]; ++i) {
@@ -213,17 +225,19 @@ void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d
       }
     }
   });
-  for_each_chunk(make_chunks(n, kMinChunk), [&](int64_t c, int64_t b, int64_t e) {
+  // Every chunk reads all n ranks, a few bytes each, so chunks can be far smaller than the sort's:
+  // a step's 16k lookups still split over the threads (the sinks' row updates are the heavy part).
+  for_each_chunk(make_chunks(n, kMinSumChunk), [&](int64_t c, int64_t b, int64_t e) {
     // Segments starting in sorted lookups [b, e) belong to this chunk.
     const int64_t lo = std::lower_bound(seg.start.begin(), seg.start.end(), b) - seg.start.begin();
     const int64_t hi = std::lower_bound(seg.start.begin(), seg.start.end(), e) - seg.start.begin();
     if (lo >= hi) return;
-    std::unique_ptr<acc_t[]> acc(new acc_t[(hi - lo) * d_head]);
+    acc_t* acc = scratch<acc_t, 1>((hi - lo) * d_head);
     std::vector<uint8_t> seen(hi - lo, 0);
     for (int64_t p = 0; p < n; ++p) {
       const int64_t u = static_cast<int64_t>(rank[p]);
       if (u < lo || u >= hi) continue;
-      acc_t* a = acc.get() + (u - lo) * d_head;
+      acc_t* a = acc + (u - lo) * d_head;
       const scalar_t* g = grad + p * d_head;
       if (seen[u - lo]) {
         for (int64_t j = 0; j < d_head; ++j) a[j] += static_cast<acc_t>(g[j]);
@@ -236,7 +250,7 @@ void sum_segments_ranked(const RowSegments& seg, const scalar_t* grad, int64_t d
       // The sink's targets (table rows far apart in a large table) are known ahead: ask for them
       // early, so several DRAM round trips overlap instead of one per row.
       if (u + kSinkPrefetch < hi) prefetch(u + kSinkPrefetch);
-      sink(u, static_cast<const acc_t*>(acc.get() + (u - lo) * d_head));
+      sink(u, static_cast<const acc_t*>(acc + (u - lo) * d_head));
     }
   });
 }

@@ -9,8 +9,8 @@
 #include <tuple>
 #include <vector>
 
+#include "check/conv.h"
 #include "engram/conv.h"
-#include "engram/conv_check.h"
 #include "rows.h"
 
 namespace engram {

@@ -13,8 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "check/table_update.h"
 #include "engram/table_optim.h"
-#include "engram/table_update_check.h"
 #include "segments.h"
 
 namespace engram {

@@ -18,9 +18,9 @@
 #include <cmath>
 #include <tuple>
 
+#include "check/gate.h"
 #include "cuda_utils.cuh"
 #include "engram/gate.h"
-#include "engram/gate_check.h"
 
 namespace engram {
 namespace {

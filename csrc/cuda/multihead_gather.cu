@@ -7,9 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "check/multihead_gather.h"
 #include "cuda_utils.cuh"
 #include "engram/multihead_gather.h"
-#include "engram/multihead_gather_check.h"
 
 namespace engram {
 namespace {

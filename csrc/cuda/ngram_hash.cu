@@ -17,9 +17,9 @@
 
 #include <cstdint>
 
+#include "check/ngram_hash.h"
 #include "cuda_utils.cuh"
 #include "engram/hash.h"
-#include "engram/ngram_hash_check.h"
 #include "engram/ngram_window.h"
 
 namespace engram {

@@ -16,10 +16,10 @@
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
 
+#include "check/multihead_gather.h"
 #include "cuda_utils.cuh"
 #include "engram/gather_launch.h"
 #include "engram/multihead_gather.h"
-#include "engram/multihead_gather_check.h"
 
 namespace engram {
 namespace {

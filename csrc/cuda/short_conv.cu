@@ -17,9 +17,9 @@
 
 #include <tuple>
 
+#include "check/conv.h"
 #include "cuda_utils.cuh"
 #include "engram/conv.h"
-#include "engram/conv_check.h"
 
 namespace engram {
 namespace {

@@ -18,8 +18,8 @@
 #include <string_view>
 #include <type_traits>
 
+#include "check/table_update.h"
 #include "engram/table_optim.h"
-#include "engram/table_update_check.h"
 #include "row_segments.cuh"
 
 namespace engram {

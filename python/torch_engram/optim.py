@@ -65,8 +65,6 @@ class TableOptimizer(torch.optim.Optimizer):
             if not isinstance(t, EngramTable):
                 raise TypeError(f"TableOptimizer: expected EngramTable modules, got {type(t).__name__}")
         self.tables = tables
-        for t in tables:
-            t.track_rows = True  # dense-mode tables record their lookups for step()
         groups = [self._group_dict(t, {"params": [t.weight]}) for t in tables]
         super().__init__(groups, {})
 

@@ -17,9 +17,9 @@ Gradient modes:
   looked up twice in one forward is updated twice.
 * "sparse": backward leaves a coalesced sparse COO `weight.grad` holding only the touched rows;
   `step()` applies the table's optimizer to them (or bring your own, e.g. torch.optim.SparseAdam).
-* "dense": an ordinary dense `weight.grad`; `step()` updates the rows looked up since the last
-  `step()` (recorded in forward once TableOptimizer drives the table, so no table-sized scan of
-  the gradient is needed), or bring your own optimizer for the dense gradient.
+* "dense": an ordinary dense `weight.grad`; `step()` updates the rows looked up since the
+  gradient was last reset (the table records them in forward, so no table-sized scan of the
+  gradient is needed), or bring your own optimizer for the dense gradient.
 
 The three modes apply the same update for the same gradients (tests check it bit for bit).
 Fused tables have no `.grad`, so gradient clipping and GradScaler never see them (as FBGEMM's
@@ -218,10 +218,6 @@ class EngramTable(nn.Module):
         self.register_buffer("momentum2", zeros(shapes[1], dtypes[1], dev))
         self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
-        # Dense mode: rows looked up since the last step(), recorded once an optimizer drives this
-        # table's own update (TableOptimizer sets track_rows); a user's optimizer on the dense
-        # gradient needs no record, and none accumulates.
-        self.track_rows = False
         self._pending_rows: list[torch.Tensor] = []
         self.reset_parameters()
 
@@ -297,9 +293,13 @@ class EngramTable(nn.Module):
                     self._rounding_seed(),
                 )
             return torch.ops.engram.multihead_gather(w, rows, False)
-        if self.grad_mode == "dense" and self.track_rows and torch.is_grad_enabled() and w.requires_grad:
-            # Consumed by step(), not by zero_grad(): a zero_grad() between forward and backward is
-            # a common loop order. (A backward hook would be exact but breaks compiled graphs.)
+        if self.grad_mode == "dense" and torch.is_grad_enabled() and w.requires_grad:
+            # The rows step() will update: those looked up since the gradient was last reset. Kept
+            # until step() (a zero_grad() between forward and backward is a common loop order), and
+            # dropped at the first lookup after a reset, so they stay bounded when another optimizer
+            # drives the dense gradient. (A backward hook would be exact but breaks compiled graphs.)
+            if w.grad is None:
+                self._pending_rows.clear()
             self._pending_rows.append(rows.detach())
         return torch.ops.engram.multihead_gather(w, rows, self.grad_mode == "sparse")
 
@@ -325,8 +325,7 @@ class EngramTable(nn.Module):
         if not self._pending_rows:
             raise RuntimeError(
                 "EngramTable.step: a dense weight gradient is set but no lookup was recorded since the "
-                "last step(); grad='dense' updates the rows looked up in forward, recorded when "
-                "track_rows is True (TableOptimizer sets it)"
+                "gradient was last reset; grad='dense' updates the rows this table looked up in forward"
             )
         rows = torch.unique(torch.cat([r.reshape(-1).to(torch.int64) for r in self._pending_rows]))
         self._pending_rows.clear()

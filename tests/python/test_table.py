@@ -427,7 +427,7 @@ def test_errors():
     sparse.weight.grad = torch.zeros(10, 4)
     with pytest.raises(RuntimeError, match="no lookup was recorded"):
         sparse.step()
-    sparse.track_rows = True
-    sparse(torch.tensor([[1, 2]]))
+    sparse.zero_grad()
+    sparse(torch.tensor([[1, 2]])).sum().backward()
     sparse.step()
     assert int(sparse.step_count) == 1 and not sparse._pending_rows

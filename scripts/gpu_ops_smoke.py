@@ -1,0 +1,46 @@
+"""One short CUDA run of every engram op, forward and backward, for compute-sanitizer
+(scripts/gpu_check.sh runs it under `compute-sanitizer --tool memcheck`): small shapes, odd sizes
+and the vector paths, so every kernel launches at least once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import torch_engram as te
+
+
+def main() -> None:
+    dev = "cuda"
+    torch.manual_seed(0)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(211, 307), max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
+        layer_ids=(1,), pad_id=0, compressed_vocab_size=50,
+    )  # fmt: skip
+    hasher = te.NgramHasher(cfg).to(dev)
+    ids = torch.randint(0, 50, (3, 37), device=dev)
+    rows = hasher(ids, doc_start=torch.rand(3, 37, device=dev) < 0.1)[0]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for grad in ("fused", "sparse", "dense"):
+            mod = te.Engram(cfg, 1, 24, hc_mult=2, hasher=hasher, table_grad=grad, device=dev, dtype=dtype)
+            hidden = torch.randn(3, 37, 2, 24, device=dev, dtype=dtype, requires_grad=True)
+            out = mod(hidden, rows=rows)
+            out.float().square().sum().backward()
+            mod.table.step()
+        for opt in ("partial_rowwise_adam", "rowwise_adagrad", "sgd"):
+            t = te.EngramTable(500, 8, optimizer=opt, device=dev, dtype=dtype)
+            t(torch.randint(0, 500, (5, 9, 3), device=dev)).sum().backward()
+    # The atomic dense backward and the sparse one.
+    table = torch.randn(300, 8, device=dev, requires_grad=True)
+    r = torch.randint(0, 300, (4, 6, 2), device=dev)
+    te.ops.multihead_gather(table, r, sparse_grad=True).sum().backward()
+    torch.cuda.synchronize()
+    print("gpu_ops_smoke: every op ran")
+
+
+if __name__ == "__main__":
+    main()
