@@ -85,6 +85,7 @@ class Engram(nn.Module):
             grad=table_grad,
             optimizer=table_optimizer,
             init_std=table_init_std,
+            init=False,  # reset_parameters below fills it once
             **(table_options or {}),
             **factory,
         )

@@ -136,6 +136,8 @@ class EngramTable(nn.Module):
         seed: seed of the stochastic rounding (the result depends on it, not on thread counts).
         state_alloc: "on_touch" (CPU state takes memory only for rows already updated) or "eager".
         init_std: the weight starts as N(0, init_std^2).
+        init: initialise the weight now (False: left uninitialised for an owner that calls
+            reset_parameters itself, as Engram does, so the table is not filled twice).
         placement: "device" (rows in the compute device's memory; other placements build on it).
     """
 
@@ -155,6 +157,7 @@ class EngramTable(nn.Module):
         seed: int = 0,
         state_alloc: str = "on_touch",
         init_std: float = 1.0,
+        init: bool = True,
         placement: str = "device",
         device=None,
         dtype=None,
@@ -219,7 +222,8 @@ class EngramTable(nn.Module):
         self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
         self._pending_rows: list[torch.Tensor] = []
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     # ---- settings ---------------------------------------------------------------------------
     def set_hparams(
