@@ -50,7 +50,7 @@ class Engram(nn.Module):
         table_grad: str = "fused",
         fold_gains: bool = False,
         table_init_std: float = 1.0,
-        table_optimizer: str = "adam",
+        table_optimizer: str = "partial_rowwise_adam",
         table_options: dict | None = None,
         device=None,
         dtype=None,

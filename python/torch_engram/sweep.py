@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--table-optimizer",
         choices=["adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd"],
-        help="the Engram tables' optimizer (torch_engram.table; default adam: lazy, row-wise bias correction)",
+        help="the Engram tables' optimizer (torch_engram.table; default partial_rowwise_adam, chosen from this sweep)",
     )
     p.add_argument(
         "--table-grad",

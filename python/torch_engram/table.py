@@ -126,7 +126,9 @@ class EngramTable(nn.Module):
     Args:
         num_rows, d_head: the table's shape (all H hashed tables of a layer, concatenated).
         grad: "fused" | "sparse" | "dense".
-        optimizer: "adam" | "partial_rowwise_adam" | "rowwise_adagrad" | "sgd".
+        optimizer: "partial_rowwise_adam" (default: the lowest loss in the quick sweep of every
+            table optimizer, docs/SWEEP.md, with half of Adam's state) | "adam" (the paper's) |
+            "rowwise_adagrad" | "sgd".
         lr, betas, eps, weight_decay: the optimizer's settings (decoupled weight decay, applied to a
             row only when it is updated). `torch_engram.optim.make_optimizers` sets lr to 5x the
             base learning rate and weight_decay to 0 (the Engram recipe).
@@ -147,7 +149,7 @@ class EngramTable(nn.Module):
         d_head: int,
         *,
         grad: str = "fused",
-        optimizer: str = "adam",
+        optimizer: str = "partial_rowwise_adam",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

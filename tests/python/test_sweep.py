@@ -277,7 +277,7 @@ def test_cli_budget_options():
     p = preset_from_args(args)
     assert p.train.steps == math.ceil(100000 / p.train.tokens_per_step)
     assert p.rhos == (1.0, 0.5) and p.seeds == (0, 1)
-    assert p.train.table_optimizer == "adam" and p.train.table_grad == "fused"
+    assert p.train.table_optimizer == "partial_rowwise_adam" and p.train.table_grad == "fused"
     p = preset_from_args(
         build_parser().parse_args(
             ["--steps", "7", "--seq-len", "300", "--table-optimizer", "rowwise_adagrad", "--table-grad", "sparse"]

@@ -1,9 +1,10 @@
 """Training recipe for the reference model: optimizer groups, LR schedule, batches, evaluation.
 
 Optimizer groups (the paper's recipe, docs/SPEC.md section 7, with AdamW standing in for Muon):
-- Engram tables: each EngramTable's own optimizer (TrainConfig.table_optimizer: "adam", lazy with
-  row-wise bias correction, by default; "partial_rowwise_adam", "rowwise_adagrad" or "sgd"),
-  LR = table_lr_mult (5) x base LR, no weight decay, fused into backward by default.
+- Engram tables: each EngramTable's own optimizer (TrainConfig.table_optimizer:
+  "partial_rowwise_adam" by default, chosen from the quick sweep of every table optimizer; "adam",
+  the paper's; "rowwise_adagrad" or "sgd"), LR = table_lr_mult (5) x base LR, no weight decay,
+  fused into backward by default.
 - Everything else: AdamW at the base LR, weight decay on matrices (dim >= 2) only; norm gains and
   biases are not decayed.
 Both follow the same schedule: linear warmup, then cosine decay to min_lr_ratio x their peak LR.
@@ -34,7 +35,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    table_optimizer: str = "adam"  # an EngramTable optimizer (torch_engram.table.OPTIMIZERS)
+    table_optimizer: str = "partial_rowwise_adam"  # an EngramTable optimizer (torch_engram.table.OPTIMIZERS)
     table_grad: str = "fused"  # "fused" (update inside backward), "sparse" (COO) or "dense"
     eval_batch_size: int = 32
 

@@ -80,7 +80,7 @@ class LMOutput:
 
 
 def _default_engram_factory(
-    cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str, table_optimizer: str = "adam"
+    cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str, table_optimizer: str = "partial_rowwise_adam"
 ) -> nn.Module:
     from ..modules import Engram
 
@@ -114,7 +114,7 @@ class TransformerLM(nn.Module):
         lut: torch.Tensor | None = None,
         engram_factory: EngramFactory | None = None,
         table_grad: str = "fused",
-        table_optimizer: str = "adam",
+        table_optimizer: str = "partial_rowwise_adam",
     ):
         super().__init__()
         self.cfg = cfg
