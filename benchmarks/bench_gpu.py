@@ -175,7 +175,7 @@ def bench_scatter(copy_bw: float, quick: bool) -> None:
             state_row = te.table.state_bytes_per_row(opt, d_head)
             fused_bytes = n * d_head * b + n * 4 + 2 * unique * (d_head * b + state_row)
             t = cuda_time(
-                lambda: torch.ops.engram.multihead_gather_fused_update(
+                lambda: torch.ops.engram._multihead_gather_fused_update(
                     grad,
                     rows,
                     table.weight.detach(),

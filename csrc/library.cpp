@@ -1,4 +1,6 @@
-// The one contract file: every engram op schema. A schema change touches this file, the fake
+// The one contract file: every engram op schema. Internal ops (the forwards with saved
+// statistics and the backwards that the C++ autograd Functions call) carry a leading underscore,
+// as torchvision's do; the others are the public API. A schema change touches this file, the fake
 // kernel in python/torch_engram/_fake.py, and the tests.
 #include <torch/library.h>
 
@@ -17,9 +19,9 @@ TORCH_LIBRARY(engram, m) {
   // table; sparse_grad makes the table gradient a coalesced sparse COO tensor.
   m.def("multihead_gather(Tensor table, Tensor rows, bool sparse_grad=False) -> Tensor");
   // Dense table gradient [num_rows, d_head], deterministic (no order-dependent float sums).
-  m.def("multihead_gather_backward(Tensor grad_e, Tensor rows, SymInt num_rows) -> Tensor");
+  m.def("_multihead_gather_backward(Tensor grad_e, Tensor rows, SymInt num_rows) -> Tensor");
   // Row-sparse table gradient: (sorted unique rows [U] int64, summed gradients [U, d_head]).
-  m.def("multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
+  m.def("_multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
   // -- gather/scatter internals go here --
 
   // Context-aware gate (docs/SPEC.md section 4): hidden x [..., M, D]; kv [..., (M + 1) * D], the
@@ -34,12 +36,12 @@ TORCH_LIBRARY(engram, m) {
   // (float64 for float64 hidden, float32 otherwise): alpha, the RMS reciprocals r_x and r_k,
   // and raw = sum(x * w * k), so s = raw * r_x * r_k / sqrt(D).
   m.def(
-      "engram_gate_forward(Tensor hidden, Tensor kv, Tensor weight, float eps) -> (Tensor out, "
+      "_engram_gate_forward(Tensor hidden, Tensor kv, Tensor weight, float eps) -> (Tensor out, "
       "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw)");
   // Gradients w.r.t. hidden, kv (input dtype) and weight (weight's dtype); grad_weight is summed
   // in a fixed order (bitwise reproducible).
   m.def(
-      "engram_gate_backward(Tensor grad_out, Tensor hidden, Tensor kv, Tensor weight, "
+      "_engram_gate_backward(Tensor grad_out, Tensor hidden, Tensor kv, Tensor weight, "
       "Tensor alpha, Tensor r_x, Tensor r_k, Tensor raw) -> (Tensor grad_hidden, Tensor grad_kv, "
       "Tensor grad_weight)");
 
@@ -55,12 +57,12 @@ TORCH_LIBRARY(engram, m) {
   // Forward that also returns the RMSNorm reciprocals rstd [B, T, M] (accumulation dtype); the
   // backward recomputes the normalised input and the conv from them.
   m.def(
-      "short_conv_forward(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
+      "_short_conv_forward(Tensor u, Tensor norm_weight, Tensor conv_weight, int dilation, float eps, "
       "bool activation=True) -> (Tensor out, Tensor rstd)");
   // Gradients w.r.t. u (u's dtype), norm_weight and conv_weight (their dtypes), weight
   // gradients summed in a fixed order (bitwise reproducible).
   m.def(
-      "short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
+      "_short_conv_backward(Tensor grad_out, Tensor u, Tensor norm_weight, Tensor conv_weight, Tensor rstd, "
       "int dilation, bool activation) -> (Tensor grad_u, Tensor grad_norm_weight, Tensor grad_conv_weight)");
 
   // ---- Table optimizer ops (docs/SPEC.md section 7) ----
@@ -87,7 +89,7 @@ TORCH_LIBRARY(engram, m) {
   // in lookup order (fp32 accumulation, fp64 for float64) and updates the row and its state,
   // with no gradient tensor formed. grad_e [..., H * d_head] in the weight's dtype, rows [..., H].
   m.def(
-      "multihead_gather_fused_update(Tensor grad_e, Tensor rows, Tensor(a!) weight, Tensor(b!) momentum1, "
+      "_multihead_gather_fused_update(Tensor grad_e, Tensor rows, Tensor(a!) weight, Tensor(b!) momentum1, "
       "Tensor(c!) momentum2, Tensor(d!) row_step, Tensor(e!) step, Tensor hparams, str optimizer, int seed) -> ()");
   // multihead_gather whose backward is multihead_gather_fused_update on the same weight and state:
   // the table learns inside backward and gets no gradient (weight.grad stays None). The forward

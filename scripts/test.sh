@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 ENGRAM_BUILD_TESTS=1 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 status=0
+# A private inductor cache per run: inductor keys compiled graphs on the Dynamo graph, which names
+# only the public ops, so a cache left by an older build of the extension (whose autograd kernels
+# called other internal ops) would be reused and fail.
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR
+trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 bash scripts/lint.sh || status=$?
 "$PY" -m pytest -q -ra tests/python "$@" || status=$?
 if [ "$status" = 5 ]; then echo "pytest collected no tests"; fi

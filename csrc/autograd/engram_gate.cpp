@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_forw
                                                                                        const at::Tensor& weight,
                                                                                        double eps) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::engram_gate_forward", "")
+                       .findSchemaOrThrow("engram::_engram_gate_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(hidden, kv, weight, eps);
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_op(const at::Tensor
                                                                 const at::Tensor& alpha, const at::Tensor& r_x,
                                                                 const at::Tensor& r_k, const at::Tensor& raw) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::engram_gate_backward", "")
+                       .findSchemaOrThrow("engram::_engram_gate_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();

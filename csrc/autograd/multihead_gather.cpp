@@ -26,14 +26,14 @@ at::Tensor call_gather(const at::Tensor& table, const at::Tensor& rows, bool spa
 
 at::Tensor call_backward(const at::Tensor& grad_e, const at::Tensor& rows, c10::SymInt num_rows) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::multihead_gather_backward", "")
+                       .findSchemaOrThrow("engram::_multihead_gather_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
   return op.call(grad_e, rows, std::move(num_rows));
 }
 
 std::tuple<at::Tensor, at::Tensor> call_backward_sparse(const at::Tensor& grad_e, const at::Tensor& rows) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::multihead_gather_backward_sparse", "")
+                       .findSchemaOrThrow("engram::_multihead_gather_backward_sparse", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
   return op.call(grad_e, rows);
 }

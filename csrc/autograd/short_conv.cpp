@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_op(const at::Tensor& u, const at
                                                    const at::Tensor& conv_weight, int64_t dilation, double eps,
                                                    bool activation) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::short_conv_forward", "")
+                       .findSchemaOrThrow("engram::_short_conv_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, int64_t, double, bool)>();
   return op.call(u, norm_weight, conv_weight, dilation, eps, activation);
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_op(const at::Tensor
                                                                 int64_t dilation, bool activation) {
   static auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("engram::short_conv_backward", "")
+          .findSchemaOrThrow("engram::_short_conv_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   return op.call(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation);

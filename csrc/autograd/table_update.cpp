@@ -34,7 +34,7 @@ const c10::TypedOperatorHandle<UpdateFn>& update_op() {
 
 const c10::TypedOperatorHandle<FusedUpdateFn>& fused_update_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("engram::multihead_gather_fused_update", "")
+                             .findSchemaOrThrow("engram::_multihead_gather_fused_update", "")
                              .typed<FusedUpdateFn>();
   return op;
 }
@@ -143,12 +143,12 @@ at::Tensor multihead_gather_fused_autograd(T weight, T rows, T m1, T m2, T row_s
 
 TORCH_LIBRARY_IMPL(engram, Autograd, m) {
   m.impl("table_update", &table_update_autograd);
-  m.impl("multihead_gather_fused_update", &fused_update_autograd);
+  m.impl("_multihead_gather_fused_update", &fused_update_autograd);
   m.impl("multihead_gather_fused", &multihead_gather_fused_autograd);
 }
 TORCH_LIBRARY_IMPL(engram, ADInplaceOrView, m) {
   m.impl("table_update", &table_update_inplace);
-  m.impl("multihead_gather_fused_update", &fused_update_inplace);
+  m.impl("_multihead_gather_fused_update", &fused_update_inplace);
 }
 TORCH_LIBRARY_IMPL(engram, CompositeExplicitAutograd, m) {
   m.impl("multihead_gather_fused", &multihead_gather_fused_forward);

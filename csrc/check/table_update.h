@@ -10,6 +10,7 @@
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "engram/table_optim.h"
@@ -96,6 +97,51 @@ inline TableUpdateArgs check_table_state(const char* op, const at::Tensor& weigh
   TORCH_CHECK(seed < 0 || t == at::kBFloat16, op, ": stochastic rounding (seed >= 0) is for bfloat16 weights, got a ",
               t, " weight with seed ", seed);
   return {o, p, seed >= 0};
+}
+
+// rows [U] int64/int32 and grads [U, d_head] (the weight's dtype or float32) of table_update.
+inline void check_table_update_rows(const char* op, const at::Tensor& weight, const at::Tensor& rows,
+                                    const at::Tensor& grads) {
+  TORCH_CHECK(rows.dim() == 1, op, ": rows must be [U], got shape ", rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, op,
+              ": rows must be int64 or int32, got ", rows.scalar_type());
+  const int64_t U = rows.size(0), D = weight.size(1);
+  TORCH_CHECK(grads.dim() == 2 && grads.size(0) == U && grads.size(1) == D, op, ": grads must be [U=", U,
+              ", d_head=", D, "], got shape ", grads.sizes());
+  TORCH_CHECK(grads.scalar_type() == weight.scalar_type() || grads.scalar_type() == at::kFloat, op, ": grads must be ",
+              weight.scalar_type(), " (the weight's dtype) or float32, got ", grads.scalar_type());
+  TORCH_CHECK(rows.device() == weight.device() && grads.device() == weight.device(), op,
+              ": rows and grads must be on the weight's device ", weight.device(), ", got ", rows.device(), " and ",
+              grads.device());
+}
+
+// Calls run(opt_tag, mom_tag) with the optimizer as a compile-time constant
+// (std::integral_constant<TableOptimizer, O>) and a value of the [R, d] moments' dtype (acc_t or
+// bfloat16; the optimizers without such moments always get acc_t), for the CPU and CUDA adapters.
+template <typename acc_t, typename F>
+void dispatch_table_optimizer(TableOptimizer o, bool mom_bf16, const F& run) {
+  using TO = TableOptimizer;
+  auto with_mom = [&](auto opt_tag) {
+    if (mom_bf16) {
+      run(opt_tag, c10::BFloat16{});
+    } else {
+      run(opt_tag, acc_t{});
+    }
+  };
+  switch (o) {
+    case TO::kSgd:
+      run(std::integral_constant<TO, TO::kSgd>{}, acc_t{});
+      break;
+    case TO::kAdam:
+      with_mom(std::integral_constant<TO, TO::kAdam>{});
+      break;
+    case TO::kPartialRowwiseAdam:
+      with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{});
+      break;
+    case TO::kRowwiseAdagrad:
+      run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
+      break;
+  }
 }
 
 }  // namespace engram

@@ -169,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cpu(const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
-  m.impl("engram_gate_forward", &engram_gate_forward_cpu);
-  m.impl("engram_gate_backward", &engram_gate_backward_cpu);
+  m.impl("_engram_gate_forward", &engram_gate_forward_cpu);
+  m.impl("_engram_gate_backward", &engram_gate_backward_cpu);
 }
 
 }  // namespace engram

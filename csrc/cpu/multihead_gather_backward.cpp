@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_gather_backward_sparse_cpu(const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
-  m.impl("multihead_gather_backward", &multihead_gather_backward_cpu);
-  m.impl("multihead_gather_backward_sparse", &multihead_gather_backward_sparse_cpu);
+  m.impl("_multihead_gather_backward", &multihead_gather_backward_cpu);
+  m.impl("_multihead_gather_backward_sparse", &multihead_gather_backward_sparse_cpu);
 }
 
 }  // namespace engram

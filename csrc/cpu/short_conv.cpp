@@ -241,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cpu(const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
-  m.impl("short_conv_forward", &short_conv_forward_cpu);
-  m.impl("short_conv_backward", &short_conv_backward_cpu);
+  m.impl("_short_conv_forward", &short_conv_forward_cpu);
+  m.impl("_short_conv_backward", &short_conv_backward_cpu);
 }
 
 }  // namespace engram

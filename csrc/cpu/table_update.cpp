@@ -114,28 +114,7 @@ void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const a
       u.step = step.data_ptr<int64_t>()[0];
       f(u);
     };
-    auto with_mom = [&](auto opt_tag) {
-      if (mom_bf16) {
-        run(opt_tag, c10::BFloat16{});
-      } else {
-        run(opt_tag, acc_t{});
-      }
-    };
-    using TO = TableOptimizer;
-    switch (a.optimizer) {
-      case TO::kSgd:
-        run(std::integral_constant<TO, TO::kSgd>{}, acc_t{});
-        break;
-      case TO::kAdam:
-        with_mom(std::integral_constant<TO, TO::kAdam>{});
-        break;
-      case TO::kPartialRowwiseAdam:
-        with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{});
-        break;
-      case TO::kRowwiseAdagrad:
-        run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
-        break;
-    }
+    dispatch_table_optimizer<acc_t>(a.optimizer, mom_bf16, run);
   });
   step.data_ptr<int64_t>()[0] += 1;
 }
@@ -161,18 +140,8 @@ void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, con
   constexpr const char* op = "table_update";
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
-  TORCH_CHECK(rows.dim() == 1, op, ": rows must be [U], got shape ", rows.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, op,
-              ": rows must be int64 or int32, got ", rows.scalar_type());
-  TORCH_CHECK(rows.device() == weight.device(), op, ": rows must be on the weight's device ", weight.device(), ", got ",
-              rows.device());
+  check_table_update_rows(op, weight, rows, grads);
   const int64_t U = rows.size(0), D = weight.size(1), R = weight.size(0);
-  TORCH_CHECK(grads.dim() == 2 && grads.size(0) == U && grads.size(1) == D, op, ": grads must be [U=", U,
-              ", d_head=", D, "], got shape ", grads.sizes());
-  TORCH_CHECK(grads.scalar_type() == weight.scalar_type() || grads.scalar_type() == at::kFloat, op, ": grads must be ",
-              weight.scalar_type(), " (the weight's dtype) or float32, got ", grads.scalar_type());
-  TORCH_CHECK(grads.device() == weight.device(), op, ": grads must be on the weight's device ", weight.device(),
-              ", got ", grads.device());
   const auto rows_c = rows.contiguous();
   AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "table_update_rows",
                           [&] { check_rows_cpu(rows_c.const_data_ptr<index_t>(), U, R); });
@@ -235,7 +204,7 @@ void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tenso
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
   m.impl("table_update", &table_update_cpu);
-  m.impl("multihead_gather_fused_update", &multihead_gather_fused_update_cpu);
+  m.impl("_multihead_gather_fused_update", &multihead_gather_fused_update_cpu);
 }
 
 }  // namespace engram

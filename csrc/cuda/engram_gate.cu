@@ -293,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
-  m.impl("engram_gate_forward", &engram_gate_forward_cuda);
-  m.impl("engram_gate_backward", &engram_gate_backward_cuda);
+  m.impl("_engram_gate_forward", &engram_gate_forward_cuda);
+  m.impl("_engram_gate_backward", &engram_gate_backward_cuda);
 }
 
 }  // namespace engram

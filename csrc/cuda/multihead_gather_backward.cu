@@ -126,8 +126,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_gather_backward_sparse_cuda(const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
-  m.impl("multihead_gather_backward", &multihead_gather_backward_cuda);
-  m.impl("multihead_gather_backward_sparse", &multihead_gather_backward_sparse_cuda);
+  m.impl("_multihead_gather_backward", &multihead_gather_backward_cuda);
+  m.impl("_multihead_gather_backward_sparse", &multihead_gather_backward_sparse_cuda);
 }
 
 }  // namespace engram

@@ -333,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
-  m.impl("short_conv_forward", &short_conv_forward_cuda);
-  m.impl("short_conv_backward", &short_conv_backward_cuda);
+  m.impl("_short_conv_forward", &short_conv_forward_cuda);
+  m.impl("_short_conv_backward", &short_conv_backward_cuda);
 }
 
 }  // namespace engram

@@ -159,28 +159,7 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
           with_grad(table_t{});
         }
       };
-      auto with_mom = [&](auto opt_tag) {
-        if (mom_bf16) {
-          run(opt_tag, c10::BFloat16{});
-        } else {
-          run(opt_tag, acc_t{});
-        }
-      };
-      using TO = TableOptimizer;
-      switch (args.optimizer) {
-        case TO::kSgd:
-          run(std::integral_constant<TO, TO::kSgd>{}, acc_t{});
-          break;
-        case TO::kAdam:
-          with_mom(std::integral_constant<TO, TO::kAdam>{});
-          break;
-        case TO::kPartialRowwiseAdam:
-          with_mom(std::integral_constant<TO, TO::kPartialRowwiseAdam>{});
-          break;
-        case TO::kRowwiseAdagrad:
-          run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
-          break;
-      }
+      dispatch_table_optimizer<acc_t>(args.optimizer, mom_bf16, run);
     });
   }
   increment_kernel<<<1, 1, 0, stream>>>(step.data_ptr<int64_t>());
@@ -193,16 +172,8 @@ void table_update_cuda(const at::Tensor& weight, const at::Tensor& momentum1, co
   constexpr const char* op = "table_update";
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
-  TORCH_CHECK(rows.dim() == 1 && (rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt), op,
-              ": rows must be an int64 or int32 [U] tensor, got ", rows.scalar_type(), " ", rows.sizes());
-  TORCH_CHECK(rows.device() == weight.device() && grads.device() == weight.device(), op,
-              ": rows and grads must be on the weight's device ", weight.device(), ", got ", rows.device(), " and ",
-              grads.device());
+  check_table_update_rows(op, weight, rows, grads);
   const int64_t U = rows.size(0), D = weight.size(1);
-  TORCH_CHECK(grads.dim() == 2 && grads.size(0) == U && grads.size(1) == D, op, ": grads must be [U=", U,
-              ", d_head=", D, "], got shape ", grads.sizes());
-  TORCH_CHECK(grads.scalar_type() == weight.scalar_type() || grads.scalar_type() == at::kFloat, op, ": grads must be ",
-              weight.scalar_type(), " (the weight's dtype) or float32, got ", grads.scalar_type());
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto rows_c = rows.contiguous();
   const auto grads_c = grads.contiguous();
@@ -255,7 +226,7 @@ void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tens
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
   m.impl("table_update", &table_update_cuda);
-  m.impl("multihead_gather_fused_update", &multihead_gather_fused_update_cuda);
+  m.impl("_multihead_gather_fused_update", &multihead_gather_fused_update_cuda);
 }
 
 }  // namespace engram

@@ -66,14 +66,14 @@ def _multihead_gather_fake(table, rows, sparse_grad=False):
     return table.new_empty((*rows.shape[:-1], rows.shape[-1] * table.shape[1]))
 
 
-@torch.library.register_fake("engram::multihead_gather_backward")
+@torch.library.register_fake("engram::_multihead_gather_backward")
 def _multihead_gather_backward_fake(grad_e, rows, num_rows):
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_backward")
     torch._check(num_rows >= 0, lambda: f"multihead_gather_backward: num_rows must be non-negative, got {num_rows}")
     return grad_e.new_empty((num_rows, d_head))
 
 
-@torch.library.register_fake("engram::multihead_gather_backward_sparse")
+@torch.library.register_fake("engram::_multihead_gather_backward_sparse")
 def _multihead_gather_backward_sparse_fake(grad_e, rows):
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_backward_sparse")
     # The number of distinct rows U is data-dependent: at most one per lookup.
@@ -107,7 +107,7 @@ def _engram_gate_fake(hidden, kv, weight, eps):
     return hidden.new_empty(hidden.shape)
 
 
-@torch.library.register_fake("engram::engram_gate_forward")
+@torch.library.register_fake("engram::_engram_gate_forward")
 def _engram_gate_forward_fake(hidden, kv, weight, eps):
     _check_gate_shapes("engram_gate_forward", hidden, kv, weight)
     stat = hidden.new_empty(hidden.shape[:-1], dtype=_acc_dtype(hidden.dtype))
@@ -120,7 +120,7 @@ def _engram_gate_forward_fake(hidden, kv, weight, eps):
     )
 
 
-@torch.library.register_fake("engram::engram_gate_backward")
+@torch.library.register_fake("engram::_engram_gate_backward")
 def _engram_gate_backward_fake(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw):
     _check_gate_shapes("engram_gate_backward", hidden, kv, weight)
     return hidden.new_empty(hidden.shape), kv.new_empty(kv.shape), weight.new_empty(weight.shape)
@@ -144,13 +144,13 @@ def _short_conv_fake(u, norm_weight, conv_weight, dilation, eps, activation=True
     return u.new_empty(u.shape)
 
 
-@torch.library.register_fake("engram::short_conv_forward")
+@torch.library.register_fake("engram::_short_conv_forward")
 def _short_conv_forward_fake(u, norm_weight, conv_weight, dilation, eps, activation=True):
     _check_conv_shapes("short_conv_forward", u, norm_weight, conv_weight)
     return u.new_empty(u.shape), u.new_empty(u.shape[:3], dtype=_acc_dtype(u.dtype))
 
 
-@torch.library.register_fake("engram::short_conv_backward")
+@torch.library.register_fake("engram::_short_conv_backward")
 def _short_conv_backward_fake(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation):
     _check_conv_shapes("short_conv_backward", u, norm_weight, conv_weight)
     return (u.new_empty(u.shape), norm_weight.new_empty(norm_weight.shape), conv_weight.new_empty(conv_weight.shape))
@@ -174,7 +174,7 @@ def _table_update_fake(weight, momentum1, momentum2, row_step, step, rows, grads
     return None
 
 
-@torch.library.register_fake("engram::multihead_gather_fused_update")
+@torch.library.register_fake("engram::_multihead_gather_fused_update")
 def _multihead_gather_fused_update_fake(
     grad_e, rows, weight, momentum1, momentum2, row_step, step, hparams, optimizer, seed
 ):

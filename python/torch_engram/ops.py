@@ -35,7 +35,7 @@ def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows
 
     Deterministic: each row's gradient is summed in lookup order (fp32 accumulation, fp64 for
     float64) and written once; rows never looked up are zero."""
-    return torch.ops.engram.multihead_gather_backward(grad_e, rows, num_rows)
+    return torch.ops.engram._multihead_gather_backward(grad_e, rows, num_rows)
 
 
 def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,7 @@ def multihead_gather_backward_sparse(grad_e: torch.Tensor, rows: torch.Tensor) -
 
     Memory grows with the number of lookups, not with the table; same summation order as the
     dense op."""
-    return torch.ops.engram.multihead_gather_backward_sparse(grad_e, rows)
+    return torch.ops.engram._multihead_gather_backward_sparse(grad_e, rows)
 
 
 def engram_gate(hidden: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

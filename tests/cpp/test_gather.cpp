@@ -23,14 +23,14 @@ at::Tensor gather(const at::Tensor& table, const at::Tensor& rows, bool sparse_g
 
 at::Tensor backward_dense(const at::Tensor& grad_e, const at::Tensor& rows, int64_t num_rows) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::multihead_gather_backward", "")
+                       .findSchemaOrThrow("engram::_multihead_gather_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
   return op.call(grad_e, rows, c10::SymInt(num_rows));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_sparse(const at::Tensor& grad_e, const at::Tensor& rows) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("engram::multihead_gather_backward_sparse", "")
+                       .findSchemaOrThrow("engram::_multihead_gather_backward_sparse", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
   return op.call(grad_e, rows);
 }

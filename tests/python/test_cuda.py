@@ -291,11 +291,11 @@ def test_sorted_backward_matches_cpu_bitwise(deterministic, dtype, index_dtype, 
         pytest.skip("large enough without the widest rows")
     _, rows = make_lookup(shape, num_rows=num_rows, d_head=d_head, index_dtype=index_dtype, distinct=distinct)
     grad = torch.randn(*shape[:-1], shape[-1] * d_head, dtype=torch.float64).to(dtype)
-    dense_cpu = torch.ops.engram.multihead_gather_backward(grad, rows, num_rows)
-    dense = torch.ops.engram.multihead_gather_backward(grad.to(CUDA), rows.to(CUDA), num_rows)
+    dense_cpu = torch.ops.engram._multihead_gather_backward(grad, rows, num_rows)
+    dense = torch.ops.engram._multihead_gather_backward(grad.to(CUDA), rows.to(CUDA), num_rows)
     assert dense.dtype == dtype and torch.equal(dense.cpu(), dense_cpu)
-    u_cpu, v_cpu = torch.ops.engram.multihead_gather_backward_sparse(grad, rows)
-    u, v = torch.ops.engram.multihead_gather_backward_sparse(grad.to(CUDA), rows.to(CUDA))
+    u_cpu, v_cpu = torch.ops.engram._multihead_gather_backward_sparse(grad, rows)
+    u, v = torch.ops.engram._multihead_gather_backward_sparse(grad.to(CUDA), rows.to(CUDA))
     assert u.dtype == torch.int64 and torch.equal(u.cpu(), u_cpu)
     assert torch.equal(v.cpu(), v_cpu)
 
@@ -304,13 +304,13 @@ def test_sparse_backward_always_sorted(nondeterministic):
     # The sparse op (and float64 dense) never depend on the deterministic flag.
     _, rows = make_lookup((4, 300, 8), num_rows=50, distinct=5)
     grad = torch.randn(4, 300, 8 * 16)
-    u_cpu, v_cpu = torch.ops.engram.multihead_gather_backward_sparse(grad, rows)
-    u, v = torch.ops.engram.multihead_gather_backward_sparse(grad.to(CUDA), rows.to(CUDA))
+    u_cpu, v_cpu = torch.ops.engram._multihead_gather_backward_sparse(grad, rows)
+    u, v = torch.ops.engram._multihead_gather_backward_sparse(grad.to(CUDA), rows.to(CUDA))
     assert torch.equal(u.cpu(), u_cpu) and torch.equal(v.cpu(), v_cpu)
     g64 = grad.double()
     assert torch.equal(
-        torch.ops.engram.multihead_gather_backward(g64.to(CUDA), rows.to(CUDA), 50).cpu(),
-        torch.ops.engram.multihead_gather_backward(g64, rows, 50),
+        torch.ops.engram._multihead_gather_backward(g64.to(CUDA), rows.to(CUDA), 50).cpu(),
+        torch.ops.engram._multihead_gather_backward(g64, rows, 50),
     )
 
 
@@ -324,7 +324,7 @@ def test_atomic_backward_within_tolerance(nondeterministic, dtype, d_head, case)
     grad = grad64.to(dtype)
     expected = torch.zeros(num_rows, d_head, dtype=torch.float64)
     expected.index_add_(0, rows.reshape(-1), grad.double().reshape(-1, d_head))
-    got = torch.ops.engram.multihead_gather_backward(grad.to(CUDA), rows.to(CUDA), num_rows)
+    got = torch.ops.engram._multihead_gather_backward(grad.to(CUDA), rows.to(CUDA), num_rows)
     assert got.dtype == dtype
     atol, rtol = ATOMIC_TOL[dtype]
     # Tolerances scale with the number of terms in a row's sum.
@@ -336,9 +336,9 @@ def test_backward_deterministic_mode_bitwise_repeatable(deterministic):
     g = torch.Generator().manual_seed(0)
     rows = ((torch.rand(16, 512, 16, generator=g) ** 4) * 50_000).long().to(CUDA)  # Zipf-like: hot rows
     grad = torch.randn(16, 512, 16 * 64, generator=g).to(CUDA)
-    first = torch.ops.engram.multihead_gather_backward(grad, rows, 50_000)
+    first = torch.ops.engram._multihead_gather_backward(grad, rows, 50_000)
     for _ in range(3):
-        assert torch.equal(torch.ops.engram.multihead_gather_backward(grad, rows, 50_000), first)
+        assert torch.equal(torch.ops.engram._multihead_gather_backward(grad, rows, 50_000), first)
     # Through autograd as well.
     table = torch.randn(50_000, 64, device=CUDA, requires_grad=True)
     grads = []
@@ -352,11 +352,11 @@ def test_backward_bad_arguments():
     rows = torch.randint(0, 10, (2, 3, 4), device=CUDA)
     grad = torch.randn(2, 3, 4 * 8, device=CUDA)
     with pytest.raises(RuntimeError, match=r"num_rows must be"):
-        torch.ops.engram.multihead_gather_backward(grad, rows, -1)
+        torch.ops.engram._multihead_gather_backward(grad, rows, -1)
     with pytest.raises(RuntimeError, match=r"last dimension"):
-        torch.ops.engram.multihead_gather_backward(grad[..., :-1], rows, 10)
+        torch.ops.engram._multihead_gather_backward(grad[..., :-1], rows, 10)
     with pytest.raises(RuntimeError, match=r"device"):
-        torch.ops.engram.multihead_gather_backward(grad, rows.cpu(), 10)
+        torch.ops.engram._multihead_gather_backward(grad, rows.cpu(), 10)
 
 
 # --- autograd, opcheck, compile ---------------------------------------------------------------
@@ -380,8 +380,8 @@ def test_opcheck_cuda():
     grad = torch.randn(2, 5, 32, device=CUDA)
     torch.library.opcheck(torch.ops.engram.multihead_gather, (table, rows, False))
     torch.library.opcheck(torch.ops.engram.multihead_gather, (table.clone().requires_grad_(), rows, False))
-    torch.library.opcheck(torch.ops.engram.multihead_gather_backward, (grad, rows, 40))
-    torch.library.opcheck(torch.ops.engram.multihead_gather_backward_sparse, (grad, rows))
+    torch.library.opcheck(torch.ops.engram._multihead_gather_backward, (grad, rows, 40))
+    torch.library.opcheck(torch.ops.engram._multihead_gather_backward_sparse, (grad, rows))
     hasher = hasher_for().to(CUDA)
     ids = torch.randint(0, hasher.num_ids, (2, 9), device=CUDA)
     doc = torch.rand(2, 9, device=CUDA) < 0.3
@@ -501,8 +501,8 @@ def test_gate_forward_backward_vs_cpu_and_reference(dtype, M, lead, D):
 
 def test_gate_saved_statistics_vs_cpu():
     x, k, v, w = gate_inputs((3, 5), 4, 24, torch.float32)
-    cuda_stats = torch.ops.engram.engram_gate_forward(x.to(CUDA), kv_of(k, v).to(CUDA), w.to(CUDA), 1e-5)
-    cpu_stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-5)
+    cuda_stats = torch.ops.engram._engram_gate_forward(x.to(CUDA), kv_of(k, v).to(CUDA), w.to(CUDA), 1e-5)
+    cpu_stats = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-5)
     for name, a, b in zip(("out", "alpha", "r_x", "r_k", "raw"), cuda_stats, cpu_stats):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
@@ -578,16 +578,16 @@ def test_short_conv_forward_backward_vs_cpu_and_reference(dtype, M, B, T, D, K, 
 def test_gate_and_conv_backward_bitwise_repeatable():
     x, k, v, w = (t.to(CUDA) for t in gate_inputs((4, 257), 4, 256, torch.bfloat16))
     grad = torch.randn(4, 257, 4, 256, device=CUDA, dtype=torch.bfloat16)
-    stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
-    first = torch.ops.engram.engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
+    stats = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    first = torch.ops.engram._engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
     for _ in range(2):
-        again = torch.ops.engram.engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
+        again = torch.ops.engram._engram_gate_backward(grad, x, kv_of(k, v), w, *stats[1:])
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     u, nw, cw = (t.to(CUDA) for t in conv_inputs(4, 257, 4, 256, 4, torch.bfloat16))
-    _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5, True)
-    first = torch.ops.engram.short_conv_backward(grad, u, nw, cw, rstd, 3, True)
+    _, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5, True)
+    first = torch.ops.engram._short_conv_backward(grad, u, nw, cw, rstd, 3, True)
     for _ in range(2):
-        again = torch.ops.engram.short_conv_backward(grad, u, nw, cw, rstd, 3, True)
+        again = torch.ops.engram._short_conv_backward(grad, u, nw, cw, rstd, 3, True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -603,15 +603,15 @@ def test_gate_and_conv_opcheck_cuda():
     x, k, v, w = (t.to(CUDA) for t in gate_inputs((2, 3), 2, 16, torch.float32))
     torch.library.opcheck(torch.ops.engram.engram_gate, (x, kv_of(k, v), w, 1e-6))
     torch.library.opcheck(torch.ops.engram.engram_gate, (x.clone().requires_grad_(), kv_of(k, v), w, 1e-6))
-    stats = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
-    torch.library.opcheck(torch.ops.engram.engram_gate_forward, (x, kv_of(k, v), w, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate_backward, (torch.randn_like(x), x, kv_of(k, v), w, *stats[1:]))
+    stats = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    torch.library.opcheck(torch.ops.engram._engram_gate_forward, (x, kv_of(k, v), w, 1e-6))
+    torch.library.opcheck(torch.ops.engram._engram_gate_backward, (torch.randn_like(x), x, kv_of(k, v), w, *stats[1:]))
     u, nw, cw = (t.to(CUDA) for t in conv_inputs(2, 9, 2, 8, 4, torch.float32))
     torch.library.opcheck(torch.ops.engram.short_conv, (u, nw, cw, 3, 1e-5, True))
     torch.library.opcheck(torch.ops.engram.short_conv, (u.clone().requires_grad_(), nw, cw, 3, 1e-5, True))
-    _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5, True)
-    torch.library.opcheck(torch.ops.engram.short_conv_forward, (u, nw, cw, 3, 1e-5, True))
-    torch.library.opcheck(torch.ops.engram.short_conv_backward, (torch.randn_like(u), u, nw, cw, rstd, 3, True))
+    _, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5, True)
+    torch.library.opcheck(torch.ops.engram._short_conv_forward, (u, nw, cw, 3, 1e-5, True))
+    torch.library.opcheck(torch.ops.engram._short_conv_backward, (torch.randn_like(u), u, nw, cw, rstd, 3, True))
 
 
 # --- the whole layer --------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def test_fused_table_update(optimizer, R, d, dtype, layout, seed):
     rows = torch.randint(0, R, (3, 5, H), generator=g)
     grad = torch.randn(3, 5, H * d, generator=g, dtype=dtype)
     with torch.no_grad():
-        torch.ops.engram.multihead_gather_fused_update(
+        torch.ops.engram._multihead_gather_fused_update(
             lay_out(grad, layout), lay_out(rows, layout), *state, t.hparams, optimizer, -1
         )
     ref.multihead_gather_fused_update(values_for(grad, layout), values_for(rows, layout), *want, t.hparams, optimizer)

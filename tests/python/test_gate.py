@@ -68,7 +68,7 @@ def test_values_match_reference(device, dtype, M, lead):
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_statistics(device):
     x, k, v, w = make_inputs((3, 5), 4, 24, torch.float32, device)
-    _out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-5)
+    _out, alpha, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-5)
     xd, kd, wd = x.double(), k.double(), w.double()
     rx = torch.rsqrt(xd.pow(2).mean(-1) + 1e-5)
     rk = torch.rsqrt(kd.pow(2).mean(-1) + 1e-5)
@@ -133,7 +133,7 @@ def test_gradcheck_near_signed_sqrt_clamp():
         [[4e-7, -4e-7, 3e-6, -3e-6], [2e-7, 0.3, -2e-6, 5e-7], [-0.7, -5e-7, 2e-6, 1.2]], dtype=torch.float64
     )
     k = _place_scores(x, k, w, targets)
-    _, _, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 0.0)
+    _, _, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 0.0)
     s = raw * r_x * r_k / math.sqrt(10)
     torch.testing.assert_close(s, targets, rtol=1e-3, atol=0)
     inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
@@ -235,10 +235,10 @@ def test_opcheck_public_and_internal():
     kv = kv_of(k, v).requires_grad_()
     torch.library.opcheck(torch.ops.engram.engram_gate.default, (grad_inputs[0], kv, grad_inputs[3], 1e-6))
     torch.library.opcheck(torch.ops.engram.engram_gate.default, (x, kv_of(k, v), w, 1e-6))
-    torch.library.opcheck(torch.ops.engram.engram_gate_forward.default, (x, kv_of(k, v), w, 1e-6))
-    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    torch.library.opcheck(torch.ops.engram._engram_gate_forward.default, (x, kv_of(k, v), w, 1e-6))
+    out, alpha, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-6)
     torch.library.opcheck(
-        torch.ops.engram.engram_gate_backward.default, (torch.randn_like(out), x, kv_of(k, v), w, alpha, r_x, r_k, raw)
+        torch.ops.engram._engram_gate_backward.default, (torch.randn_like(out), x, kv_of(k, v), w, alpha, r_x, r_k, raw)
     )
 
 
@@ -320,13 +320,13 @@ def test_bad_eps(eps):
 
 def test_backward_rejects_mismatched_statistics():
     x, k, v, w = make_inputs((2, 3), 4, 8, torch.float32)
-    out, alpha, r_x, r_k, raw = torch.ops.engram.engram_gate_forward(x, kv_of(k, v), w, 1e-6)
+    out, alpha, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-6)
     with pytest.raises(RuntimeError, match=r"r_k must be \[\.\.\., M\]"):
-        torch.ops.engram.engram_gate_backward(out, x, kv_of(k, v), w, alpha, r_x, r_k[:1], raw)
+        torch.ops.engram._engram_gate_backward(out, x, kv_of(k, v), w, alpha, r_x, r_k[:1], raw)
     with pytest.raises(RuntimeError, match="alpha must be Float"):
-        torch.ops.engram.engram_gate_backward(out, x, kv_of(k, v), w, alpha.double(), r_x, r_k, raw)
+        torch.ops.engram._engram_gate_backward(out, x, kv_of(k, v), w, alpha.double(), r_x, r_k, raw)
     with pytest.raises(RuntimeError, match="grad_out must have the shape of hidden"):
-        torch.ops.engram.engram_gate_backward(out[:1], x, kv_of(k, v), w, alpha, r_x, r_k, raw)
+        torch.ops.engram._engram_gate_backward(out[:1], x, kv_of(k, v), w, alpha, r_x, r_k, raw)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -279,8 +279,8 @@ def test_opcheck(device):
         (table.clone().requires_grad_(), rows, True),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
-    torch.library.opcheck(torch.ops.engram.multihead_gather_backward, (grad_e, rows, table.shape[0]))
-    torch.library.opcheck(torch.ops.engram.multihead_gather_backward_sparse, (grad_e, rows))
+    torch.library.opcheck(torch.ops.engram._multihead_gather_backward, (grad_e, rows, table.shape[0]))
+    torch.library.opcheck(torch.ops.engram._multihead_gather_backward_sparse, (grad_e, rows))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -55,7 +55,7 @@ def test_values_match_reference(device, dtype, M):
     out = ops.short_conv(u, nw, cw, 3, 1e-5)
     assert out.dtype == dtype and out.shape == u.shape
     assert_close(out, ref.short_conv(u.double(), nw.double(), cw.double(), 3, 1e-5), dtype)
-    _, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5)
+    _, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5)
     want = torch.rsqrt(u.double().pow(2).mean(-1) + 1e-5)
     assert rstd.dtype == torch.float32 and rstd.shape == u.shape[:3]
     torch.testing.assert_close(rstd.double(), want, atol=1e-5, rtol=1e-5)
@@ -185,11 +185,11 @@ def test_opcheck_public_and_internal():
     grad_inputs = [t.clone().requires_grad_() for t in (u, nw, cw)]
     torch.library.opcheck(torch.ops.engram.short_conv.default, (*grad_inputs, 3, 1e-5, True))
     torch.library.opcheck(torch.ops.engram.short_conv.default, (u, nw, cw, 2, 1e-5, False))
-    torch.library.opcheck(torch.ops.engram.short_conv_forward.default, (u, nw, cw, 3, 1e-5, True))
-    out, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5)
+    torch.library.opcheck(torch.ops.engram._short_conv_forward.default, (u, nw, cw, 3, 1e-5, True))
+    out, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5)
     for activation in (True, False):
         torch.library.opcheck(
-            torch.ops.engram.short_conv_backward.default, (torch.randn_like(out), u, nw, cw, rstd, 3, activation)
+            torch.ops.engram._short_conv_backward.default, (torch.randn_like(out), u, nw, cw, rstd, 3, activation)
         )
 
 
@@ -268,10 +268,10 @@ def test_bad_eps(eps):
 
 def test_backward_rejects_mismatched_rstd():
     u, nw, cw = make_inputs(2, 5, 4, 8, 4, torch.float32)
-    out, rstd = torch.ops.engram.short_conv_forward(u, nw, cw, 3, 1e-5)
+    out, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5)
     with pytest.raises(RuntimeError, match="rstd must be \\[B, T, M\\]"):
-        torch.ops.engram.short_conv_backward(out, u, nw, cw, rstd[:, :2], 3, True)
+        torch.ops.engram._short_conv_backward(out, u, nw, cw, rstd[:, :2], 3, True)
     with pytest.raises(RuntimeError, match="rstd must be Float"):
-        torch.ops.engram.short_conv_backward(out, u, nw, cw, rstd.double(), 3, True)
+        torch.ops.engram._short_conv_backward(out, u, nw, cw, rstd.double(), 3, True)
     with pytest.raises(RuntimeError, match="grad_out must have u's dtype"):
-        torch.ops.engram.short_conv_backward(out.double(), u, nw, cw, rstd, 3, True)
+        torch.ops.engram._short_conv_backward(out.double(), u, nw, cw, rstd, 3, True)

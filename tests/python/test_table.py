@@ -106,8 +106,8 @@ def test_fused_backward_equals_sparse_backward_then_update(device, optimizer, dt
         rows = torch.randint(0, R, (4, 7, H), device=device)
         grad_e = torch.randn(4, 7, H * D, device=device, dtype=dtype)
         with torch.no_grad():
-            torch.ops.engram.multihead_gather_fused_update(grad_e, rows, *state_tensors(a), hp, optimizer, -1)
-            unique, sums = torch.ops.engram.multihead_gather_backward_sparse(
+            torch.ops.engram._multihead_gather_fused_update(grad_e, rows, *state_tensors(a), hp, optimizer, -1)
+            unique, sums = torch.ops.engram._multihead_gather_backward_sparse(
                 grad_e.float() if dtype != torch.float64 else grad_e, rows
             )
             te.ops.table_update(*state_tensors(b), unique, sums, hp, optimizer)
@@ -128,7 +128,7 @@ def test_fused_reference(device, optimizer):
     rows = torch.randint(0, R, (3, 5, H), device=device)
     grad_e = torch.randn(3, 5, H * D, device=device, dtype=torch.float64)
     with torch.no_grad():
-        torch.ops.engram.multihead_gather_fused_update(grad_e, rows, *state_tensors(t), hparams(**HP), optimizer, -1)
+        torch.ops.engram._multihead_gather_fused_update(grad_e, rows, *state_tensors(t), hparams(**HP), optimizer, -1)
     ref.multihead_gather_fused_update(grad_e, rows, *want, hparams(**HP), optimizer)
     for a, b in zip(state_tensors(t), want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
@@ -375,7 +375,7 @@ def test_opcheck(optimizer):
         (*clone_state(t), torch.tensor([1, 5, 7]), torch.randn(3, 4), hp, optimizer, -1),
     )
     torch.library.opcheck(
-        torch.ops.engram.multihead_gather_fused_update.default, (grad_e, rows, *clone_state(t), hp, optimizer, -1)
+        torch.ops.engram._multihead_gather_fused_update.default, (grad_e, rows, *clone_state(t), hp, optimizer, -1)
     )
     w = t.weight.detach().clone()
     torch.library.opcheck(
@@ -408,7 +408,7 @@ def test_errors():
         with pytest.raises(RuntimeError, match=r"grads must be \[U=2, d_head=4\]"):
             te.ops.table_update(*s, rows, torch.randn(2, 5), hp, "adam")
         with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 10\)"):
-            torch.ops.engram.multihead_gather_fused_update(torch.randn(1, 4), torch.tensor([[12]]), *s, hp, "adam", -1)
+            torch.ops.engram._multihead_gather_fused_update(torch.randn(1, 4), torch.tensor([[12]]), *s, hp, "adam", -1)
     before = clone_state(t)
     with pytest.raises(RuntimeError, match="not differentiable"):
         te.ops.table_update(t.weight, *s[1:], rows, g, hp, "adam")  # grad mode on, weight requires grad
