@@ -4,6 +4,7 @@ and the vector paths, so every kernel launches at least once."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,13 +32,22 @@ def main() -> None:
             out = mod(hidden, rows=rows)
             out.float().square().sum().backward()
             mod.table.step()
-        for opt in ("partial_rowwise_adam", "rowwise_adagrad", "sgd"):
+        for opt in ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd"):
             t = te.EngramTable(500, 8, optimizer=opt, device=dev, dtype=dtype)
             t(torch.randint(0, 500, (5, 9, 3), device=dev)).sum().backward()
-    # The atomic dense backward and the sparse one.
+    # float16 tables, the sparse backward, the atomic dense backward (on request), and rows read
+    # by more than 128 lookups (the block-wide hot-row sums).
+    t16 = te.EngramTable(500, 8, optimizer="adam", device=dev, dtype=torch.float16)
+    t16(torch.randint(0, 500, (5, 9, 3), device=dev)).sum().backward()
     table = torch.randn(300, 8, device=dev, requires_grad=True)
     r = torch.randint(0, 300, (4, 6, 2), device=dev)
     te.ops.multihead_gather(table, r, sparse_grad=True).sum().backward()
+    os.environ["ENGRAM_GATHER_BACKWARD"] = "atomic"
+    te.ops.multihead_gather(table, r).sum().backward()
+    del os.environ["ENGRAM_GATHER_BACKWARD"]
+    hot = torch.zeros(64, 8, 2, dtype=torch.long, device=dev)  # 1,024 lookups of row 0
+    te.ops.multihead_gather(table, hot).sum().backward()
+    te.EngramTable(300, 8, device=dev)(hot).sum().backward()
     torch.cuda.synchronize()
     print("gpu_ops_smoke: every op ran")
 

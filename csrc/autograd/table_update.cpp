@@ -123,6 +123,8 @@ class MultiheadGatherFused : public torch::autograd::Function<MultiheadGatherFus
     const at::Tensor rows = ctx->get_saved_variables()[0];
     const at::Tensor& grad_e = grad_outputs[0];
     if (grad_e.defined()) {
+      // The update is not part of any graph, even under backward(create_graph=True).
+      at::NoGradGuard no_grad;
       const std::string optimizer = ctx->saved_data["optimizer"].toStringRef();
       fused_update_op().call(grad_e, rows, ctx->saved_data["weight"].toTensor(),
                              ctx->saved_data["momentum1"].toTensor(), ctx->saved_data["momentum2"].toTensor(),

@@ -69,7 +69,10 @@ __global__ void __launch_bounds__(kTokensPerBlock) ngram_hash_kernel(HashParams 
   __syncthreads();
   // Compressed ids (LUT entries, the pad id) must keep x' * m within int64, as on the CPU.
   uint64_t m_max = 1;
-  for (int c = 0; c < p.L * p.N; ++c) m_max = mult[c] > m_max ? mult[c] : m_max;
+  for (int c = 0; c < p.L * p.N; ++c) {
+    CUDA_KERNEL_ASSERT_MSG(static_cast<int64_t>(mult[c]) >= 1, "ngram_hash: multipliers must be positive");
+    m_max = mult[c] > m_max ? mult[c] : m_max;
+  }
   const uint64_t max_id_mult = static_cast<uint64_t>(INT64_MAX) / m_max;
   const uint64_t max_id =
       max_id_mult < static_cast<uint64_t>(p.num_ids - 1) ? max_id_mult : static_cast<uint64_t>(p.num_ids - 1);

@@ -2,9 +2,10 @@
 // backward multihead_gather_fused_update: the sorted row sums of row_segments.cuh into a
 // caching-allocator fp32 buffer (fp64 for float64), then the same row-update kernel over the U
 // unique rows, U read on the device: no host synchronisation, no gradient tensor outside the op.
-// Per-row maths: engram/table_optim.h. Row-wise optimizers reduce mean(g^2) with a fixed
-// butterfly over the warp, so they are deterministic on the GPU but not bitwise equal to the CPU
-// (which sums sequentially); adam and sgd are element-wise and match the CPU bit for bit.
+// Per-row maths: engram/table_optim.h. Results are deterministic on the GPU (fixed orders, no
+// atomics) but not bitwise equal to the CPU: row-wise optimizers reduce mean(g^2) with a fixed
+// butterfly over the warp where the CPU sums sequentially, and nvcc contracts multiply-adds
+// into FMAs where the CPU build may not.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

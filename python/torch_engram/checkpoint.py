@@ -174,18 +174,24 @@ def load_checkpoint(
     # they were.
     _check_model_state(model, payload["model"], strict)
     pairs = _optimizer_pairs(optimizers, payload["optimizers"])
+    rng = payload.get("rng")
+    if restore_rng and rng is not None and "cuda" in rng and torch.cuda.is_available():
+        if len(rng["cuda"]) != torch.cuda.device_count():
+            raise ValueError(
+                f"load_checkpoint: the checkpoint has the RNG states of {len(rng['cuda'])} CUDA "
+                f"devices, this process sees {torch.cuda.device_count()}; pass restore_rng=False"
+            )
     before = [opt.state_dict() for opt, _, _ in pairs]  # references, not copies: loading replaces them
-    done = []
+    touched = 0
     try:
         for opt, state, _ in pairs:
+            touched += 1  # a failing load may have changed its optimizer halfway: roll it back too
             opt.load_state_dict(state)
-            done.append(opt)
+        model.load_state_dict(payload["model"], strict=strict)
     except BaseException:
-        for opt, old in zip(done, before):
+        for (opt, _, _), old in zip(pairs[:touched], before):
             opt.load_state_dict(old)
         raise
-    model.load_state_dict(payload["model"], strict=strict)
-    rng = payload.get("rng")
     if restore_rng and rng is not None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():

@@ -66,7 +66,9 @@ class TableOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"TableOptimizer: expected EngramTable modules, got {type(t).__name__}")
         self.tables = tables
         groups = [self._group_dict(t, {"params": [t.weight]}) for t in tables]
-        super().__init__(groups, {})
+        # Defaults as torch's optimizers have them (schedulers such as OneCycleLR read them).
+        h = tables[0].hparams.tolist()
+        super().__init__(groups, dict(lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4]))
 
     @staticmethod
     def _group_dict(table: EngramTable, base: dict) -> _TableGroup:

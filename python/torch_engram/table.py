@@ -194,6 +194,7 @@ class EngramTable(nn.Module):
         self.placement = placement
         self.init_std = init_std
         self.stochastic_rounding = stochastic_rounding
+        self.state_dtype = state_dtype
         self.seed = seed
         self.weight = nn.Parameter(weight)
         # Read by the kernels at every update: a CPU tensor, not a buffer, since it must stay on the
@@ -273,10 +274,31 @@ class EngramTable(nn.Module):
         """Weight N(0, init_std^2); optimizer state zero (every row as if never updated)."""
         with torch.no_grad():
             nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
-            for b in (self.momentum1, self.momentum2, self.row_step, self.step_count):
-                if b.numel() and b.device.type != "meta":
-                    b.zero_()
+            # Only updates (which count themselves in step_count) and loads write the state; a
+            # state never updated is still zero, and writing it would commit every page of
+            # zero-on-touch memory.
+            if self.step_count.device.type != "meta" and int(self.step_count) != 0:
+                for b in (self.momentum1, self.momentum2, self.row_step, self.step_count):
+                    if b.numel():
+                        b.zero_()
         self._pending_rows.clear()
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (.double(), .bfloat16(), .half(), .to(dtype)) convert every floating
+        # buffer; the optimizer state keeps the maths dtype of the new weight (or bfloat16 moments
+        # when state_dtype asked for them), as the kernels require.
+        out = super()._apply(fn, recurse)
+        maths = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        moment = torch.bfloat16 if self.state_dtype == torch.bfloat16 else maths
+        full = self.optimizer in ("adam", "partial_rowwise_adam")
+        want = {"momentum1": moment if full else maths, "momentum2": moment if self.optimizer == "adam" else maths}
+        for name, dtype in want.items():
+            b = getattr(self, name)
+            if b.dtype != dtype:
+                setattr(self, name, b.to(dtype))
+        if self.weight.dtype != torch.bfloat16:
+            self.stochastic_rounding = False  # it rounds to bfloat16 only
+        return out
 
     # ---- lookup -----------------------------------------------------------------------------
     def _rounding_seed(self) -> int:
@@ -302,8 +324,9 @@ class EngramTable(nn.Module):
         if self.grad_mode == "dense" and torch.is_grad_enabled() and w.requires_grad:
             # The rows step() will update: those looked up since the gradient was last reset. Kept
             # until step() (a zero_grad() between forward and backward is a common loop order), and
-            # dropped at the first lookup after a reset, so they stay bounded when another optimizer
-            # drives the dense gradient. (A backward hook would be exact but breaks compiled graphs.)
+            # dropped at the first lookup after the gradient was set to None, so they stay bounded
+            # when another optimizer drives the dense gradient with zero_grad(set_to_none=True).
+            # (A backward hook would be exact but breaks compiled graphs.)
             if w.grad is None:
                 self._pending_rows.clear()
             self._pending_rows.append(rows.detach())

@@ -431,3 +431,47 @@ def test_errors():
     sparse(torch.tensor([[1, 2]])).sum().backward()
     sparse.step()
     assert int(sparse.step_count) == 1 and not sparse._pending_rows
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_on_touch_state_takes_no_memory_until_rows_are_updated():
+    # 2M x 64 float32: the weight (488 MiB) is written by its init, the Adam state (977 MiB) must
+    # not be: a fresh table's state is zero without touching a page.
+    before = _rss_mib()
+    t = EngramTable(2_000_000, 64, optimizer="adam")
+    grown = _rss_mib() - before
+    assert grown < 488 + 120, grown
+    t(torch.randint(0, 2_000_000, (64, 4))).sum().backward()  # 256 rows: a few pages of state
+    assert _rss_mib() - before < 488 + 130
+    t.reset_parameters()  # after updates the state is reset (and written) again
+    assert int(t.step_count) == 0 and float(t.momentum1.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_module_casts_keep_the_state_dtypes(optimizer):
+    t = EngramTable(50, 4, optimizer=optimizer)
+    rows = torch.randint(0, 50, (3, 2))
+    t.double()
+    assert t.weight.dtype == torch.float64 and all(b.dtype == torch.float64 for b in (t.momentum1, t.momentum2))
+    t(rows).sum().backward()
+    t.bfloat16()  # bfloat16 weights keep float32 state (the maths dtype)
+    assert t.weight.dtype == torch.bfloat16 and all(b.dtype == torch.float32 for b in (t.momentum1, t.momentum2))
+    t(rows).sum().backward()
+    assert int(t.step_count) == 2
+    b = EngramTable(50, 4, optimizer=optimizer, dtype=torch.bfloat16, state_dtype=torch.bfloat16).float()
+    if optimizer in ("adam", "partial_rowwise_adam"):
+        assert b.momentum1.dtype == torch.bfloat16  # asked for: kept
+    b(rows).sum().backward()
+
+
+def test_fused_update_under_create_graph():
+    t = EngramTable(30, 4, lr=0.1)
+    before = t.weight.detach().clone()
+    x = torch.ones(1, requires_grad=True)
+    (t(torch.tensor([[1, 2]])).sum() * x).backward(create_graph=True)
+    assert int(t.step_count) == 1 and not torch.equal(t.weight, before) and x.grad is not None
