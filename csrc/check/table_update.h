@@ -30,6 +30,7 @@ struct TableUpdateArgs {
   TableOptimizer optimizer;
   TableOptimParams params;
   bool stochastic_rounding;  // seed >= 0 and a bfloat16 weight
+  bool moments_bf16;         // the [R, d_head] moments (adam kinds) are bfloat16
 };
 
 // weight [R, d]; momentum1, momentum2, row_step and step as the optimizer needs them (docs in
@@ -96,7 +97,7 @@ inline TableUpdateArgs check_table_state(const char* op, const at::Tensor& weigh
               ": weight_decay must be finite and >= 0, got ", p.weight_decay);
   TORCH_CHECK(seed < 0 || t == at::kBFloat16, op, ": stochastic rounding (seed >= 0) is for bfloat16 weights, got a ",
               t, " weight with seed ", seed);
-  return {o, p, seed >= 0};
+  return {o, p, seed >= 0, (adam || partial) && momentum1.scalar_type() == at::kBFloat16};
 }
 
 // rows [U] int64/int32 and grads [U, d_head] (the weight's dtype or float32) of table_update.
@@ -119,10 +120,11 @@ inline void check_table_update_rows(const char* op, const at::Tensor& weight, co
 // (std::integral_constant<TableOptimizer, O>) and a value of the [R, d] moments' dtype (acc_t or
 // bfloat16; the optimizers without such moments always get acc_t), for the CPU and CUDA adapters.
 template <typename acc_t, typename F>
-void dispatch_table_optimizer(TableOptimizer o, bool mom_bf16, const F& run) {
+void dispatch_table_optimizer(const TableUpdateArgs& a, const F& run) {
+  const TableOptimizer o = a.optimizer;
   using TO = TableOptimizer;
   auto with_mom = [&](auto opt_tag) {
-    if (mom_bf16) {
+    if (a.moments_bf16) {
       run(opt_tag, c10::BFloat16{});
     } else {
       run(opt_tag, acc_t{});

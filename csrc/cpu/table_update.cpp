@@ -90,8 +90,6 @@ template <typename F>
 void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const at::Tensor& momentum1,
                      const at::Tensor& momentum2, const at::Tensor& row_step, const at::Tensor& step, int64_t seed,
                      const F& f) {
-  const bool mom_bf16 = a.optimizer != TableOptimizer::kRowwiseAdagrad && momentum1.numel() > 0 &&
-                        momentum1.scalar_type() == at::kBFloat16;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "table_update", [&] {
     using table_t = scalar_t;
     using acc_t = at::opmath_type<table_t>;
@@ -114,7 +112,7 @@ void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const a
       u.step = step.data_ptr<int64_t>()[0];
       f(u);
     };
-    dispatch_table_optimizer<acc_t>(a.optimizer, mom_bf16, run);
+    dispatch_table_optimizer<acc_t>(a, run);
   });
   step.data_ptr<int64_t>()[0] += 1;
 }

@@ -120,8 +120,6 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
   const int64_t blocks = (u_bound + kRowsPerBlock - 1) / kRowsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "table_update: at most ",
               int64_t{std::numeric_limits<int32_t>::max()} * kRowsPerBlock, " rows per call, got ", u_bound);
-  const bool mom_bf16 = args.optimizer != TableOptimizer::kRowwiseAdagrad && momentum1.numel() > 0 &&
-                        momentum1.scalar_type() == at::kBFloat16;
   if (blocks > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "table_update", [&] {
       using table_t = scalar_t;
@@ -160,7 +158,7 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
           with_grad(table_t{});
         }
       };
-      dispatch_table_optimizer<acc_t>(args.optimizer, mom_bf16, run);
+      dispatch_table_optimizer<acc_t>(args, run);
     });
   }
   increment_kernel<<<1, 1, 0, stream>>>(step.data_ptr<int64_t>());
