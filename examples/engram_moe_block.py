@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_engram as te
-from torch_engram.corpus import default_tokenizer, encode_documents, load_documents
-from torch_engram.models.moe import MoE
+from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents
+from torch_engram.experiment.models.moe import MoE
 from torch_engram.optim import make_optimizers
 
 

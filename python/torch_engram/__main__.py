@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import PRESETS, EngramConfig, NgramHasher, build_compression
-from .corpus import default_tokenizer, encode_documents, load_documents
+from .experiment.corpus import default_tokenizer, encode_documents, load_documents
 
 
 def main(argv=None) -> None:

@@ -5,15 +5,15 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from torch_engram.allocation import (
+from torch_engram.config import EngramConfig
+from torch_engram.experiment.allocation import (
     allocate,
     count_model_params,
     count_params,
     engram_dense_params,
     engram_rows_per_layer,
 )
-from torch_engram.config import EngramConfig
-from torch_engram.models import ModelConfig, TransformerLM
+from torch_engram.experiment.models import ModelConfig, TransformerLM
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 

@@ -6,8 +6,8 @@ import gzip
 import pytest
 import torch
 
-from torch_engram import corpus
-from torch_engram.corpus import (
+from torch_engram.experiment import corpus
+from torch_engram.experiment.corpus import (
     EOS_ID,
     PAD_ID,
     SPECIAL_TOKENS,
@@ -23,16 +23,6 @@ from torch_engram.corpus import (
 
 def needs(source):
     return pytest.mark.skipif(source not in corpus.available_sources(), reason=f"{source} is not installed")
-
-
-@pytest.fixture(scope="module")
-def small_docs():
-    return load_documents(["pydoc_topics"])
-
-
-@pytest.fixture(scope="module")
-def small_bpe(small_docs):
-    return train_bpe_tokenizer(small_docs, vocab_size=1024)
 
 
 # Sources -------------------------------------------------------------------------------------------

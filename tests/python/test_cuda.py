@@ -6,6 +6,7 @@ Every test is collected everywhere and skips with a reason when no GPU is visibl
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,18 +17,8 @@ import pytest
 import torch
 
 import torch_engram as te
+from conftest import CUDA_TOL, assert_close, conv_inputs, gate, gate_inputs, kv_of
 from torch_engram import reference
-
-
-def kv_of(k, v):
-    """The fused K/V layout [..., (M + 1) * D] the gate op reads (keys, then the value)."""
-    return te.ops.gate_kv(k, v)
-
-
-def gate(x, k, v, w, eps):
-    """engram_gate on separate keys and value (differentiable in each through the concatenation)."""
-    return te.ops.engram_gate(x, kv_of(k, v), w, eps)
-
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
@@ -38,29 +29,6 @@ INDEX_DTYPES = [torch.int64, torch.int32]
 # The sums themselves are fp32; half/bfloat16 add one rounding of the output.
 ATOMIC_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def deterministic():
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
-
-
-@pytest.fixture
-def nondeterministic(monkeypatch):
-    """The atomic dense backward: requested with ENGRAM_GATHER_BACKWARD=atomic, outside
-    deterministic mode (the sorted path is the default)."""
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    monkeypatch.setenv("ENGRAM_GATHER_BACKWARD", "atomic")
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
 
 
 def test_dense_backward_is_sorted_by_default():
@@ -427,39 +395,7 @@ def test_compile_fullgraph_cuda(dynamic):
 
 # --- gate and short conv ----------------------------------------------------------------------
 
-# (atol relative to the largest reference magnitude, rtol) of CUDA against a float64 reference
-# on the same rounded inputs; CUDA reduces over D in another order than the CPU op.
-FLOAT_TOL = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (4e-6, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def close(actual, expected, dtype, loosen=1.0):
-    atol, rtol = (loosen * t for t in FLOAT_TOL[dtype])
-    expected = expected.double().cpu()
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double().cpu(), expected, atol=atol * scale, rtol=rtol)
-
-
-def gate_inputs(lead, M, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, k = (torch.randn(*lead, M, D, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(*lead, D, generator=g, dtype=torch.float64)
-    w = 1 + 0.5 * torch.randn(M, D, generator=g, dtype=torch.float64)
-    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return [x.to(dtype), k.to(dtype), v.to(dtype), w.to(w_dtype)]
-
-
-def conv_inputs(B, T, M, D, K, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, T, M, D, generator=g, dtype=torch.float64)
-    nw = 1 + 0.3 * torch.randn(M, D, generator=g, dtype=torch.float64)
-    cw = 0.5 * torch.randn(M * D, K, generator=g, dtype=torch.float64)
-    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return [u.to(dtype), nw.to(w_dtype), cw.to(w_dtype)]
+close = functools.partial(assert_close, tol=CUDA_TOL)
 
 
 def grads_of(fn, inputs, grad, device):

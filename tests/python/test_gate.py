@@ -7,47 +7,9 @@ import pytest
 import torch
 
 import torch_engram  # noqa: F401
-from conftest import DEVICES
+from conftest import DEVICES, assert_close, gate, gate_inputs, kv_of
 from torch_engram import ops
 from torch_engram import reference as ref
-
-
-def kv_of(k, v):
-    """The fused K/V layout [..., (M + 1) * D] the gate op reads (keys, then the value)."""
-    return ops.gate_kv(k, v)
-
-
-def gate(x, k, v, w, eps):
-    """engram_gate on separate keys and value (differentiable in each through the concatenation)."""
-    return ops.engram_gate(x, kv_of(k, v), w, eps)
-
-
-# (atol, rtol) of the op against the float64 reference on the same (rounded) inputs; atol is
-# relative to the largest reference magnitude.
-TOL = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (2e-6, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def make_inputs(lead, M, D, dtype, device="cpu", seed=0, w_dtype=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, M, D, generator=g, dtype=torch.float64)
-    k = torch.randn(*lead, M, D, generator=g, dtype=torch.float64)
-    v = torch.randn(*lead, D, generator=g, dtype=torch.float64)
-    w = 1 + 0.5 * torch.randn(M, D, generator=g, dtype=torch.float64)
-    if w_dtype is None:
-        w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return (x.to(device, dtype), k.to(device, dtype), v.to(device, dtype), w.to(device, w_dtype))
-
-
-def assert_close(actual, expected, dtype, loosen=1.0):
-    atol, rtol = (loosen * t for t in TOL[dtype])
-    expected = expected.double()
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol)
 
 
 def ref64(x, k, v, w, eps):
@@ -59,7 +21,7 @@ def ref64(x, k, v, w, eps):
 @pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("lead", [(2, 7), (5,), ()])
 def test_values_match_reference(device, dtype, M, lead):
-    x, k, v, w = make_inputs(lead, M, 40, dtype, device)
+    x, k, v, w = gate_inputs(lead, M, 40, dtype, device)
     out = gate(x, k, v, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
@@ -67,7 +29,7 @@ def test_values_match_reference(device, dtype, M, lead):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_statistics(device):
-    x, k, v, w = make_inputs((3, 5), 4, 24, torch.float32, device)
+    x, k, v, w = gate_inputs((3, 5), 4, 24, torch.float32, device)
     _out, alpha, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-5)
     xd, kd, wd = x.double(), k.double(), w.double()
     rx = torch.rsqrt(xd.pow(2).mean(-1) + 1e-5)
@@ -88,7 +50,7 @@ def test_saved_statistics(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("M", [1, 4])
 def test_gradients_match_reference(device, dtype, M):
-    x, k, v, w = make_inputs((3, 6), M, 33, dtype, device, seed=1)
+    x, k, v, w = gate_inputs((3, 6), M, 33, dtype, device, seed=1)
     grad = torch.randn(3, 6, M, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grad = grad.to(device, dtype)
     inputs = [t.detach().requires_grad_() for t in (x, k, v, w)]
@@ -104,7 +66,7 @@ def test_gradients_match_reference(device, dtype, M):
 @pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("lead", [(2, 3), ()])
 def test_gradcheck(M, lead):
-    x, k, v, w = make_inputs(lead, M, 12, torch.float64, seed=3)
+    x, k, v, w = gate_inputs(lead, M, 12, torch.float64, seed=3)
     inputs = [t.requires_grad_() for t in (x, k, v, w)]
     assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-6), inputs)
 
@@ -128,7 +90,7 @@ def _place_scores(x, k, w, targets):
 def test_gradcheck_near_signed_sqrt_clamp():
     # Branches inside the clamp (|s| < 1e-6: constant alpha, zero gradient through s), just
     # above it (steep slope 0.5/sqrt|s|), and ordinary ones.
-    x, k, v, w = make_inputs((3,), 4, 10, torch.float64, seed=4)
+    x, k, v, w = gate_inputs((3,), 4, 10, torch.float64, seed=4)
     targets = torch.tensor(
         [[4e-7, -4e-7, 3e-6, -3e-6], [2e-7, 0.3, -2e-6, 5e-7], [-0.7, -5e-7, 2e-6, 1.2]], dtype=torch.float64
     )
@@ -161,7 +123,7 @@ def test_matches_official_demo_formulation(dtype, M):
     with torch.no_grad():
         for norm in [*demo.norm1, *demo.norm2]:
             norm.weight.copy_(1 + 0.3 * torch.randn(D, dtype=dtype))
-    x, k, v, _ = make_inputs((2, 5), M, D, dtype, seed=6)
+    x, k, v, _ = gate_inputs((2, 5), M, D, dtype, seed=6)
     inputs = [t.requires_grad_() for t in (x, k, v)]
     want = demo(*inputs)
     weight = demo.folded_weight().requires_grad_()
@@ -191,7 +153,7 @@ def test_matches_official_demo_formulation(dtype, M):
     "dtype, w_dtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
 )
 def test_weight_in_float32_or_input_dtype(dtype, w_dtype):
-    x, k, v, w = make_inputs((4,), 2, 16, dtype, w_dtype=w_dtype)
+    x, k, v, w = gate_inputs((4,), 2, 16, dtype, w_dtype=w_dtype)
     w.requires_grad_()
     out = gate(x, k, v, w, 1e-6)
     assert_close(out, ref64(x, k, v, w, 1e-6), dtype)
@@ -200,7 +162,7 @@ def test_weight_in_float32_or_input_dtype(dtype, w_dtype):
 
 
 def test_weight_gradient_is_deterministic():
-    x, k, v, w = make_inputs((300,), 4, 64, torch.float32, seed=7)
+    x, k, v, w = gate_inputs((300,), 4, 64, torch.float32, seed=7)
     w.requires_grad_()
     threads = torch.get_num_threads()
     grads = []
@@ -217,20 +179,20 @@ def test_weight_gradient_is_deterministic():
 
 
 def test_empty_batch_and_inference_mode():
-    x, k, v, w = make_inputs((0, 3), 4, 8, torch.float32)
+    x, k, v, w = gate_inputs((0, 3), 4, 8, torch.float32)
     inputs = [t.requires_grad_() for t in (x, k, v, w)]
     out = gate(*inputs, 1e-6)
     assert out.shape == (0, 3, 4, 8)
     grads = torch.autograd.grad(out.sum(), inputs)
     assert grads[3].shape == (4, 8) and bool((grads[3] == 0).all())
-    x, k, v, w = make_inputs((2,), 4, 8, torch.float32)
+    x, k, v, w = gate_inputs((2,), 4, 8, torch.float32)
     with torch.inference_mode():
         out = gate(x, k, v, w, 1e-6)
     assert_close(out, ref64(x, k, v, w, 1e-6), torch.float32)
 
 
 def test_opcheck_public_and_internal():
-    x, k, v, w = make_inputs((2, 3), 4, 16, torch.float32, seed=8)
+    x, k, v, w = gate_inputs((2, 3), 4, 16, torch.float32, seed=8)
     grad_inputs = [t.clone().requires_grad_() for t in (x, k, v, w)]
     kv = kv_of(k, v).requires_grad_()
     torch.library.opcheck(torch.ops.engram.engram_gate.default, (grad_inputs[0], kv, grad_inputs[3], 1e-6))
@@ -243,7 +205,7 @@ def test_opcheck_public_and_internal():
 
 
 def test_torch_compile_matches_eager():
-    x, k, v, w = make_inputs((2, 5), 4, 16, torch.float32, seed=9)
+    x, k, v, w = gate_inputs((2, 5), 4, 16, torch.float32, seed=9)
 
     def f(x, k, v, w):
         return (gate(x, k, v, w, 1e-6) * 2).sum(-1)
@@ -259,7 +221,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_torch_compile_inductor_fullgraph():
-    x, k, v, w = make_inputs((3,), 2, 8, torch.float32, seed=10)
+    x, k, v, w = gate_inputs((3,), 2, 8, torch.float32, seed=10)
 
     def f(x, k, v, w):
         return gate(x.sin(), k, v, w, 1e-6) + 1
@@ -275,7 +237,7 @@ def test_torch_compile_inductor_fullgraph():
 
 def test_non_contiguous_and_broadcast_inputs():
     # The demo feeds one hidden stream expanded over the M branches (stride 0).
-    base, k, v, w = make_inputs((2, 5), 1, 16, torch.float64, seed=11)
+    base, k, v, w = gate_inputs((2, 5), 1, 16, torch.float64, seed=11)
     k = torch.randn(16, 4, 5, 2, dtype=torch.float64).permute(3, 2, 1, 0)  # [2, 5, 4, 16], non-contiguous
     w = w.expand(4, 16).clone()
     hidden = base.expand(2, 5, 4, 16).requires_grad_()
@@ -306,7 +268,7 @@ def test_non_contiguous_and_broadcast_inputs():
     ],
 )
 def test_bad_inputs_name_the_argument(change, match):
-    x, k, v, w = make_inputs((2, 3), 4, 8, torch.float32)
+    x, k, v, w = gate_inputs((2, 3), 4, 8, torch.float32)
     args = change(x, kv_of(k, v), w)
     with pytest.raises(RuntimeError, match=match):
         ops.engram_gate(*args, 1e-6)
@@ -315,11 +277,11 @@ def test_bad_inputs_name_the_argument(change, match):
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
 def test_bad_eps(eps):
     with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
-        gate(*make_inputs((2,), 1, 8, torch.float32), eps)
+        gate(*gate_inputs((2,), 1, 8, torch.float32), eps)
 
 
 def test_backward_rejects_mismatched_statistics():
-    x, k, v, w = make_inputs((2, 3), 4, 8, torch.float32)
+    x, k, v, w = gate_inputs((2, 3), 4, 8, torch.float32)
     out, alpha, r_x, r_k, raw = torch.ops.engram._engram_gate_forward(x, kv_of(k, v), w, 1e-6)
     with pytest.raises(RuntimeError, match=r"r_k must be \[\.\.\., M\]"):
         torch.ops.engram._engram_gate_backward(out, x, kv_of(k, v), w, alpha, r_x, r_k[:1], raw)
@@ -334,7 +296,7 @@ def test_backward_rejects_mismatched_statistics():
 def test_nan_and_inf_propagate_as_in_the_official_formulation(device, case):
     # A bad token must not come out finite: the official code (and the reference) give NaN for it,
     # and the gradients then are NaN too; the other tokens are untouched.
-    x, k, v, w = make_inputs((3,), 2, 8, torch.float64, device, seed=11)
+    x, k, v, w = gate_inputs((3,), 2, 8, torch.float64, device, seed=11)
     eps = 0.0 if case == "zero_row_eps0" else 1e-6
     if case == "nan":
         x[1, 0, 3] = float("nan")

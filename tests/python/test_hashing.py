@@ -127,16 +127,6 @@ def test_matches_numpy_official(name, T, device):
     assert torch.equal(hasher(ids.to(device).int(), out_dtype=torch.int64).cpu(), torch.from_numpy(expected))
 
 
-@pytest.fixture(params=["portable", "avx512"])
-def cpu_kernel(request, monkeypatch):
-    """One CPU ngram_hash kernel, forced through ENGRAM_NGRAM_HASH_ISA (a cap, read at each call);
-    kernels this CPU lacks are skipped."""
-    monkeypatch.setenv("ENGRAM_NGRAM_HASH_ISA", request.param)
-    if te._C.ngram_hash_isa() != request.param:
-        pytest.skip(f"this CPU has no {request.param} ngram_hash kernel")
-    return request.param
-
-
 def assert_simd_eligible(hasher):
     """The AVX-512 kernel, and dmod in the portable one, take tables whose primes lie in [2^14, 2^31)
     (and, for AVX-512, whose heads per order are a multiple of 8); other tables silently use the

@@ -1,12 +1,11 @@
 """No leaks: 1,000 training steps of the Engram layer in each table gradient mode keep the
 process's resident memory flat once the first steps have allocated what they need."""
 
-import os
-
 import pytest
 import torch
 
 import torch_engram as te
+from conftest import HAS_PROC, rss_mib
 from torch_engram import optim
 
 # Bound on RSS growth between step 200 and step 1,000. A leak of one table gradient per step
@@ -14,12 +13,7 @@ from torch_engram import optim
 BOUND_MIB = 8.0
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 @pytest.mark.parametrize("grad", ["fused", "sparse", "dense"])
 def test_rss_stays_flat_over_1000_steps(grad):
     cfg = te.EngramConfig(

@@ -4,17 +4,10 @@ import pytest
 import torch
 
 from torch_engram.config import EngramConfig
-from torch_engram.models import ModelConfig, MoE, TransformerLM, default_engram_layers
+from torch_engram.experiment.models import ModelConfig, MoE, TransformerLM, default_engram_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 V = 50
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config(**changes):

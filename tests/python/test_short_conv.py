@@ -6,34 +6,9 @@ import pytest
 import torch
 
 import torch_engram  # noqa: F401
-from conftest import DEVICES
+from conftest import DEVICES, assert_close, conv_inputs
 from torch_engram import ops
 from torch_engram import reference as ref
-
-# (atol, rtol) against the float64 reference on the same (rounded) inputs; atol is relative to
-# the largest reference magnitude.
-TOL = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (2e-6, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def make_inputs(B, T, M, D, K, dtype, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, T, M, D, generator=g, dtype=torch.float64)
-    nw = 1 + 0.3 * torch.randn(M, D, generator=g, dtype=torch.float64)
-    cw = 0.5 * torch.randn(M * D, K, generator=g, dtype=torch.float64)
-    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return u.to(device, dtype), nw.to(device, w_dtype), cw.to(device, w_dtype)
-
-
-def assert_close(actual, expected, dtype, loosen=1.0):
-    atol, rtol = (loosen * t for t in TOL[dtype])
-    expected = expected.double()
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, atol=atol * scale, rtol=rtol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,7 +16,7 @@ def assert_close(actual, expected, dtype, loosen=1.0):
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize("T", [1, 4, 13])  # 4: shorter than the receptive field for K >= 3
 def test_values_match_reference_float64(device, K, dilation, T):
-    u, nw, cw = make_inputs(2, T, 3, 8, K, torch.float64, device)
+    u, nw, cw = conv_inputs(2, T, 3, 8, K, torch.float64, device)
     for activation in (True, False):
         out = ops.short_conv(u, nw, cw, dilation, 1e-5, activation)
         assert_close(out, ref.short_conv(u, nw, cw, dilation, 1e-5, activation), torch.float64)
@@ -51,7 +26,7 @@ def test_values_match_reference_float64(device, K, dilation, T):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 4])
 def test_values_match_reference(device, dtype, M):
-    u, nw, cw = make_inputs(2, 11, M, 24, 4, dtype, device, seed=1)
+    u, nw, cw = conv_inputs(2, 11, M, 24, 4, dtype, device, seed=1)
     out = ops.short_conv(u, nw, cw, 3, 1e-5)
     assert out.dtype == dtype and out.shape == u.shape
     assert_close(out, ref.short_conv(u.double(), nw.double(), cw.double(), 3, 1e-5), dtype)
@@ -63,7 +38,7 @@ def test_values_match_reference(device, dtype, M):
 
 def test_causality():
     # Changing position t must leave every output before t unchanged.
-    u, nw, cw = make_inputs(1, 12, 2, 8, 4, torch.float64, seed=2)
+    u, nw, cw = conv_inputs(1, 12, 2, 8, 4, torch.float64, seed=2)
     base = ops.short_conv(u, nw, cw, 3, 1e-5)
     u2 = u.clone()
     u2[:, 7] += 1.0
@@ -80,7 +55,7 @@ def test_causality():
 @pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("activation", [True, False])
 def test_gradients_match_reference(device, dtype, M, activation):
-    u, nw, cw = make_inputs(2, 10, M, 16, 4, dtype, device, seed=3)
+    u, nw, cw = conv_inputs(2, 10, M, 16, 4, dtype, device, seed=3)
     grad = torch.randn(2, 10, M, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grad = grad.to(device, dtype)
     inputs = [t.clone().requires_grad_() for t in (u, nw, cw)]
@@ -103,7 +78,7 @@ def test_gradients_match_reference(device, dtype, M, activation):
     ],
 )
 def test_gradcheck(B, T, M, K, dilation, activation):
-    u, nw, cw = make_inputs(B, T, M, 5, K, torch.float64, seed=5)
+    u, nw, cw = conv_inputs(B, T, M, 5, K, torch.float64, seed=5)
     inputs = [t.requires_grad_() for t in (u, nw, cw)]
     assert torch.autograd.gradcheck(lambda *a: ops.short_conv(*a, dilation, 1e-5, activation), inputs)
 
@@ -136,7 +111,7 @@ def test_matches_official_demo_shortconv(dtype, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weights_in_input_dtype(dtype):
     # A model cast with .to(dtype) holds its conv weights in that dtype.
-    u, nw, cw = make_inputs(2, 9, 4, 16, 4, dtype, seed=12)
+    u, nw, cw = conv_inputs(2, 9, 4, 16, 4, dtype, seed=12)
     nw, cw = nw.to(dtype).requires_grad_(), cw.to(dtype).requires_grad_()
     out = ops.short_conv(u, nw, cw, 3, 1e-5)
     assert_close(out, ref.short_conv(u.double(), nw.double(), cw.double(), 3, 1e-5), dtype)
@@ -146,12 +121,12 @@ def test_weights_in_input_dtype(dtype):
 
 def test_zero_conv_weight_is_identity():
     # The official init (conv weight zero) makes the block the identity.
-    u, nw, cw = make_inputs(2, 6, 4, 8, 4, torch.float32)
+    u, nw, cw = conv_inputs(2, 6, 4, 8, 4, torch.float32)
     assert torch.equal(ops.short_conv(u, nw, torch.zeros_like(cw), 3, 1e-5), u)
 
 
 def test_weight_gradients_are_deterministic():
-    u, nw, cw = make_inputs(3, 100, 4, 32, 4, torch.float32, seed=7)
+    u, nw, cw = conv_inputs(3, 100, 4, 32, 4, torch.float32, seed=7)
     nw.requires_grad_()
     cw.requires_grad_()
     threads = torch.get_num_threads()
@@ -168,20 +143,20 @@ def test_weight_gradients_are_deterministic():
 
 
 def test_empty_batch_and_inference_mode():
-    u, nw, cw = make_inputs(0, 5, 4, 8, 4, torch.float32)
+    u, nw, cw = conv_inputs(0, 5, 4, 8, 4, torch.float32)
     inputs = [t.requires_grad_() for t in (u, nw, cw)]
     out = ops.short_conv(*inputs, 3, 1e-5)
     assert out.shape == (0, 5, 4, 8)
     grads = torch.autograd.grad(out.sum(), inputs)
     assert bool((grads[1] == 0).all()) and bool((grads[2] == 0).all())
-    u, nw, cw = make_inputs(2, 5, 4, 8, 4, torch.float32)
+    u, nw, cw = conv_inputs(2, 5, 4, 8, 4, torch.float32)
     with torch.inference_mode():
         out = ops.short_conv(u, nw, cw, 3, 1e-5)
     assert_close(out, ref.short_conv(u.double(), nw.double(), cw.double(), 3, 1e-5), torch.float32)
 
 
 def test_opcheck_public_and_internal():
-    u, nw, cw = make_inputs(2, 7, 4, 8, 4, torch.float32, seed=8)
+    u, nw, cw = conv_inputs(2, 7, 4, 8, 4, torch.float32, seed=8)
     grad_inputs = [t.clone().requires_grad_() for t in (u, nw, cw)]
     torch.library.opcheck(torch.ops.engram.short_conv.default, (*grad_inputs, 3, 1e-5, True))
     torch.library.opcheck(torch.ops.engram.short_conv.default, (u, nw, cw, 2, 1e-5, False))
@@ -194,7 +169,7 @@ def test_opcheck_public_and_internal():
 
 
 def test_torch_compile_matches_eager():
-    u, nw, cw = make_inputs(2, 9, 4, 8, 4, torch.float32, seed=9)
+    u, nw, cw = conv_inputs(2, 9, 4, 8, 4, torch.float32, seed=9)
 
     def f(u, nw, cw):
         return ops.short_conv(u * 2, nw, cw, 3, 1e-5).sum(-1)
@@ -210,7 +185,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_torch_compile_inductor_fullgraph():
-    u, nw, cw = make_inputs(1, 5, 2, 8, 3, torch.float32, seed=10)
+    u, nw, cw = conv_inputs(1, 5, 2, 8, 3, torch.float32, seed=10)
 
     def f(u, nw, cw):
         return ops.short_conv(u.sin(), nw, cw, 2, 1e-5) + 1
@@ -225,7 +200,7 @@ def test_torch_compile_inductor_fullgraph():
 
 
 def test_non_contiguous_input():
-    u, nw, cw = make_inputs(3, 7, 2, 8, 4, torch.float64, seed=11)
+    u, nw, cw = conv_inputs(3, 7, 2, 8, 4, torch.float64, seed=11)
     u = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [3, 7, 2, 8], strides permuted
     assert not u.is_contiguous()
     inputs = [u, nw.requires_grad_(), cw.t().contiguous().t().requires_grad_()]
@@ -255,7 +230,7 @@ def test_non_contiguous_input():
     ],
 )
 def test_bad_inputs_name_the_argument(change, match):
-    args = change(*make_inputs(2, 5, 4, 8, 4, torch.float32), 3)
+    args = change(*conv_inputs(2, 5, 4, 8, 4, torch.float32), 3)
     with pytest.raises(RuntimeError, match=match):
         ops.short_conv(*args, 1e-5)
 
@@ -263,11 +238,11 @@ def test_bad_inputs_name_the_argument(change, match):
 @pytest.mark.parametrize("eps", [-1e-5, float("nan")])
 def test_bad_eps(eps):
     with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
-        ops.short_conv(*make_inputs(1, 3, 1, 8, 4, torch.float32), 1, eps)
+        ops.short_conv(*conv_inputs(1, 3, 1, 8, 4, torch.float32), 1, eps)
 
 
 def test_backward_rejects_mismatched_rstd():
-    u, nw, cw = make_inputs(2, 5, 4, 8, 4, torch.float32)
+    u, nw, cw = conv_inputs(2, 5, 4, 8, 4, torch.float32)
     out, rstd = torch.ops.engram._short_conv_forward(u, nw, cw, 3, 1e-5)
     with pytest.raises(RuntimeError, match="rstd must be \\[B, T, M\\]"):
         torch.ops.engram._short_conv_backward(out, u, nw, cw, rstd[:, :2], 3, True)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_engram.allocation import count_params
-from torch_engram.models import ModelConfig, TransformerLM
-from torch_engram.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
-from torch_engram.sweep import (
+from torch_engram.experiment.allocation import count_params
+from torch_engram.experiment.models import ModelConfig, TransformerLM
+from torch_engram.experiment.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
+from torch_engram.experiment.sweep import (
     CSV_COLUMNS,
     PRESETS,
     SweepData,
@@ -22,16 +22,8 @@ from torch_engram.sweep import (
     run_sweep,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 V = 96
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_preset(**changes):
@@ -215,8 +207,8 @@ def test_evaluate_covers_every_position():
 
 
 def _engram_model(table_grad="fused", table_optimizer="adam"):
-    from torch_engram.allocation import allocate
-    from torch_engram.sweep import base_configs
+    from torch_engram.experiment.allocation import allocate
+    from torch_engram.experiment.sweep import base_configs
 
     data = synthetic_data()
     base, template = base_configs(tiny_preset(), data)
@@ -247,7 +239,7 @@ def test_optimizer_groups_follow_the_recipe(table_optimizer):
 
 
 def test_fused_sparse_and_dense_tables_train_alike():
-    from torch_engram.models.training import train
+    from torch_engram.experiment.models.training import train
 
     tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1)
     results = []

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torch_engram as te
-from conftest import DEVICES
+from conftest import DEVICES, HAS_PROC, rss_mib
 from torch_engram import optim
 from torch_engram import reference as ref
 from torch_engram.table import OPTIMIZERS, EngramTable, state_bytes_per_row
@@ -433,21 +433,16 @@ def test_errors():
     assert int(sparse.step_count) == 1 and not sparse._pending_rows
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_on_touch_state_takes_no_memory_until_rows_are_updated():
     # 2M x 64 float32: the weight (488 MiB) is written by its init, the Adam state (977 MiB) must
     # not be: a fresh table's state is zero without touching a page.
-    before = _rss_mib()
+    before = rss_mib()
     t = EngramTable(2_000_000, 64, optimizer="adam")
-    grown = _rss_mib() - before
+    grown = rss_mib() - before
     assert grown < 488 + 120, grown
     t(torch.randint(0, 2_000_000, (64, 4))).sum().backward()  # 256 rows: a few pages of state
-    assert _rss_mib() - before < 488 + 130
+    assert rss_mib() - before < 488 + 130
     t.reset_parameters()  # after updates the state is reset (and written) again
     assert int(t.step_count) == 0 and float(t.momentum1.abs().max()) == 0.0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torch_engram import EngramConfig, NgramHasher
-from torch_engram.corpus import SPECIAL_TOKENS, load_documents, train_bpe_tokenizer
+from torch_engram.experiment.corpus import SPECIAL_TOKENS
 from torch_engram.tokenizer import Compression, build_compression, compress, engram_normalizer
 
 
@@ -29,16 +29,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_SYMBOL = bytes_to_unicode()
 SYMBOL_BYTE = {s: b for b, s in BYTE_SYMBOL.items()}
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return train_bpe_tokenizer(load_documents(["pydoc_topics"]), vocab_size=2048)
-
-
-@pytest.fixture(scope="module")
-def comp(bpe):
-    return build_compression(bpe)
 
 
 def texts_of(tok):

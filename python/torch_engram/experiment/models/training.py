@@ -50,7 +50,7 @@ class TrainConfig:
 def make_optimizers(model, tc: TrainConfig) -> list[torch.optim.Optimizer]:
     """[AdamW of the rest] or [AdamW, TableOptimizer] through torch_engram.optim.make_optimizers;
     every group remembers its peak LR. AdamW decays matrices (dim >= 2) only."""
-    from ..optim import make_optimizers as engram_optimizers
+    from ...optim import make_optimizers as engram_optimizers
 
     def adamw(groups: list[dict]) -> torch.optim.Optimizer:
         params = groups[0]["params"]

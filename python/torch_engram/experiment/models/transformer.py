@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hashing import NgramHasher
+from ...hashing import NgramHasher
 from .config import ModelConfig
 from .moe import MoE, SwiGLU
 
@@ -82,7 +82,7 @@ class LMOutput:
 def _default_engram_factory(
     cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str, table_optimizer: str = "partial_rowwise_adam"
 ) -> nn.Module:
-    from ..modules import Engram
+    from ...modules import Engram
 
     return Engram(
         cfg,

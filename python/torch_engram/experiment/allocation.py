@@ -28,8 +28,8 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from .config import EngramConfig
-from .hashing import TableLayout
+from ..config import EngramConfig
+from ..hashing import TableLayout
 from .models.config import ModelConfig
 
 

@@ -1,8 +1,8 @@
 """The rho allocation sweep (docs/SPEC.md section 8) at small scale: one model per rho with the same
 P_tot and P_act, data, token budget, hyperparameters and seeds; held-out loss and bits per byte.
 
-    python -m torch_engram.sweep --preset quick            # CPU, minutes
-    python -m torch_engram.sweep --preset full --device cuda
+    python -m torch_engram.experiment.sweep --preset quick            # CPU, minutes
+    python -m torch_engram.experiment.sweep --preset full --device cuda
 
 Writes results.csv, results.json and sweep.png (validation loss vs rho) to --out.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import EngramConfig
 from .allocation import Allocation, allocate, count_params
-from .config import EngramConfig
 from .models.config import ModelConfig, default_engram_layers
 from .models.training import TrainConfig, evaluate, train
 from .models.transformer import TransformerLM
@@ -145,8 +145,8 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
     """Documents (the built-in offline corpus, or --text-files) -> split by whole documents ->
     tokenizer (a byte-level BPE trained on the training split, unless given) -> compression LUT ->
     token streams. The validation stream is cut to preset.max_val_tokens whole documents."""
+    from ..tokenizer import build_compression
     from . import corpus
-    from .tokenizer import build_compression
 
     if text_files:
         docs = corpus.load_text_files(text_files, max_bytes=preset.max_bytes)
@@ -437,7 +437,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m torch_engram.sweep",
+        prog="python -m torch_engram.experiment.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -591,7 +591,7 @@ def main(argv=None) -> dict:
     result |= {
         "data_s": round(data_s, 1),
         "total_wall_s": round(time.perf_counter() - t0, 1),
-        "command": " ".join(["python -m torch_engram.sweep", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m torch_engram.experiment.sweep", *(argv if argv is not None else sys.argv[1:])]),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     print(

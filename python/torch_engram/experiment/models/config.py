@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ..config import EngramConfig
+from ...config import EngramConfig
 
 ROUTINGS = ("softmax", "sigmoid")
 
