@@ -16,10 +16,6 @@
 namespace engram {
 namespace {
 
-struct ConvShape {
-  int64_t B, T, M, D, C, K, dilation;
-};
-
 // Uninitialised scratch of n acc_t values.
 template <typename acc_t>
 at::Tensor scratch_buffer(int64_t n) {
@@ -69,10 +65,14 @@ std::vector<acc_t> tap_norm_weights(const acc_t* norm_weight, const acc_t* weigh
 }
 
 template <typename scalar_t, typename acc_t>
-void short_conv_forward_kernel(const scalar_t* u, const acc_t* norm_weight, const acc_t* weight_t, const ConvShape& s,
-                               acc_t eps, bool activation, scalar_t* out, acc_t* rstd) {
-  compute_rstd(u, s, eps, rstd);
-  const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
+void short_conv_forward_kernel(const ConvForwardParams<scalar_t, acc_t>& p) {
+  const ConvShape& s = p.shape;
+  const scalar_t* u = p.u;
+  const acc_t* rstd = p.rstd;
+  scalar_t* out = p.out;
+  const bool activation = p.activation;
+  compute_rstd(u, s, p.eps, p.rstd);
+  const auto tap_norm = tap_norm_weights(p.norm_weight, p.weight_t, s);
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / s.C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(4 * s.C);
     acc_t* pre = scratch.data();
@@ -94,9 +94,15 @@ void short_conv_forward_kernel(const scalar_t* u, const acc_t* norm_weight, cons
 }
 
 template <typename scalar_t, typename acc_t>
-void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, const acc_t* norm_weight,
-                                const acc_t* weight_t, const acc_t* rstd, const ConvShape& s, bool activation,
-                                scalar_t* grad_u, acc_t* grad_norm_weight, acc_t* grad_weight_t) {
+void short_conv_backward_kernel(const ConvBackwardParams<scalar_t, acc_t>& p) {
+  const ConvShape& s = p.shape;
+  const scalar_t* grad_out = p.grad_out;
+  const scalar_t* u = p.u;
+  const acc_t* norm_weight = p.norm_weight;
+  const acc_t* weight_t = p.weight_t;
+  const acc_t* rstd = p.rstd;
+  const bool activation = p.activation;
+  scalar_t* grad_u = p.grad_u;
   const int64_t tokens = s.B * s.T, C = s.C, D = s.D;
   const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
   // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed. Stored:
@@ -178,36 +184,22 @@ void short_conv_backward_kernel(const scalar_t* grad_out, const scalar_t* u, con
   });
   std::vector<acc_t> total(part);
   cpu::reduce_chunks(partials.data(), chunking.count, part, total.data());
-  std::copy(total.begin(), total.begin() + C, grad_norm_weight);
+  std::copy(total.begin(), total.begin() + C, p.grad_norm_weight);
   for (int64_t i = 0; i < s.K; ++i) {
-    for (int64_t c = 0; c < C; ++c) grad_weight_t[i * C + c] = total[C + i * C + c] * norm_weight[c];
+    for (int64_t c = 0; c < C; ++c) p.grad_weight_t[i * C + c] = total[C + i * C + c] * norm_weight[c];
   }
-}
-
-ConvShape conv_shape(const at::Tensor& u, const at::Tensor& conv_weight, int64_t dilation) {
-  return {u.size(0), u.size(1), u.size(2), u.size(3), u.size(2) * u.size(3), conv_weight.size(1), dilation};
 }
 
 std::tuple<at::Tensor, at::Tensor> short_conv_forward_cpu(const at::Tensor& u, const at::Tensor& norm_weight,
                                                           const at::Tensor& conv_weight, int64_t dilation, double eps,
                                                           bool activation) {
-  check_short_conv_args("short_conv_forward", u, norm_weight, conv_weight, dilation);
-  check_short_conv_eps("short_conv_forward", eps);
-  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto s = conv_shape(u, conv_weight, dilation);
-  auto x = u.contiguous();
-  auto nw = norm_weight.to(acc).contiguous();
-  auto wt = conv_weight.to(acc).t().contiguous();  // [K, C]: each tap's weights contiguous in c
-  auto out = at::empty(u.sizes(), x.options());
-  auto rstd = at::empty({s.B, s.T, s.M}, x.options().dtype(acc));
-  if (out.numel() == 0) return {out, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    short_conv_forward_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), nw.const_data_ptr<acc_t>(),
-                                               wt.const_data_ptr<acc_t>(), s, static_cast<acc_t>(eps), activation,
-                                               out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
-  });
-  return {out, rstd};
+  const auto a = prepare_short_conv_forward(u, norm_weight, conv_weight, dilation, eps, activation);
+  if (a.out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.u.scalar_type(), "short_conv_forward", [&] {
+      short_conv_forward_kernel(a.params<scalar_t, at::opmath_type<scalar_t>>());
+    });
+  }
+  return a.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& u,
@@ -215,27 +207,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cpu(const at:
                                                                        const at::Tensor& conv_weight,
                                                                        const at::Tensor& rstd, int64_t dilation,
                                                                        bool activation) {
-  check_short_conv_backward_args(grad_out, u, norm_weight, conv_weight, rstd, dilation);
-  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto s = conv_shape(u, conv_weight, dilation);
-  auto g = grad_out.contiguous();
-  auto x = u.contiguous();
-  auto nw = norm_weight.to(acc).contiguous();
-  auto wt = conv_weight.to(acc).t().contiguous();
-  auto r = rstd.contiguous();
-  auto grad_u = at::empty(u.sizes(), x.options());
-  auto grad_nw = at::zeros({s.M, s.D}, x.options().dtype(acc));
-  auto grad_wt = at::zeros({s.K, s.C}, x.options().dtype(acc));
-  if (u.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      short_conv_backward_kernel<scalar_t, acc_t>(
-          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nw.const_data_ptr<acc_t>(),
-          wt.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), s, activation, grad_u.mutable_data_ptr<scalar_t>(),
-          grad_nw.mutable_data_ptr<acc_t>(), grad_wt.mutable_data_ptr<acc_t>());
+  const auto a = prepare_short_conv_backward(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation);
+  if (a.u.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.u.scalar_type(), "short_conv_backward", [&] {
+      short_conv_backward_kernel(a.params<scalar_t, at::opmath_type<scalar_t>>());
     });
   }
-  return {grad_u, grad_nw.to(norm_weight.scalar_type()), grad_wt.t().contiguous().to(conv_weight.scalar_type())};
+  return a.outputs();
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "engram/gather_launch.h"
 
@@ -130,6 +131,38 @@ int row_vec(int64_t n, std::initializer_list<const void*> ptrs) {
     if (!aligned16(p)) return 1;
   }
   return V;
+}
+
+// Calls f(std::integral_constant<int, V>) with the widest vector (16 bytes, else 1 element) that
+// rows of n elements at the given pointers allow, so kernels compile for both widths.
+template <typename scalar_t, typename F>
+void with_vec(int64_t n, std::initializer_list<const void*> ptrs, const F& f) {
+  if (row_vec<scalar_t>(n, ptrs) > 1) {
+    f(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Threads per block of a kernel that gives one block a row of `vecs` vectors: a warp multiple,
+// at most 256.
+inline int row_threads(int64_t vecs) {
+  int t = 32;
+  while (t < 256 && t < vecs) t *= 2;
+  return t;
+}
+
+// out[j] = sum over chunks, in chunk order, of partials[chunk][j]: the fixed-order reduction of
+// per-block weight-gradient partials (no atomics, so bitwise reproducible run to run).
+template <typename acc_t>
+__global__ void reduce_chunks_kernel(const acc_t* __restrict__ partials, int64_t chunks, int64_t n,
+                                     acc_t* __restrict__ out) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t sum = acc_t(0);
+    for (int64_t c = 0; c < chunks; ++c) sum += partials[c * n + j];
+    out[j] = sum;
+  }
 }
 
 }  // namespace engram::cuda

@@ -28,14 +28,10 @@ namespace {
 using cuda::block_sum;
 using cuda::load_vec;
 using cuda::ptr;
+using cuda::reduce_chunks_kernel;
+using cuda::row_threads;
 using cuda::store_vec;
-
-// Threads per block for rows of `vecs` vectors: a warp multiple, at most 256.
-int row_threads(int64_t vecs) {
-  int t = 32;
-  while (t < 256 && t < vecs) t *= 2;
-  return t;
-}
+using cuda::with_vec;
 
 // Chunks of tokens of the weight-gradient sums: at most kGateChunks, sized from N alone.
 constexpr int64_t kGateChunks = 512;
@@ -50,17 +46,14 @@ GateChunks gate_chunks(int64_t N) {
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ kv,
-                                    const acc_t* __restrict__ w, int64_t rows, int M, int64_t D, acc_t eps,
-                                    acc_t inv_sqrt_d, scalar_t* __restrict__ out, acc_t* __restrict__ alpha,
-                                    acc_t* __restrict__ r_x, acc_t* __restrict__ r_k, acc_t* __restrict__ raw) {
+__global__ void gate_forward_kernel(const GateForwardParams<scalar_t, acc_t> p) {
   __shared__ acc_t scratch[32 * 3];
-  const int64_t vecs = D / V;
+  const int64_t M = p.M, D = p.D, S = (M + 1) * D, vecs = D / V, rows = p.N * M;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t n = row / M, m = row - n * M;
-    const scalar_t* xr = x + row * D;
-    const scalar_t* kr = kv + n * (M + 1) * D + m * D;  // the fused K/V row of token n, read in place
-    const acc_t* wr = w + m * D;
+    const scalar_t* __restrict__ xr = p.hidden + row * D;
+    const scalar_t* __restrict__ kr = p.kv + n * S + m * D;  // the fused K/V row of token n, read in place
+    const acc_t* __restrict__ wr = p.weight + m * D;
     acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // sum(x^2), sum(k^2), sum(x*w*k)
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
       acc_t xv[V], kv[V];
@@ -74,17 +67,17 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
       }
     }
     block_sum<acc_t, 3>(sums, scratch);
-    const acc_t rx = rms_reciprocal(sums[0], D, eps);
-    const acc_t rk = rms_reciprocal(sums[1], D, eps);
-    const acc_t a = gate_alpha(sums[2], rx, rk, inv_sqrt_d);
+    const acc_t rx = rms_reciprocal(sums[0], D, p.eps);
+    const acc_t rk = rms_reciprocal(sums[1], D, p.eps);
+    const acc_t a = gate_alpha(sums[2], rx, rk, p.inv_sqrt_d);
     if (threadIdx.x == 0) {
-      alpha[row] = a;
-      r_x[row] = rx;
-      r_k[row] = rk;
-      raw[row] = sums[2];
+      p.alpha[row] = a;
+      p.r_x[row] = rx;
+      p.r_k[row] = rk;
+      p.raw[row] = sums[2];
     }
-    const scalar_t* vr = kv + n * (M + 1) * D + M * D;
-    scalar_t* orow = out + row * D;
+    const scalar_t* __restrict__ vr = p.kv + n * S + M * D;
+    scalar_t* __restrict__ orow = p.out + row * D;
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
       acc_t vv[V];
       load_vec<acc_t, scalar_t, V>(vr + c * V, vv);
@@ -98,37 +91,31 @@ __global__ void gate_forward_kernel(const scalar_t* __restrict__ x, const scalar
 // Dynamic shared memory: grad_v accumulator [D], then (when it fits) the chunk's grad_w partial
 // [M, D]; otherwise the partial lives in global memory (still owned by this block alone).
 template <typename scalar_t, typename acc_t, int V>
-__global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                                     const scalar_t* __restrict__ kv, const acc_t* __restrict__ w,
-                                     const acc_t* __restrict__ alpha, const acc_t* __restrict__ r_x,
-                                     const acc_t* __restrict__ r_k, const acc_t* __restrict__ raw, int64_t N, int M,
-                                     int64_t D, int64_t chunk_size, acc_t inv_sqrt_d, bool partial_in_shared,
-                                     scalar_t* __restrict__ gx, scalar_t* __restrict__ gkv,
-                                     acc_t* __restrict__ partials) {
+__global__ void gate_backward_kernel(const GateBackwardParams<scalar_t, acc_t> p, const GateChunks chunks,
+                                     const bool partial_in_shared, acc_t* __restrict__ partials) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* gv_acc = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t scratch[32];
+  const int64_t M = p.M, D = p.D, S = (M + 1) * D, vecs = D / V;  // S: M keys, then the value
   const int64_t chunk = blockIdx.x;
   acc_t* gw = partial_in_shared ? gv_acc + D : partials + chunk * M * D;
-  const int64_t vecs = D / V;
   // Each thread owns the same columns of every row, so gv_acc and gw need no synchronisation.
   for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
-    for (int m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
 #pragma unroll
       for (int j = 0; j < V; ++j) gw[m * D + c * V + j] = acc_t(0);
     }
   }
-  const int64_t n_end = min(N, (chunk + 1) * chunk_size);
-  const int64_t S = (M + 1) * D;  // fused K/V row width: M keys, then the value
-  for (int64_t n = chunk * chunk_size; n < n_end; ++n) {
-    const scalar_t* vr = kv + n * S + M * D;
+  const int64_t n_end = min(p.N, (chunk + 1) * chunks.size);
+  for (int64_t n = chunk * chunks.size; n < n_end; ++n) {
+    const scalar_t* __restrict__ vr = p.kv + n * S + M * D;
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
 #pragma unroll
       for (int j = 0; j < V; ++j) gv_acc[c * V + j] = acc_t(0);
     }
-    for (int m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
       const int64_t row = n * M + m;
-      const scalar_t* gr = g + row * D;
+      const scalar_t* __restrict__ gr = p.grad_out + row * D;
       acc_t dot[1] = {acc_t(0)};
       for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
         acc_t gg[V], vv[V];
@@ -138,15 +125,15 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scala
         for (int j = 0; j < V; ++j) dot[0] += gg[j] * vv[j];
       }
       block_sum<acc_t, 1>(dot, scratch);
-      const acc_t a = alpha[row], rw = raw[row], rx = r_x[row], rk = r_k[row];
-      const acc_t coef = gate_backward_coef(dot[0], a, rw, rx, rk, inv_sqrt_d);
+      const acc_t a = p.alpha[row], rw = p.raw[row], rx = p.r_x[row], rk = p.r_k[row];
+      const acc_t coef = gate_backward_coef(dot[0], a, rw, rx, rk, p.inv_sqrt_d);
       const acc_t term_x = gate_norm_term(rw, rx, D), term_k = gate_norm_term(rw, rk, D);
-      const acc_t* wr = w + m * D;
+      const acc_t* __restrict__ wr = p.weight + m * D;
       for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
         acc_t gg[V], xv[V], kk[V], ox[V], ok[V];
         load_vec<acc_t, scalar_t, V>(gr + c * V, gg);
-        load_vec<acc_t, scalar_t, V>(x + row * D + c * V, xv);
-        load_vec<acc_t, scalar_t, V>(kv + n * S + m * D + c * V, kk);
+        load_vec<acc_t, scalar_t, V>(p.hidden + row * D + c * V, xv);
+        load_vec<acc_t, scalar_t, V>(p.kv + n * S + m * D + c * V, kk);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const int64_t d = c * V + j;
@@ -156,20 +143,20 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scala
           ox[j] = coef * (kk[j] * wd - xv[j] * term_x);
           ok[j] = coef * (xv[j] * wd - kk[j] * term_k);
         }
-        store_vec<acc_t, scalar_t, V>(gx + row * D + c * V, ox);
-        store_vec<acc_t, scalar_t, V>(gkv + n * S + m * D + c * V, ok);
+        store_vec<acc_t, scalar_t, V>(p.grad_hidden + row * D + c * V, ox);
+        store_vec<acc_t, scalar_t, V>(p.grad_kv + n * S + m * D + c * V, ok);
       }
     }
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
       acc_t out[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) out[j] = gv_acc[c * V + j];
-      store_vec<acc_t, scalar_t, V>(gkv + n * S + M * D + c * V, out);
+      store_vec<acc_t, scalar_t, V>(p.grad_kv + n * S + M * D + c * V, out);
     }
   }
   if (partial_in_shared) {
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
-      for (int m = 0; m < M; ++m) {
+      for (int64_t m = 0; m < M; ++m) {
 #pragma unroll
         for (int j = 0; j < V; ++j) partials[(chunk * M + m) * D + c * V + j] = gw[m * D + c * V + j];
       }
@@ -177,57 +164,23 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ g, const scala
   }
 }
 
-// out[j] = sum over chunks (in order) of partials[chunk][j].
-template <typename acc_t>
-__global__ void reduce_chunks_kernel(const acc_t* __restrict__ partials, int64_t chunks, int64_t n,
-                                     acc_t* __restrict__ out) {
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t s = acc_t(0);
-    for (int64_t c = 0; c < chunks; ++c) s += partials[c * n + j];
-    out[j] = s;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& kv, const at::Tensor& weight, double eps) {
-  check_engram_gate_args("engram_gate_forward", hidden, kv, weight);
-  check_gate_eps("engram_gate_forward", eps);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const auto acc = gate_acc_dtype(hidden.scalar_type());
-  const int64_t M = hidden.size(-2), D = hidden.size(-1);
-  const int64_t N = hidden.numel() / (M * D);
-  auto x = hidden.contiguous();
-  auto k = kv.contiguous();  // the GEMM's output is: no copy
-  auto w = weight.to(acc).contiguous();
-  auto out = at::empty(hidden.sizes(), x.options());
-  const auto stat_shape = gate_stat_shape(hidden);
-  auto alpha = at::empty(stat_shape, x.options().dtype(acc));
-  auto r_x = at::empty_like(alpha);
-  auto r_k = at::empty_like(alpha);
-  auto raw = at::empty_like(alpha);
-  if (N == 0) return {out, alpha, r_x, r_k, raw};
+  const auto a = prepare_gate_forward(hidden, kv, weight, eps);
+  if (a.N == 0) return a.outputs();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "engram_gate_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.hidden.scalar_type(), "engram_gate_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int V = cuda::row_vec<scalar_t>(D, {x.data_ptr(), k.data_ptr(), out.data_ptr()});
-    const int threads = row_threads(D / V);
-    const unsigned grid = cuda::grid_for(N * M, 1, 32);
-    const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(static_cast<acc_t>(D));
-    auto launch = [&](auto vec) {
+    const auto p = a.params<scalar_t, acc_t>();
+    with_vec<scalar_t>(p.D, {p.hidden, p.kv, p.out}, [&](auto vec) {
       constexpr int kV = decltype(vec)::value;
-      gate_forward_kernel<scalar_t, acc_t, kV><<<grid, threads, 0, stream>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), N * M, static_cast<int>(M), D, static_cast<acc_t>(eps),
-          inv_sqrt_d, ptr<scalar_t>(out), ptr<acc_t>(alpha), ptr<acc_t>(r_x), ptr<acc_t>(r_k), ptr<acc_t>(raw));
-    };
-    if (V > 1) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gate_forward_kernel<scalar_t, acc_t, kV>
+          <<<cuda::grid_for(p.N * p.M, 1, 32), row_threads(p.D / kV), 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
-  return {out, alpha, r_x, r_k, raw};
+  return a.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(const at::Tensor& grad_out,
@@ -235,59 +188,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engram_gate_backward_cuda(const a
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& alpha, const at::Tensor& r_x,
                                                                          const at::Tensor& r_k, const at::Tensor& raw) {
-  check_engram_gate_backward_args(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const auto acc = gate_acc_dtype(hidden.scalar_type());
-  const int64_t M = hidden.size(-2), D = hidden.size(-1);
-  const int64_t N = hidden.numel() / (M * D);
-  auto g = grad_out.contiguous();
-  auto x = hidden.contiguous();
-  auto k = kv.contiguous();
-  auto w = weight.to(acc).contiguous();
-  auto a = alpha.contiguous();
-  auto rx = r_x.contiguous();
-  auto rk = r_k.contiguous();
-  auto rw = raw.contiguous();
-  auto grad_hidden = at::empty(hidden.sizes(), x.options());
-  auto grad_kv = at::empty(kv.sizes(), x.options());
-  auto grad_weight = at::zeros({M, D}, x.options().dtype(acc));
-  if (N > 0) {
-    const GateChunks chunks = gate_chunks(N);
-    auto partials = at::empty({chunks.count, M, D}, x.options().dtype(acc));
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "engram_gate_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const int V = cuda::row_vec<scalar_t>(
-          D, {g.data_ptr(), x.data_ptr(), k.data_ptr(), grad_hidden.data_ptr(), grad_kv.data_ptr()});
-      const int threads = row_threads(D / V);
-      const size_t gv_bytes = D * sizeof(acc_t), gw_bytes = M * D * sizeof(acc_t);
-      const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(static_cast<acc_t>(D));
-      auto launch = [&](auto vec) {
-        constexpr int kV = decltype(vec)::value;
-        auto kernel = gate_backward_kernel<scalar_t, acc_t, kV>;
-        const size_t limit = cuda::dynamic_shared_limit(kernel);
-        TORCH_CHECK(gv_bytes <= limit, "engram_gate_backward (CUDA): D=", D, " is too wide for shared memory (",
-                    gv_bytes, " bytes needed, ", limit, " available)");
-        const bool in_shared = gv_bytes + gw_bytes <= limit;
-        const size_t smem = gv_bytes + (in_shared ? gw_bytes : 0);
-        cuda::allow_shared(kernel, smem);
-        kernel<<<static_cast<unsigned>(chunks.count), threads, smem, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<scalar_t>(k), ptr<acc_t>(w), ptr<acc_t>(a), ptr<acc_t>(rx),
-            ptr<acc_t>(rk), ptr<acc_t>(rw), N, static_cast<int>(M), D, chunks.size, inv_sqrt_d, in_shared,
-            ptr<scalar_t>(grad_hidden), ptr<scalar_t>(grad_kv), ptr<acc_t>(partials));
-      };
-      if (V > 1) {
-        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-      } else {
-        launch(std::integral_constant<int, 1>{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_chunks_kernel<acc_t><<<cuda::grid_for(M * D, cuda::kBlock), cuda::kBlock, 0, stream>>>(
-          ptr<acc_t>(partials), chunks.count, M * D, ptr<acc_t>(grad_weight));
+  const auto a = prepare_gate_backward(grad_out, hidden, kv, weight, alpha, r_x, r_k, raw);
+  if (a.N == 0) return a.outputs();
+  const GateChunks chunks = gate_chunks(a.N);
+  auto partials = at::empty({chunks.count, a.M, a.D}, a.grad_weight.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.hidden.scalar_type(), "engram_gate_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = a.params<scalar_t, acc_t>();
+    const size_t gv_bytes = p.D * sizeof(acc_t), gw_bytes = p.M * p.D * sizeof(acc_t);
+    with_vec<scalar_t>(p.D, {p.grad_out, p.hidden, p.kv, p.grad_hidden, p.grad_kv}, [&](auto vec) {
+      constexpr int kV = decltype(vec)::value;
+      auto kernel = gate_backward_kernel<scalar_t, acc_t, kV>;
+      const size_t limit = cuda::dynamic_shared_limit(kernel);
+      TORCH_CHECK(gv_bytes <= limit, "engram_gate_backward (CUDA): D=", p.D, " is too wide for shared memory (",
+                  gv_bytes, " bytes needed, ", limit, " available)");
+      const bool in_shared = gv_bytes + gw_bytes <= limit;
+      const size_t smem = gv_bytes + (in_shared ? gw_bytes : 0);
+      cuda::allow_shared(kernel, smem);
+      kernel<<<static_cast<unsigned>(chunks.count), row_threads(p.D / kV), smem, stream>>>(p, chunks, in_shared,
+                                                                                           ptr<acc_t>(partials));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-  return {grad_hidden, grad_kv, grad_weight.to(weight.scalar_type())};
+    reduce_chunks_kernel<acc_t><<<cuda::grid_for(p.M * p.D, cuda::kBlock), cuda::kBlock, 0, stream>>>(
+        ptr<acc_t>(partials), chunks.count, p.M * p.D, p.grad_weight);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return a.outputs();
 }
 
 }  // namespace

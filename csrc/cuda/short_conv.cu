@@ -27,27 +27,20 @@ namespace {
 using cuda::block_sum;
 using cuda::load_vec;
 using cuda::ptr;
+using cuda::reduce_chunks_kernel;
+using cuda::row_threads;
 using cuda::store_vec;
-
-struct ConvShape {
-  int64_t B, T, M, D, C, K, dilation;
-};
-
-int row_threads(int64_t vecs) {
-  int t = 32;
-  while (t < 256 && t < vecs) t *= 2;
-  return t;
-}
+using cuda::with_vec;
 
 // Token chunks of the weight-gradient sums: at most kConvChunks, sized from the token count.
 constexpr int64_t kConvChunks = 512;
 
 // rstd[row] = 1 / sqrt(mean(u[row, :]^2) + eps), one block per (token, branch) row.
 template <typename scalar_t, typename acc_t, int V>
-__global__ void rstd_kernel(const scalar_t* __restrict__ u, int64_t rows, int64_t D, acc_t eps,
-                            acc_t* __restrict__ rstd) {
+__global__ void rstd_kernel(const ConvForwardParams<scalar_t, acc_t> p) {
   __shared__ acc_t scratch[32];
-  const int64_t vecs = D / V;
+  const scalar_t* __restrict__ u = p.u;
+  const int64_t D = p.shape.D, vecs = D / V, rows = p.shape.B * p.shape.T * p.shape.M;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     acc_t s[1] = {acc_t(0)};
     for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
@@ -57,7 +50,7 @@ __global__ void rstd_kernel(const scalar_t* __restrict__ u, int64_t rows, int64_
       for (int j = 0; j < V; ++j) s[0] += xv[j] * xv[j];
     }
     block_sum<acc_t, 1>(s, scratch);
-    if (threadIdx.x == 0) rstd[row] = rms_reciprocal(s[0], D, eps);
+    if (threadIdx.x == 0) p.rstd[row] = rms_reciprocal(s[0], D, p.eps);
   }
 }
 
@@ -83,37 +76,34 @@ __device__ __forceinline__ void conv_pre(const scalar_t* __restrict__ u, const a
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void conv_forward_kernel(const scalar_t* __restrict__ u, const acc_t* __restrict__ rstd,
-                                    const acc_t* __restrict__ nw, const acc_t* __restrict__ wt, ConvShape s,
-                                    bool activation, scalar_t* __restrict__ out) {
+__global__ void conv_forward_kernel(const ConvForwardParams<scalar_t, acc_t> p) {
+  const ConvShape& s = p.shape;
   const int64_t vecs = s.C / V, total = s.B * s.T * vecs;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t token = idx / vecs, c = (idx - token * vecs) * V;
     acc_t pre[V], xv[V];
-    conv_pre<scalar_t, acc_t, V>(u, rstd, nw, wt, s, token, c, pre);
-    load_vec<acc_t, scalar_t, V>(u + token * s.C + c, xv);
+    conv_pre<scalar_t, acc_t, V>(p.u, p.rstd, p.norm_weight, p.weight_t, s, token, c, pre);
+    load_vec<acc_t, scalar_t, V>(p.u + token * s.C + c, xv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) xv[j] += activation ? silu(pre[j]) : pre[j];
-    store_vec<acc_t, scalar_t, V>(out + token * s.C + c, xv);
+    for (int j = 0; j < V; ++j) xv[j] += p.activation ? silu(pre[j]) : pre[j];
+    store_vec<acc_t, scalar_t, V>(p.out + token * s.C + c, xv);
   }
 }
 
 // grad_pre = grad_out * SiLU'(pre) (or grad_out without the activation), as acc_t.
 template <typename scalar_t, typename acc_t, int V>
-__global__ void grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ u,
-                                const acc_t* __restrict__ rstd, const acc_t* __restrict__ nw,
-                                const acc_t* __restrict__ wt, ConvShape s, bool activation,
-                                acc_t* __restrict__ grad_pre) {
+__global__ void grad_pre_kernel(const ConvBackwardParams<scalar_t, acc_t> p, acc_t* __restrict__ grad_pre) {
+  const ConvShape& s = p.shape;
   const int64_t vecs = s.C / V, total = s.B * s.T * vecs;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t token = idx / vecs, c = (idx - token * vecs) * V;
     acc_t gv[V];
-    load_vec<acc_t, scalar_t, V>(g + token * s.C + c, gv);
-    if (activation) {
+    load_vec<acc_t, scalar_t, V>(p.grad_out + token * s.C + c, gv);
+    if (p.activation) {
       acc_t pre[V];
-      conv_pre<scalar_t, acc_t, V>(u, rstd, nw, wt, s, token, c, pre);
+      conv_pre<scalar_t, acc_t, V>(p.u, p.rstd, p.norm_weight, p.weight_t, s, token, c, pre);
 #pragma unroll
       for (int j = 0; j < V; ++j) gv[j] *= silu_grad(pre[j]);
     }
@@ -127,11 +117,16 @@ __global__ void grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* 
 // the conv weight gradient per tap without its norm_weight factor; otherwise the partials live
 // in global memory, owned by this block alone.
 template <typename scalar_t, typename acc_t, int V>
-__global__ void conv_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ u,
-                                     const acc_t* __restrict__ rstd, const acc_t* __restrict__ nw,
-                                     const acc_t* __restrict__ wt, const acc_t* __restrict__ grad_pre, ConvShape s,
-                                     int64_t chunk_size, bool partial_in_shared, scalar_t* __restrict__ grad_u,
+__global__ void conv_backward_kernel(const ConvBackwardParams<scalar_t, acc_t> p, const acc_t* __restrict__ grad_pre,
+                                     const int64_t chunk_size, const bool partial_in_shared,
                                      acc_t* __restrict__ partials) {
+  const ConvShape& s = p.shape;
+  const scalar_t* __restrict__ g = p.grad_out;
+  const scalar_t* __restrict__ u = p.u;
+  const acc_t* __restrict__ rstd = p.rstd;
+  const acc_t* __restrict__ nw = p.norm_weight;
+  const acc_t* __restrict__ wt = p.weight_t;
+  scalar_t* __restrict__ grad_u = p.grad_u;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* a_buf = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t scratch[32];
@@ -214,61 +209,27 @@ __global__ void conv_backward_kernel(const scalar_t* __restrict__ g, const scala
   }
 }
 
-template <typename acc_t>
-__global__ void reduce_chunks_kernel(const acc_t* __restrict__ partials, int64_t chunks, int64_t n,
-                                     acc_t* __restrict__ out) {
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t sum = acc_t(0);
-    for (int64_t c = 0; c < chunks; ++c) sum += partials[c * n + j];
-    out[j] = sum;
-  }
-}
-
-ConvShape conv_shape(const at::Tensor& u, const at::Tensor& conv_weight, int64_t dilation) {
-  return {u.size(0), u.size(1), u.size(2), u.size(3), u.size(2) * u.size(3), conv_weight.size(1), dilation};
-}
-
-// Calls f(std::integral_constant<int, V>) with the widest vector the rows allow.
-template <typename scalar_t, typename F>
-void with_vec(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
-  if (cuda::row_vec<scalar_t>(D, ptrs) > 1) {
-    f(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> short_conv_forward_cuda(const at::Tensor& u, const at::Tensor& norm_weight,
                                                            const at::Tensor& conv_weight, int64_t dilation, double eps,
                                                            bool activation) {
-  check_short_conv_args("short_conv_forward", u, norm_weight, conv_weight, dilation);
-  check_short_conv_eps("short_conv_forward", eps);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const ConvShape s = conv_shape(u, conv_weight, dilation);
-  auto x = u.contiguous();
-  auto nw = norm_weight.to(acc).contiguous();
-  auto wt = conv_weight.to(acc).t().contiguous();  // [K, C]
-  auto out = at::empty(u.sizes(), x.options());
-  auto rstd = at::empty({s.B, s.T, s.M}, x.options().dtype(acc));
-  if (out.numel() == 0) return {out, rstd};
+  const auto a = prepare_short_conv_forward(u, norm_weight, conv_weight, dilation, eps, activation);
+  if (a.out.numel() == 0) return a.outputs();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.u.scalar_type(), "short_conv_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_vec<scalar_t>(s.D, {x.data_ptr(), out.data_ptr()}, [&](auto vec) {
+    const auto p = a.params<scalar_t, acc_t>();
+    const ConvShape& s = p.shape;
+    with_vec<scalar_t>(s.D, {p.u, p.out}, [&](auto vec) {
       constexpr int kV = decltype(vec)::value;
-      const int64_t rows = s.B * s.T * s.M;
-      rstd_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(rows, 1, 32), row_threads(s.D / kV), 0, stream>>>(
-          ptr<scalar_t>(x), rows, s.D, static_cast<acc_t>(eps), ptr<acc_t>(rstd));
+      rstd_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(s.B * s.T * s.M, 1, 32), row_threads(s.D / kV), 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t work = s.B * s.T * (s.C / kV);
-      conv_forward_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(
-          ptr<scalar_t>(x), ptr<acc_t>(rstd), ptr<acc_t>(nw), ptr<acc_t>(wt), s, activation, ptr<scalar_t>(out));
+      conv_forward_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {out, rstd};
+  return a.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& u,
@@ -276,58 +237,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_conv_backward_cuda(const at
                                                                         const at::Tensor& conv_weight,
                                                                         const at::Tensor& rstd, int64_t dilation,
                                                                         bool activation) {
-  check_short_conv_backward_args(grad_out, u, norm_weight, conv_weight, rstd, dilation);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const ConvShape s = conv_shape(u, conv_weight, dilation);
-  auto g = grad_out.contiguous();
-  auto x = u.contiguous();
-  auto nw = norm_weight.to(acc).contiguous();
-  auto wt = conv_weight.to(acc).t().contiguous();
-  auto r = rstd.contiguous();
-  auto grad_u = at::empty(u.sizes(), x.options());
-  auto grad_nw = at::zeros({s.M, s.D}, x.options().dtype(acc));
-  auto grad_wt = at::zeros({s.K, s.C}, x.options().dtype(acc));
+  const auto a = prepare_short_conv_backward(grad_out, u, norm_weight, conv_weight, rstd, dilation, activation);
+  if (a.u.numel() == 0) return a.outputs();
+  const ConvShape& s = a.shape;
   const int64_t tokens = s.B * s.T;
-  if (u.numel() > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t chunk_size = (tokens + kConvChunks - 1) / kConvChunks;
-    const int64_t chunks = (tokens + chunk_size - 1) / chunk_size;
-    const int64_t part = s.C + s.K * s.C;
-    auto partials = at::empty({chunks, part}, x.options().dtype(acc));
-    auto grad_pre = at::empty({tokens, s.C}, x.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "short_conv_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(s.D, {g.data_ptr(), x.data_ptr(), grad_u.data_ptr()}, [&](auto vec) {
-        constexpr int kV = decltype(vec)::value;
-        const int64_t work = tokens * (s.C / kV);
-        grad_pre_kernel<scalar_t, acc_t, kV><<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), s, activation,
-            ptr<acc_t>(grad_pre));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const size_t a_bytes = s.D * sizeof(acc_t), part_bytes = part * sizeof(acc_t);
-        auto kernel = conv_backward_kernel<scalar_t, acc_t, kV>;
-        const size_t limit = cuda::dynamic_shared_limit(kernel);
-        TORCH_CHECK(a_bytes <= limit, "short_conv_backward (CUDA): D=", s.D, " is too wide for shared memory (",
-                    a_bytes, " bytes needed, ", limit, " available)");
-        const bool in_shared = a_bytes + part_bytes <= limit;
-        const size_t smem = a_bytes + (in_shared ? part_bytes : 0);
-        cuda::allow_shared(kernel, smem);
-        kernel<<<static_cast<unsigned>(chunks), row_threads(s.D / kV), smem, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(x), ptr<acc_t>(r), ptr<acc_t>(nw), ptr<acc_t>(wt), ptr<acc_t>(grad_pre), s,
-            chunk_size, in_shared, ptr<scalar_t>(grad_u), ptr<acc_t>(partials));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      auto total = at::empty({part}, x.options().dtype(acc));
-      reduce_chunks_kernel<acc_t><<<cuda::grid_for(part, cuda::kBlock), cuda::kBlock, 0, stream>>>(
-          ptr<acc_t>(partials), chunks, part, ptr<acc_t>(total));
+  const int64_t chunk_size = (tokens + kConvChunks - 1) / kConvChunks;
+  const int64_t chunks = (tokens + chunk_size - 1) / chunk_size;
+  const int64_t part = s.C + s.K * s.C;
+  const auto acc_options = a.grad_norm_weight.options();
+  auto partials = at::empty({chunks, part}, acc_options);
+  auto grad_pre = at::empty({tokens, s.C}, acc_options);
+  auto total = at::empty({part}, acc_options);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.u.scalar_type(), "short_conv_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = a.params<scalar_t, acc_t>();
+    with_vec<scalar_t>(s.D, {p.grad_out, p.u, p.grad_u}, [&](auto vec) {
+      constexpr int kV = decltype(vec)::value;
+      const int64_t work = tokens * (s.C / kV);
+      grad_pre_kernel<scalar_t, acc_t, kV>
+          <<<cuda::grid_for(work, cuda::kBlock, 16), cuda::kBlock, 0, stream>>>(p, ptr<acc_t>(grad_pre));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_nw.copy_(total.narrow(0, 0, s.C).view({s.M, s.D}));
-      // The conv weight gradient's norm_weight factor, applied once after the reduction.
-      grad_wt.copy_(total.narrow(0, s.C, s.K * s.C).view({s.K, s.C}) * nw.view({1, s.C}));
+      const size_t a_bytes = s.D * sizeof(acc_t), part_bytes = part * sizeof(acc_t);
+      auto kernel = conv_backward_kernel<scalar_t, acc_t, kV>;
+      const size_t limit = cuda::dynamic_shared_limit(kernel);
+      TORCH_CHECK(a_bytes <= limit, "short_conv_backward (CUDA): D=", s.D, " is too wide for shared memory (", a_bytes,
+                  " bytes needed, ", limit, " available)");
+      const bool in_shared = a_bytes + part_bytes <= limit;
+      const size_t smem = a_bytes + (in_shared ? part_bytes : 0);
+      cuda::allow_shared(kernel, smem);
+      kernel<<<static_cast<unsigned>(chunks), row_threads(s.D / kV), smem, stream>>>(
+          p, ptr<acc_t>(grad_pre), chunk_size, in_shared, ptr<acc_t>(partials));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-  return {grad_u, grad_nw.to(norm_weight.scalar_type()), grad_wt.t().contiguous().to(conv_weight.scalar_type())};
+    reduce_chunks_kernel<acc_t><<<cuda::grid_for(part, cuda::kBlock), cuda::kBlock, 0, stream>>>(
+        ptr<acc_t>(partials), chunks, part, ptr<acc_t>(total));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  a.grad_norm_weight.copy_(total.narrow(0, 0, s.C).view({s.M, s.D}));
+  // The conv weight gradient's norm_weight factor, applied once after the reduction.
+  a.grad_weight_t.copy_(total.narrow(0, s.C, s.K * s.C).view({s.K, s.C}) * a.norm_weight.view({1, s.C}));
+  return a.outputs();
 }
 
 }  // namespace

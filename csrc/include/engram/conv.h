@@ -40,4 +40,38 @@ ENGRAM_HOST_DEVICE T rmsnorm_grad_term(T dot_au, T r, int64_t D) {
   return dot_au * r * r * r / static_cast<T>(D);
 }
 
+// Sizes of one call: u is [B, T, M, D], C = M * D channels per token, K taps.
+struct ConvShape {
+  int64_t B, T, M, D, C, K, dilation;
+};
+
+// One call of the conv, contiguous; the conv weight is transposed to [K, C] so each tap's
+// weights are contiguous in the channel. One struct per direction, filled once by the argument
+// preparation both adapters share (check/conv.h).
+template <typename scalar_t, typename acc_t>
+struct ConvForwardParams {
+  const scalar_t* u;         // [B, T, M, D]
+  const acc_t* norm_weight;  // [M, D] = [C]
+  const acc_t* weight_t;     // [K, C]
+  scalar_t* out;             // [B, T, M, D]
+  acc_t* rstd;               // [B, T, M], saved for the backward
+  ConvShape shape;
+  acc_t eps;
+  bool activation;
+};
+
+template <typename scalar_t, typename acc_t>
+struct ConvBackwardParams {
+  const scalar_t* grad_out;  // [B, T, M, D]
+  const scalar_t* u;         // [B, T, M, D]
+  const acc_t* norm_weight;  // [C]
+  const acc_t* weight_t;     // [K, C]
+  const acc_t* rstd;         // [B, T, M]
+  scalar_t* grad_u;          // [B, T, M, D]
+  acc_t* grad_norm_weight;   // [C], zeroed
+  acc_t* grad_weight_t;      // [K, C], zeroed
+  ConvShape shape;
+  bool activation;
+};
+
 }  // namespace engram

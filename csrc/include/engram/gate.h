@@ -82,4 +82,39 @@ ENGRAM_HOST_DEVICE T gate_norm_term(T raw, T r, int64_t D) {
   return raw * r * r / static_cast<T>(D);
 }
 
+// One call of the gate: N tokens of M branches of D channels, contiguous. Token n's keys and value
+// are read in place from its fused K/V row kv[n] = [k_0 .. k_{M-1}, v], (M + 1) * D wide. One
+// struct per direction, filled once by the argument preparation both adapters share
+// (check/gate.h), so the CPU and CUDA kernels see the same pointers and sizes.
+template <typename scalar_t, typename acc_t>
+struct GateForwardParams {
+  const scalar_t* hidden;  // [N, M, D]
+  const scalar_t* kv;      // [N, (M + 1) * D]
+  const acc_t* weight;     // [M, D], folded RMSNorm gains in acc_t
+  scalar_t* out;           // [N, M, D]: alpha * v
+  acc_t* alpha;            // [N, M], and the statistics the backward reads:
+  acc_t* r_x;              //   RMSNorm reciprocals of hidden and key,
+  acc_t* r_k;
+  acc_t* raw;  //   raw = sum(x * w * k)
+  int64_t N, M, D;
+  acc_t eps, inv_sqrt_d;
+};
+
+template <typename scalar_t, typename acc_t>
+struct GateBackwardParams {
+  const scalar_t* grad_out;  // [N, M, D]
+  const scalar_t* hidden;    // [N, M, D]
+  const scalar_t* kv;        // [N, (M + 1) * D]
+  const acc_t* weight;       // [M, D]
+  const acc_t* alpha;        // [N, M] each: the forward's statistics
+  const acc_t* r_x;
+  const acc_t* r_k;
+  const acc_t* raw;
+  scalar_t* grad_hidden;  // [N, M, D]
+  scalar_t* grad_kv;      // [N, (M + 1) * D], kv's layout
+  acc_t* grad_weight;     // [M, D], zeroed
+  int64_t N, M, D;
+  acc_t inv_sqrt_d;
+};
+
 }  // namespace engram
