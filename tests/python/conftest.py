@@ -13,6 +13,15 @@ _package = os.environ.get("ENGRAM_TEST_PACKAGE", "")
 if _package != "installed":
     sys.path.insert(0, _package or str(Path(__file__).resolve().parents[2] / "python"))
 
+
+def package_root() -> str:
+    """The directory holding the torch_engram under test (for subprocesses' sys.path): the
+    checkout's python/, or the site-packages it was installed into."""
+    import torch_engram
+
+    return str(Path(torch_engram.__file__).resolve().parents[1])
+
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),

@@ -196,9 +196,10 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
-    src = str(Path(__file__).resolve().parents[2] / "python")
+    from conftest import package_root
+
+    src = package_root()
     path = tmp_path / "ckpt.pt"
     rng = random.Random(0)
     for _trial in range(20):

@@ -11,13 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import torch_engram as te
-from conftest import CUDA_TOL, assert_close, conv_inputs, gate, gate_inputs, kv_of
+from conftest import CUDA_TOL, assert_close, conv_inputs, gate, gate_inputs, kv_of, package_root
 from torch_engram import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
@@ -28,7 +27,6 @@ INDEX_DTYPES = [torch.int64, torch.int32]
 # Atomic (order-dependent) float32 sums against a float64 reference: |err| <= atol + rtol*|ref|.
 # The sums themselves are fp32; half/bfloat16 add one rounding of the output.
 ATOMIC_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dense_backward_is_sorted_by_default():
@@ -145,7 +143,7 @@ def test_hash_oov_to_pad_and_edge_sizes():
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
     )

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch_engram
+from conftest import package_root
 
 CORE = ["config", "hashing", "tokenizer", "ops", "modules", "table", "optim", "checkpoint", "reference"]
 
@@ -13,7 +14,7 @@ def test_core_does_not_import_the_experiment():
     # A fresh interpreter, so that other tests' imports do not hide an import of the experiment.
     code = (
         "import sys, importlib\n"
-        f"sys.path.insert(0, {str(__import__('pathlib').Path(torch_engram.__file__).parents[1])!r})\n"
+        f"sys.path.insert(0, {package_root()!r})\n"
         f"for m in {CORE!r}: importlib.import_module('torch_engram.' + m)\n"
         "bad = sorted(m for m in sys.modules if m.startswith('torch_engram.experiment'))\n"
         "print(','.join(bad))\n"
