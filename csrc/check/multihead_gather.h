@@ -1,4 +1,5 @@
-// Argument checks of multihead_gather and its backward ops shared by the CPU and CUDA adapters
+// Argument checks and preparation of multihead_gather and its backward ops shared by the CPU and
+// CUDA adapters
 // (shapes, dtypes, devices; never tensor values, so the CUDA paths stay free of host syncs).
 #pragma once
 
@@ -28,6 +29,25 @@ inline void check_multihead_gather_args(const at::Tensor& table, const at::Tenso
   check_gather_rows(rows, "multihead_gather");
   TORCH_CHECK(rows.device() == table.device(), "multihead_gather: rows must be on table's device ", table.device(),
               ", got ", rows.device());
+}
+
+// The forward's arguments prepared once for either backend: the table as it is when its rows are
+// contiguous (a column slice of a wider table, row stride > d_head, is read in place rather than
+// copied, which would cost a pass over the whole table), rows contiguous, e [..., H * d_head]
+// allocated on the table's device. A CUDA adapter sets its device guard before preparing.
+struct GatherArgs {
+  at::Tensor table, rows, out;
+};
+
+inline GatherArgs prepare_multihead_gather(const at::Tensor& table, const at::Tensor& rows) {
+  check_multihead_gather_args(table, rows);
+  GatherArgs a;
+  a.table = (table.stride(1) == 1 || table.size(1) <= 1) ? table : table.contiguous();
+  a.rows = rows.contiguous();
+  std::vector<int64_t> out_shape = rows.sizes().vec();
+  out_shape.back() = rows.size(-1) * table.size(1);
+  a.out = at::empty(out_shape, table.options());
+  return a;
 }
 
 // Checks grad_e [..., H * d_head] against rows [..., H] and returns d_head.

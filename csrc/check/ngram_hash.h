@@ -1,4 +1,4 @@
-// Argument checks of ngram_hash shared by the CPU and CUDA adapters (shapes, dtypes, devices;
+// Argument checks and preparation of ngram_hash shared by the CPU and CUDA adapters (shapes, dtypes, devices;
 // never tensor values, so the CUDA path stays free of host synchronisation).
 #pragma once
 
@@ -50,6 +50,34 @@ inline void check_ngram_hash_args(const at::Tensor& ids, const std::optional<at:
   }
   TORCH_CHECK(out_dtype == at::kLong || out_dtype == at::kInt, "ngram_hash: out_dtype must be int64 or int32, got ",
               out_dtype);
+}
+
+// The arguments of one call, checked and made contiguous once for either backend, with the output
+// [L, B, T, H] allocated on ids' device. A CUDA adapter sets its device guard before preparing.
+struct NgramHashArgs {
+  at::Tensor ids, lut, multipliers, primes, offsets, doc_start, out;  // lut, doc_start undefined if absent
+  int64_t L, N, H;
+};
+
+inline NgramHashArgs prepare_ngram_hash(const at::Tensor& ids, const std::optional<at::Tensor>& lut, int64_t num_ids,
+                                        const at::Tensor& multipliers, const at::Tensor& primes,
+                                        const at::Tensor& offsets, int64_t pad_id,
+                                        const std::optional<at::Tensor>& doc_start, at::ScalarType out_dtype) {
+  check_ngram_hash_args(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype);
+  NgramHashArgs a;
+  a.L = multipliers.size(0);
+  a.N = multipliers.size(1);
+  a.H = primes.size(1);
+  // The kernels keep a token's window of up to 16 ids in registers.
+  TORCH_CHECK(a.N <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", a.N);
+  a.ids = ids.contiguous();  // int32 ids are read as they are: no widened copy
+  if (lut.has_value()) a.lut = lut->contiguous();
+  a.multipliers = multipliers.contiguous();
+  a.primes = primes.contiguous();
+  a.offsets = offsets.contiguous();
+  if (doc_start.has_value()) a.doc_start = doc_start->contiguous();
+  a.out = at::empty({a.L, ids.size(0), ids.size(1), a.H}, ids.options().dtype(out_dtype));
+  return a;
 }
 
 }  // namespace engram

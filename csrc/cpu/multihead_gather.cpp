@@ -39,15 +39,11 @@ int64_t gather_rows(const char* table, int64_t row_stride_bytes, int64_t num_row
 }
 
 at::Tensor multihead_gather_cpu(const at::Tensor& table, const at::Tensor& rows, bool sparse_grad) {
-  check_multihead_gather_args(table, rows);
-  // Rows of the table only need contiguous values: a column slice of a wider table (row stride
-  // > d_head) is read in place rather than copied, which would cost a pass over the whole table.
-  const at::Tensor tab = (table.stride(1) == 1 || table.size(1) <= 1) ? table : table.contiguous();
-  const at::Tensor rows_c = rows.contiguous();
-  const int64_t num_rows = tab.size(0), d_head = tab.size(1), H = rows.size(-1);
-  std::vector<int64_t> out_sizes = rows.sizes().vec();
-  out_sizes.back() = H * d_head;
-  at::Tensor e = at::empty(out_sizes, tab.options());
+  const GatherArgs a = prepare_multihead_gather(table, rows);
+  const at::Tensor& tab = a.table;
+  const at::Tensor& rows_c = a.rows;
+  const at::Tensor& e = a.out;
+  const int64_t num_rows = tab.size(0), d_head = tab.size(1);
   const int64_t num_lookups = rows_c.numel();
   if (num_lookups == 0) return e;
 

@@ -156,16 +156,13 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
                           const at::Tensor& multipliers, const at::Tensor& primes, const at::Tensor& offsets,
                           int64_t pad_id, const std::optional<at::Tensor>& doc_start, at::ScalarType out_dtype,
                           bool oov_to_pad) {
-  check_ngram_hash_args(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype);
-  const int64_t L = multipliers.size(0), H = primes.size(1);
-  auto ids_c = ids.contiguous();
-  auto mult_c = multipliers.contiguous();
-  auto off_c = offsets.contiguous();
-  auto primes_c = primes.contiguous();
-  at::Tensor lut_c;
-  if (lut.has_value()) lut_c = lut->contiguous();
-  at::Tensor doc_c;
-  if (doc_start.has_value()) doc_c = doc_start->contiguous();
+  const NgramHashArgs in =
+      prepare_ngram_hash(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype);
+  const int64_t L = in.L, H = in.H;
+  const at::Tensor& ids_c = in.ids;
+  const at::Tensor& mult_c = in.multipliers;
+  const at::Tensor& off_c = in.offsets;
+  const at::Tensor& primes_c = in.primes;
 
   // Table layout checks need the values; on the CPU they are free.
   std::vector<uint64_t> mod_p(L * H), mod_magic(L * H);
@@ -198,10 +195,8 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
   TORCH_CHECK(static_cast<uint64_t>(pad_id) <= max_id, "ngram_hash: pad_id must be a compressed id in [0, ", max_id + 1,
               ") (below num_ids and such that pad_id * multiplier fits in int64), got ", pad_id);
 
-  auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
+  const at::Tensor& out = in.out;
   if (out.numel() == 0) return out;
-  TORCH_CHECK(multipliers.size(1) <= 16, "ngram_hash: max_ngram_size must be <= 16, got ", multipliers.size(1));
-  // int32 ids are read as they are (no widened copy to allocate and fault in).
   const bool ids32 = ids_c.scalar_type() == at::kInt;
   HashArgs a{ids32 ? nullptr : ids_c.data_ptr<int64_t>(),
              ids32 ? ids_c.data_ptr<int32_t>() : nullptr,
@@ -210,14 +205,14 @@ at::Tensor ngram_hash_cpu(const at::Tensor& ids, const std::optional<at::Tensor>
              L,
              multipliers.size(1),
              H,
-             lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr,
+             in.lut.defined() ? in.lut.data_ptr<int64_t>() : nullptr,
              num_ids,
              reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>()),
              mod_p.data(),
              mod_magic.data(),
              o,
              pad_id,
-             doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr,
+             in.doc_start.defined() ? in.doc_start.data_ptr<bool>() : nullptr,
              oov_to_pad,
              max_id};
   // The AVX-512 kernel takes half chunks of 8 heads of one order; the dmod constants serve it and

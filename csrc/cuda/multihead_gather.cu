@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 template <typename chunk_t>
-void launch_gather(const at::Tensor& table, const at::Tensor& rows, at::Tensor& out) {
+void launch_gather(const at::Tensor& table, const at::Tensor& rows, const at::Tensor& out) {
   const int64_t n = rows.numel();
   const int64_t row_bytes = table.size(1) * table.element_size();
   const int chunks = static_cast<int>(row_bytes / sizeof(chunk_t));
@@ -72,20 +72,15 @@ void launch_gather(const at::Tensor& table, const at::Tensor& rows, at::Tensor& 
 }
 
 at::Tensor multihead_gather_cuda(const at::Tensor& table, const at::Tensor& rows, bool sparse_grad) {
-  check_multihead_gather_args(table, rows);
   const c10::cuda::CUDAGuard guard(table.device());
-
-  const int64_t R = table.size(0), d_head = table.size(1), H = rows.size(-1);
-  auto out_shape = rows.sizes().vec();
-  out_shape.back() = H * d_head;
-  auto out = at::empty(out_shape, table.options());
-  const int64_t n = rows.numel();
+  const GatherArgs a = prepare_multihead_gather(table, rows);
+  const at::Tensor& tab = a.table;
+  const at::Tensor& rows_c = a.rows;
+  const at::Tensor& out = a.out;
+  const int64_t R = tab.size(0), d_head = tab.size(1);
+  const int64_t n = rows_c.numel();
   if (n == 0 || d_head == 0) return out;
   TORCH_CHECK(R > 0, "multihead_gather: rows must lie in [0, table.size(0)=0), but the table is empty");
-
-  // A row view into a larger buffer keeps its pitch; only a strided column needs a copy.
-  const at::Tensor tab = (table.stride(1) == 1 || d_head <= 1) ? table : table.contiguous();
-  const at::Tensor rows_c = rows.contiguous();
   const int width = vector_bytes(d_head * tab.element_size(), tab.stride(0) * tab.element_size(),
                                  reinterpret_cast<uintptr_t>(tab.data_ptr()));
   switch (width) {

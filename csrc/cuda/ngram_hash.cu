@@ -119,28 +119,20 @@ at::Tensor ngram_hash_cuda(const at::Tensor& ids, const std::optional<at::Tensor
                            const at::Tensor& multipliers, const at::Tensor& primes, const at::Tensor& offsets,
                            int64_t pad_id, const std::optional<at::Tensor>& doc_start, at::ScalarType out_dtype,
                            bool oov_to_pad) {
-  check_ngram_hash_args(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype);
-  const int64_t L = multipliers.size(0), N = multipliers.size(1), H = primes.size(1);
-  TORCH_CHECK(N <= 16, "ngram_hash (CUDA): max_ngram_size must be <= 16, got ", N);
   const c10::cuda::CUDAGuard guard(ids.device());
-  auto out = at::empty({L, ids.size(0), ids.size(1), H}, ids.options().dtype(out_dtype));
+  const NgramHashArgs in =
+      prepare_ngram_hash(ids, lut, num_ids, multipliers, primes, offsets, pad_id, doc_start, out_dtype);
+  const int64_t L = in.L, N = in.N, H = in.H;
+  const at::Tensor& out = in.out;
   if (out.numel() == 0) return out;
 
-  auto ids_c = ids.contiguous();
-  auto mult_c = multipliers.contiguous();
-  auto primes_c = primes.contiguous();
-  auto off_c = offsets.contiguous();
-  at::Tensor lut_c, doc_c;
-  if (lut.has_value()) lut_c = lut->contiguous();
-  if (doc_start.has_value()) doc_c = doc_start->contiguous();
-
   HashParams p;
-  p.ids = ids_c.data_ptr();
-  p.lut = lut.has_value() ? lut_c.data_ptr<int64_t>() : nullptr;
-  p.doc_start = doc_start.has_value() ? doc_c.data_ptr<bool>() : nullptr;
-  p.mult = reinterpret_cast<const uint64_t*>(mult_c.data_ptr<int64_t>());
-  p.primes = primes_c.data_ptr<int64_t>();
-  p.offsets = off_c.data_ptr<int64_t>();
+  p.ids = in.ids.data_ptr();
+  p.lut = in.lut.defined() ? in.lut.data_ptr<int64_t>() : nullptr;
+  p.doc_start = in.doc_start.defined() ? in.doc_start.data_ptr<bool>() : nullptr;
+  p.mult = reinterpret_cast<const uint64_t*>(in.multipliers.data_ptr<int64_t>());
+  p.primes = in.primes.data_ptr<int64_t>();
+  p.offsets = in.offsets.data_ptr<int64_t>();
   p.out = out.data_ptr();
   p.num_ids = num_ids;
   p.pad_id = pad_id;
