@@ -56,7 +56,8 @@ void gate_backward_kernel(const GateBackwardParams<scalar_t, acc_t>& p) {
   const int64_t N = p.N, M = p.M, D = p.D, S = (M + 1) * D;
   const auto chunking = cpu::make_chunking(N);
   // grad_w partial sums of each chunk, reduced in chunk order below (no atomics).
-  std::vector<acc_t> partials(chunking.count * M * D, acc_t(0));
+  acc_t* partials = cpu::scratch<acc_t, 2>(chunking.count * M * D);
+  std::fill(partials, partials + chunking.count * M * D, acc_t(0));
   at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> scratch(7 * D);
     acc_t* sx = scratch.data();
@@ -67,7 +68,7 @@ void gate_backward_kernel(const GateBackwardParams<scalar_t, acc_t>& p) {
     acc_t* sgx = gv + D;
     acc_t* sgk = sgx + D;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* gw_part = partials.data() + chunk * M * D;
+      acc_t* gw_part = partials + chunk * M * D;
       const int64_t n_end = std::min(N, (chunk + 1) * chunking.size);
       for (int64_t n = chunk * chunking.size; n < n_end; ++n) {
         const acc_t* v = cpu::row_as_acc(p.kv + n * S + M * D, D, sv);
@@ -96,7 +97,7 @@ void gate_backward_kernel(const GateBackwardParams<scalar_t, acc_t>& p) {
       }
     }
   });
-  cpu::reduce_chunks(partials.data(), chunking.count, M * D, p.grad_weight);
+  cpu::reduce_chunks(partials, chunking.count, M * D, p.grad_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> engram_gate_forward_cpu(const at::Tensor& hidden,

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace engram::cpu {
 
@@ -75,6 +76,17 @@ inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
+}
+
+// A per-thread buffer of at least n elements that lives as long as the thread (Slot tells apart
+// buffers used at the same time: 0 and 1 by the table backward, 2 and 3 by gate and conv). A fresh allocation of tens
+// of MB per call costs one page fault per 4 KiB on first write, as much as the sums themselves; the threads of torch's
+// pool persist, so after the first step these buffers are already mapped. Contents are not preserved.
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
 }
 
 // Tokens are cut into at most kMaxChunks chunks whose size depends on the token count only;

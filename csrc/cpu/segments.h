@@ -19,6 +19,7 @@
 
 #include "check/multihead_gather.h"
 #include "engram/multihead_gather.h"
+#include "rows.h"
 
 namespace engram::cpu {
 
@@ -94,17 +95,6 @@ inline uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int lo_bit
     std::swap(src, dst);
   }
   return src;
-}
-
-// A per-thread buffer of at least n elements that lives as long as the thread (Slot tells apart
-// buffers used at the same time). A fresh allocation of tens of MB per call costs one page fault
-// per 4 KiB on first write, as much as the sums themselves; the threads of torch's pool persist,
-// so after the first step these buffers are already mapped. Contents are not preserved.
-template <typename T, int Slot>
-T* scratch(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
-  return buffer.data();
 }
 
 // Lookups grouped by table row: the shared front half of both backward ops.

@@ -16,12 +16,6 @@
 namespace engram {
 namespace {
 
-// Uninitialised scratch of n acc_t values.
-template <typename acc_t>
-at::Tensor scratch_buffer(int64_t n) {
-  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
 // rstd[b, t, m] = 1 / sqrt(mean(u[b, t, m, :]^2) + eps).
 template <typename scalar_t, typename acc_t>
 void compute_rstd(const scalar_t* u, const ConvShape& s, acc_t eps, acc_t* rstd) {
@@ -105,51 +99,52 @@ void short_conv_backward_kernel(const ConvBackwardParams<scalar_t, acc_t>& p) {
   scalar_t* grad_u = p.grad_u;
   const int64_t tokens = s.B * s.T, C = s.C, D = s.D;
   const auto tap_norm = tap_norm_weights(norm_weight, weight_t, s);
-  // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed. Stored:
-  // each token's dL/dnormed below reads it at K later positions.
-  auto grad_pre_buf = scratch_buffer<acc_t>(tokens * C);
-  acc_t* grad_pre = grad_pre_buf.template mutable_data_ptr<acc_t>();
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * C);
-    acc_t* pre = scratch.data();
-    acc_t* sg = pre + C;
-    acc_t* tap = sg + C;
-    for (int64_t token = begin; token < end; ++token) {
+  // Per token: the conv's transpose gives dL/dnormed, then the RMSNorm backward. Weight
+  // gradients go to per-chunk partials: norm_weight [C], then conv weight [K, C] without its
+  // norm_weight factor (applied once after the reduction).
+  const auto chunking = cpu::make_chunking(tokens);
+  const int64_t part = C + s.K * C;
+  acc_t* partials = cpu::scratch<acc_t, 2>(chunking.count * part);
+  std::fill(partials, partials + chunking.count * part, acc_t(0));
+  // grad_pre = dL/d(conv output) = grad_out * SiLU'(pre), the pre-activation recomputed. Token n
+  // reads it at n + shift for every tap, never before n, so each thread keeps only a ring of the
+  // next `window` rows (L2-resident) instead of a [tokens, C] buffer written and read back; the
+  // rows at the start of each thread's range are computed by its neighbour too (window - 1 rows
+  // per thread). The same function computes every row, so results do not depend on threads.
+  const int64_t window = conv_receptive_field(s.K, s.dilation);
+  at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    acc_t* ring = cpu::scratch<acc_t, 3>((window + 6) * C);
+    acc_t* gn = ring + window * C;
+    acc_t* su = gn + C;
+    acc_t* sg = su + C;
+    acc_t* sa = sg + C;
+    acc_t* tap = sa + C;
+    acc_t* pre = tap + C;
+    auto fill = [&](int64_t token) {
       const acc_t* g = cpu::row_as_acc(grad_out + token * C, C, sg);
-      acc_t* gp = grad_pre + token * C;
+      acc_t* gp = ring + (token % window) * C;
       if (activation) {
         conv_token(u, rstd, tap_norm.data(), s, token, pre, tap);
         cpu::mul_silu_grad(g, pre, gp, C);
       } else {
         std::copy(g, g + C, gp);
       }
-    }
-  });
-  // Per token: the conv's transpose gives dL/dnormed, then the RMSNorm backward. Weight
-  // gradients go to per-chunk partials: norm_weight [C], then conv weight [K, C] without its
-  // norm_weight factor (applied once after the reduction).
-  const auto chunking = cpu::make_chunking(tokens);
-  const int64_t part = C + s.K * C;
-  std::vector<acc_t> partials(chunking.count * part, acc_t(0));
-  at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> scratch(5 * C);
-    acc_t* gn = scratch.data();
-    acc_t* su = gn + C;
-    acc_t* sg = su + C;
-    acc_t* sa = sg + C;
-    acc_t* tap = sa + C;
+    };
+    const int64_t first = chunk_begin * chunking.size;
+    for (int64_t token = first; token < std::min(tokens, first + window - 1); ++token) fill(token);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* gnw = partials.data() + chunk * part;
+      acc_t* gnw = partials + chunk * part;
       acc_t* gw = gnw + C;
       const int64_t token_end = std::min(tokens, (chunk + 1) * chunking.size);
       for (int64_t token = chunk * chunking.size; token < token_end; ++token) {
+        if (token + window - 1 < tokens) fill(token + window - 1);
         const int64_t t = token % s.T;
-        const acc_t* gp = grad_pre + token * C;
+        const acc_t* gp = ring + (token % window) * C;
         std::fill(gn, gn + C, acc_t(0));
         for (int64_t i = 0; i < s.K; ++i) {
           const int64_t shift = conv_tap_shift(i, s.K, s.dilation);
           if (t + shift < s.T) {  // output t + shift read this token through tap i
-            cpu::multiply_add(gn, weight_t + i * C, grad_pre + (token + shift) * C, C);
+            cpu::multiply_add(gn, weight_t + i * C, ring + ((token + shift) % window) * C, C);
           }
           if (t - shift >= 0) {  // this token's output read position t - shift through tap i
             const int64_t src = token - shift;
@@ -183,7 +178,7 @@ void short_conv_backward_kernel(const ConvBackwardParams<scalar_t, acc_t>& p) {
     }
   });
   std::vector<acc_t> total(part);
-  cpu::reduce_chunks(partials.data(), chunking.count, part, total.data());
+  cpu::reduce_chunks(partials, chunking.count, part, total.data());
   std::copy(total.begin(), total.begin() + C, p.grad_norm_weight);
   for (int64_t i = 0; i < s.K; ++i) {
     for (int64_t c = 0; c < C; ++c) p.grad_weight_t[i * C + c] = total[C + i * C + c] * norm_weight[c];
