@@ -193,3 +193,28 @@ def _multihead_gather_fused_update_fake(
 @torch.library.register_fake("engram::multihead_gather_fused")
 def _multihead_gather_fused_fake(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed):
     return _multihead_gather_fake(weight, rows)
+
+
+@torch.library.register_fake("engram::_row_cache_fetch")
+def _row_cache_fetch_fake(
+    rows,
+    slot_of_row,
+    slot_row,
+    slot_meta,
+    store,
+    cache,
+    field_offsets,
+    stamp,
+    keep_from,
+    policy,
+    stats,
+    flag_offset,
+    init_std,
+    init_seed,
+):
+    return rows.new_empty(rows.shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("engram::_row_cache_flush")
+def _row_cache_flush_fake(slot_row, store, cache, field_offsets):
+    return None

@@ -167,6 +167,18 @@ class Engram(nn.Module):
             u = ops.short_conv(u, self.conv_norm_weight, self.conv_weight, self.config.dilation, self.config.conv_eps)
         return u.squeeze(2) if squeeze else u
 
+    def prefetch(self, input_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None, doc_start=None) -> None:
+        """Start bringing a later step's rows into the cache of a host- or file-placed table (a
+        background thread) from its input_ids [B, T] (hashed by the attached hasher) or its rows
+        [B, T, H]; the forward of that step waits for it. No-op for placement='device'."""
+        if self.table.placement == "device":
+            return
+        if rows is None:
+            if input_ids is None or self.hasher is None:
+                raise ValueError("Engram.prefetch: pass rows, or input_ids with a hasher attached")
+            rows = self.hasher(input_ids, doc_start=doc_start)[self.layer_index]
+        self.table.prefetch(rows)
+
     def extra_repr(self) -> str:
         c = self.config
         return (

@@ -48,7 +48,7 @@ from . import _C  # noqa: F401  (registers torch.ops.engram.*)
 
 GRAD_MODES = ("fused", "sparse", "dense")
 OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd")
-PLACEMENTS = ("device",)  # host, file and sharded placements build on this seam
+PLACEMENTS = ("device", "host", "file")  # the sharded placement builds on this seam
 
 # Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
 _MAP_NORESERVE = getattr(
@@ -140,7 +140,10 @@ class EngramTable(nn.Module):
         init_std: the weight starts as N(0, init_std^2).
         init: initialise the weight now (False: left uninitialised for an owner that calls
             reset_parameters itself, as Engram does, so the table is not filled twice).
-        placement: "device" (rows in the compute device's memory; other placements build on it).
+        placement: "device" (rows in the compute device's memory), "host" (rows in host memory) or
+            "file" (rows in a memory-mapped file at `path`, which may be larger than RAM); the last
+            two compute on a cache of `cache_rows` rows (torch_engram.offload), evicting with
+            `cache_policy` ("lru" or "lfu"). Cached placements train with grad="fused".
     """
 
     def __init__(
@@ -161,6 +164,9 @@ class EngramTable(nn.Module):
         init_std: float = 1.0,
         init: bool = True,
         placement: str = "device",
+        cache_rows: int | None = None,
+        cache_policy: str = "lru",
+        path: str | None = None,
         device=None,
         dtype=None,
     ):
@@ -177,6 +183,22 @@ class EngramTable(nn.Module):
             raise ValueError(f"EngramTable: state_alloc must be 'on_touch' or 'eager', got {state_alloc!r}")
         if seed < 0:
             raise ValueError(f"EngramTable: seed must be >= 0, got {seed}")
+        cached = placement in ("host", "file")
+        if cached:
+            if grad != "fused":
+                raise ValueError(f"EngramTable: placement={placement!r} trains with grad='fused', got grad={grad!r}")
+            if cache_rows is None or not 1 <= cache_rows <= num_rows:
+                raise ValueError(
+                    f"EngramTable: placement={placement!r} needs cache_rows in [1, num_rows={num_rows}], "
+                    f"got {cache_rows}"
+                )
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"EngramTable: placement={placement!r} caches rows on the CPU for now, got {device}")
+        elif cache_rows is not None or path is not None:
+            raise ValueError("EngramTable: cache_rows and path are for placement='host' or 'file'")
+        full_rows = num_rows
+        if cached:
+            num_rows = cache_rows  # the tensors below are the cache; the store holds every row
         weight = torch.empty(num_rows, d_head, device=device, dtype=dtype)
         advise_huge_pages(weight)  # before reset_parameters first touches the pages
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -188,7 +210,12 @@ class EngramTable(nn.Module):
             stochastic_rounding = weight.dtype == torch.bfloat16
         if stochastic_rounding and weight.dtype != torch.bfloat16:
             raise ValueError(f"EngramTable: stochastic_rounding is for bfloat16 weights, got {weight.dtype}")
-        self.num_rows, self.d_head = num_rows, d_head
+        if stochastic_rounding and cached:
+            raise ValueError(
+                f"EngramTable: placement={placement!r} does not round stochastically yet (the rounding stream "
+                "is keyed by table row, the cache by slot); pass stochastic_rounding=False"
+            )
+        self.num_rows, self.d_head = full_rows, d_head
         self.grad_mode = grad
         self.optimizer = optimizer
         self.placement = placement
@@ -225,7 +252,17 @@ class EngramTable(nn.Module):
         self.register_buffer("row_step", zeros(shapes[2], torch.int32, dev))
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
         self._pending_rows: list[torch.Tensor] = []
-        if init:
+        self._store = None
+        if cached:
+            from .offload import RowStore
+
+            with torch.no_grad():
+                self.weight.zero_()  # cache slots hold no row yet
+            fields = [t for t in (self.weight.data, self.momentum1, self.momentum2, self.row_step) if t.numel()]
+            self._store = RowStore(
+                full_rows, fields, placement=placement, path=path, policy=cache_policy, init_std=init_std, seed=seed
+            )
+        elif init:
             self.reset_parameters()
 
     # ---- settings ---------------------------------------------------------------------------
@@ -271,7 +308,13 @@ class EngramTable(nn.Module):
         return float(self.hparams[4])
 
     def reset_parameters(self) -> None:
-        """Weight N(0, init_std^2); optimizer state zero (every row as if never updated)."""
+        """Weight N(0, init_std^2); optimizer state zero (every row as if never updated). Rows of a
+        cached placement are initialised lazily, on their first fetch, from the table's seed."""
+        if self._store is not None:
+            with torch.no_grad():
+                self._store.reset()
+                self.step_count.zero_()
+            return
         with torch.no_grad():
             nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
             # Only updates (which count themselves in step_count) and loads write the state; a
@@ -307,6 +350,8 @@ class EngramTable(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """e[..., H * d_head]: the rows named by rows[..., H], concatenated head-minor."""
         w = self.weight
+        if self._store is not None:
+            rows = self._store.fetch(rows)  # cached placements: the step works on cache slots
         if self.grad_mode == "fused":
             if torch.is_grad_enabled() and w.requires_grad:
                 return torch.ops.engram.multihead_gather_fused(
@@ -384,6 +429,84 @@ class EngramTable(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.weight.grad = None
+
+    # ---- cached placements (host, file) ---------------------------------------------------
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Start bringing the rows of the next step into the cache (a background thread), while
+        the current step computes; the next forward waits for it. No-op for placement='device'."""
+        if self._store is not None:
+            self._store.prefetch(rows)
+
+    def flush(self) -> None:
+        """Write every cached row and its state back to the host or file store."""
+        if self._store is not None:
+            self._store.flush()
+
+    def cache_stats(self) -> dict[str, int]:
+        """Cumulative hits, misses and evictions (unique rows per fetch) and bytes moved between
+        store and cache; empty for placement='device'."""
+        return self._store.statistics() if self._store is not None else {}
+
+    _STATE = ("weight", "momentum1", "momentum2", "row_step")
+
+    def _store_views(self) -> dict[str, torch.Tensor]:
+        """The whole table of a cached placement as views of its records: name -> [num_rows, ...]."""
+        views, i = {}, 0
+        for name in self._STATE:
+            t = getattr(self, name)
+            if t.numel() == 0:
+                continue
+            views[name] = self._store.field_view(i, tuple(t.shape[1:]))
+            i += 1
+        return views
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._store is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The whole table: every cached row written back, then each field of the records copied
+        # out whole (the layout of a device table, so checkpoints move between placements; rows
+        # never written read as zeros and are flagged 0 in row_initialized). This materialises the
+        # table in memory: a streaming snapshot of a file table larger than RAM is still to come.
+        self._store.flush()
+        views = self._store_views()
+        for name in self._STATE:
+            t = getattr(self, name)
+            destination[prefix + name] = views[name].contiguous() if name in views else t.detach()
+        destination[prefix + "row_initialized"] = self._store.initialized().contiguous()
+        destination[prefix + "step_count"] = self.step_count if keep_vars else self.step_count.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if self._store is None:
+            return super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        views = self._store_views()
+        names = [*self._STATE, "step_count"]
+        for name in names:
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+        if any(k in missing_keys for k in (prefix + n for n in names)):
+            return
+        for name in self._STATE:
+            want = views[name] if name in views else getattr(self, name)
+            got = state_dict[prefix + name]
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                error_msgs.append(
+                    f"size mismatch for {prefix + name}: copying {tuple(got.shape)} {got.dtype} into "
+                    f"{tuple(want.shape)} {want.dtype}"
+                )
+        if error_msgs:
+            return
+        with torch.no_grad():
+            self._store.invalidate()
+            for name, v in views.items():
+                v.copy_(state_dict[prefix + name])
+            flags = state_dict.get(prefix + "row_initialized")
+            self._store.initialized().copy_(flags if flags is not None else torch.ones((), dtype=torch.uint8))
+            self._store.written = True
+            self.step_count.copy_(state_dict[prefix + "step_count"])
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,194 @@
+"""Rows beyond the compute device: the record store and row cache of host- and file-placed
+EngramTables (docs/SPEC.md section 3).
+
+A table with placement "host" or "file" keeps every row in a *store*: one record per row, the
+weight and its optimizer state side by side (one fetch brings both), in host memory or in a
+memory-mapped file that can be larger than RAM (created sparse: never-written rows take no disk
+and no memory, and are initialised on their first fetch from the table's seed). The step computes
+on a *cache* of `cache_rows` slots: the EngramTable's own weight and state tensors, sized
+[cache_rows, ...] instead of [num_rows, ...]. Each lookup goes through the C++ op
+`_row_cache_fetch`, which maps rows to slots, evicts (LRU or LFU) with write-back, and fills;
+`prefetch(rows)` runs the same op for a later step on a background thread while the current one
+computes.
+
+Hazards and how they are excluded: the cache is the only copy of the rows it holds (a row is
+read from the store only when it is not cached, and was written back when evicted), and the
+slots of the steps still in flight are pinned: every fetch stamps its slots, and only slots whose
+stamp is older than the previous step's can be evicted. A step's rows stay pinned through its
+backward (where the fused update writes them) even while the next step's prefetch runs, as long
+as that backward runs before the second forward after it (every usual training loop).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.engram.*)
+
+CACHE_POLICIES = ("lru", "lfu")
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+class RowStore:
+    """The records of one table and the bookkeeping of its cache.
+
+    fields: the cache tensors ([S, ...] each; the weight first), in record order. The record of
+    row r holds, at 8-byte aligned offsets, each field's row, then one flag byte (0: never
+    written, the row is initialised on its first fetch)."""
+
+    def __init__(
+        self,
+        num_rows: int,
+        fields: list[torch.Tensor],
+        *,
+        placement: str,
+        path: str | None,
+        policy: str,
+        init_std: float,
+        seed: int,
+    ):
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"EngramTable: cache_policy must be one of {CACHE_POLICIES}, got {policy!r}")
+        S = fields[0].shape[0]
+        self.num_rows, self.num_slots = num_rows, S
+        self.fields = fields
+        self.policy = policy
+        self.init_std, self.seed = float(init_std), int(seed)
+        offsets, off = [], 0
+        for f in fields:
+            off = _align(off, 8)
+            offsets.append(off)
+            off += (f.numel() // S) * f.element_size() if S else 0
+        self.flag_offset = off
+        self.record_bytes = _align(off + 1, 8)
+        self.field_offsets = offsets
+        self.placement, self.path = placement, path
+        nbytes = num_rows * self.record_bytes
+        if placement == "file":
+            if path is None:
+                raise ValueError("EngramTable: placement='file' needs path= (the file that holds the rows)")
+            # A sparse file: creating a table larger than RAM writes nothing, and never-written
+            # records read as zeros (flag 0) without taking disk or memory.
+            # The file is created, or emptied: a table's rows come back through load_state_dict.
+            with open(path, "wb") as fh:
+                fh.truncate(nbytes)
+            self.records = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        elif placement == "host":
+            from .table import zeros_on_touch
+
+            self.records = zeros_on_touch((nbytes,), torch.uint8, "cpu")
+        else:
+            raise ValueError(f"RowStore: placement must be 'host' or 'file', got {placement!r}")
+        self.records = self.records.view(num_rows, self.record_bytes)
+        self.slot_of_row = _zeros_int32(num_rows)
+        self.slot_row = torch.full((S,), -1, dtype=torch.int64)
+        self.slot_meta = torch.zeros(S, 2, dtype=torch.int64)
+        self.slot_meta[:, 0] = -1
+        self.stats = torch.zeros(4, dtype=torch.int64)  # hits, misses, evictions, bytes moved
+        self.stamp = 0
+        self.written = False  # whether any record may be non-zero (a fresh store is all zeros)
+        self._prefetch: threading.Thread | None = None
+        self._prefetch_error: BaseException | None = None
+        self._prefetched_stamp: int | None = None
+
+    # ---- the per-step work ------------------------------------------------------------------
+    def _fetch(self, rows: torch.Tensor, stamp: int) -> torch.Tensor:
+        self.written = True
+        return torch.ops.engram._row_cache_fetch(
+            rows,
+            self.slot_of_row,
+            self.slot_row,
+            self.slot_meta,
+            self.records,
+            self.fields,
+            self.field_offsets,
+            stamp,
+            stamp - 1,  # pinned: the slots of this step and of the one before it
+            self.policy,
+            self.stats,
+            self.flag_offset,
+            self.init_std,
+            self.seed,
+        )
+
+    def fetch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slots of rows [..., H] for the step about to run (waits for its prefetch)."""
+        self.wait()
+        self.stamp = self._prefetched_stamp if self._prefetched_stamp is not None else self.stamp + 1
+        self._prefetched_stamp = None
+        return self._fetch(rows.detach().cpu(), self.stamp).to(rows.device)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Bring the rows of the next step into the cache on a background thread (returns at once);
+        the next fetch waits for it. One prefetch at a time: a second one waits for the first."""
+        self.wait()
+        stamp = self.stamp + 1
+        rows = rows.detach().cpu()
+
+        def run():
+            try:
+                self._fetch(rows, stamp)
+            except BaseException as e:  # re-raised by wait() on the caller's thread
+                self._prefetch_error = e
+
+        self._prefetched_stamp = stamp
+        self._prefetch = threading.Thread(target=run, name="engram-prefetch", daemon=True)
+        self._prefetch.start()
+
+    def wait(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+        if self._prefetch_error is not None:
+            err, self._prefetch_error = self._prefetch_error, None
+            self._prefetched_stamp = None
+            raise err
+
+    def flush(self) -> None:
+        """Write every cached row back to its record."""
+        self.wait()
+        torch.ops.engram._row_cache_flush(self.slot_row, self.records, self.fields, self.field_offsets)
+
+    def reset(self) -> None:
+        """Every row back to never written (initialised again on its first fetch)."""
+        self.invalidate()
+        if self.written:  # a fresh store already reads as zeros: touch nothing
+            self.records[:, self.flag_offset] = 0
+        self.written = False
+
+    def invalidate(self) -> None:
+        """Forget the cache (after the records were replaced, e.g. by a load)."""
+        self.wait()
+        held = self.slot_row[self.slot_row >= 0]
+        self.slot_of_row[held] = 0
+        self.slot_row.fill_(-1)
+        self.slot_meta[:, 0] = -1
+        self.slot_meta[:, 1] = 0
+
+    # ---- whole-table views of the records ---------------------------------------------------
+    def field_view(self, i: int, num_cols_shape: tuple[int, ...]) -> torch.Tensor:
+        """Field i of every record as a [num_rows, ...] tensor (a strided view of the records)."""
+        f = self.fields[i]
+        es = f.element_size()
+        width = (f.numel() // self.num_slots) * es
+        raw = self.records[:, self.field_offsets[i] : self.field_offsets[i] + width]
+        v = raw.view(f.dtype) if width else raw[:, :0].view(f.dtype)
+        return v.reshape(self.num_rows, *num_cols_shape) if num_cols_shape != v.shape[1:] else v
+
+    def initialized(self) -> torch.Tensor:
+        return self.records[:, self.flag_offset]
+
+    def statistics(self) -> dict[str, int]:
+        hits, misses, evictions, moved = (int(v) for v in self.stats)
+        return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
+
+
+def _zeros_int32(n: int) -> torch.Tensor:
+    from .table import zeros_on_touch
+
+    return zeros_on_touch((n,), torch.int32, "cpu")

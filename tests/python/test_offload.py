@@ -1,0 +1,186 @@
+"""Host- and file-placed EngramTables: training through the row cache (eviction, write-back,
+prefetch on a background thread) gives the same losses, weights and optimizer state, bit for
+bit, as the same training with the table on the device; adversarial cache schedules; sparse
+file creation; lazy initialisation; checkpoints."""
+
+import os
+import time
+
+import pytest
+import torch
+
+import torch_engram as te
+from torch_engram import EngramTable, checkpoint
+
+R, D, H = 4000, 16, 4
+
+
+def zipf_rows(step, n=48, power=3.0):
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.rand(n, H, generator=g) ** power * R).long().clamp_(max=R - 1)
+
+
+def tables(placement, tmp_path, cache_rows, policy="lru", **kw):
+    torch.manual_seed(0)
+    ref = EngramTable(R, D, lr=0.05, **kw)
+    path = str(tmp_path / "table.bin") if placement == "file" else None
+    t = EngramTable(R, D, lr=0.05, placement=placement, cache_rows=cache_rows, path=path, cache_policy=policy, **kw)
+    t.load_state_dict(ref.state_dict())
+    return ref, t
+
+
+def train(table, schedule, prefetch=False, dtype=torch.float32):
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(H * D, 1, dtype=dtype)
+    losses = []
+    for s, rows in enumerate(schedule):
+        e = table(rows)
+        if prefetch and s + 1 < len(schedule):
+            table.prefetch(schedule[s + 1])
+        loss = proj(e).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {k: v.clone() for k, v in table.state_dict().items()}
+
+
+def assert_same_training(ref, t, schedule, prefetch, dtype=torch.float32):
+    l_ref, s_ref = train(ref, schedule, dtype=dtype)
+    l_t, s_t = train(t, schedule, prefetch=prefetch, dtype=dtype)
+    assert l_t == l_ref
+    for k in ("weight", "momentum1", "momentum2", "row_step", "step_count"):
+        assert torch.equal(s_t[k], s_ref[k]), k
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd"])
+@pytest.mark.parametrize("placement", ["host", "file"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cached_training_equals_device_training_bitwise(tmp_path, optimizer, placement, prefetch):
+    # 60 Zipf steps, a cache far smaller than the rows touched: thousands of evictions.
+    ref, t = tables(placement, tmp_path, cache_rows=400, optimizer=optimizer)
+    schedule = [zipf_rows(s) for s in range(60)]
+    assert_same_training(ref, t, schedule, prefetch)
+    stats = t.cache_stats()
+    assert stats["evictions"] > 1000 and stats["hits"] > 0
+    assert stats["misses"] > stats["evictions"]  # the first misses filled free slots
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_bfloat16_and_both_policies(tmp_path, policy):
+    ref, t = tables("host", tmp_path, cache_rows=400, policy=policy, dtype=torch.bfloat16, stochastic_rounding=False)
+    assert_same_training(ref, t, [zipf_rows(s) for s in range(40)], prefetch=True, dtype=torch.bfloat16)
+
+
+def test_adversarial_schedules(tmp_path):
+    # The same rows in every step (updated in step t, read in step t + 1), rows that are all misses
+    # (disjoint steps), and a cache exactly as large as two steps' unique rows (the pinned set).
+    same = [torch.arange(40).view(10, H)] * 6
+    disjoint = [torch.arange(40 * s, 40 * (s + 1)).view(10, H) for s in range(6)]
+    mixed = [same[0], disjoint[1], same[0], disjoint[3], disjoint[4], same[0]]
+    schedule = same + disjoint + mixed
+    for prefetch in (False, True):
+        ref, t = tables("host", tmp_path, cache_rows=120, optimizer="adam")  # 3 steps of 40 rows
+        assert_same_training(ref, t, schedule, prefetch)
+        ref, t = tables("file", tmp_path, cache_rows=80 if not prefetch else 120, optimizer="adam")
+        assert_same_training(ref, t, schedule, prefetch)
+
+
+def test_a_cache_too_small_for_the_pinned_rows_says_so(tmp_path):
+    _, t = tables("host", tmp_path, cache_rows=50)
+    t(torch.arange(40).view(10, H)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"too small for this step.*raise cache_rows"):
+        t(torch.arange(40, 80).view(10, H))  # 40 new rows, only 10 slots are not pinned
+    # The failed fetch changed nothing: the next fetch of the cached rows is all hits.
+    before = t.cache_stats()
+    t(torch.arange(40).view(10, H))
+    assert t.cache_stats()["misses"] == before["misses"]
+
+
+def test_file_table_larger_than_ram_is_created_sparse(tmp_path):
+    # 48 GiB of bfloat16 rows (d_head 64 and Adam state: 392 bytes a record) on a 24 GiB machine:
+    # nothing is written, and the file takes no disk until rows are.
+    rows = 48 * 2**30 // 128
+    t0 = time.perf_counter()
+    t = EngramTable(
+        rows,
+        64,
+        dtype=torch.bfloat16,
+        stochastic_rounding=False,
+        placement="file",
+        path=str(tmp_path / "big.bin"),
+        cache_rows=4096,
+        optimizer="adam",
+    )
+    assert time.perf_counter() - t0 < 10
+    st = os.stat(tmp_path / "big.bin")
+    assert st.st_size >= 48 * 2**30 and st.st_blocks * 512 < 2**20
+    e = t(torch.tensor([[0, rows - 1, 12345, 7]]))
+    e.float().square().sum().backward()
+    assert os.stat(tmp_path / "big.bin").st_blocks * 512 < 2**24
+
+
+def test_lazy_initialisation_depends_on_the_seed_only(tmp_path):
+    a = EngramTable(R, D, placement="host", cache_rows=64, seed=3)
+    b = EngramTable(R, D, placement="file", path=str(tmp_path / "b.bin"), cache_rows=64, seed=3)
+    c = EngramTable(R, D, placement="host", cache_rows=64, seed=4)
+    with torch.no_grad():
+        ea = a(torch.tensor([[5, 9, 3000, 1]]))
+        b(torch.tensor([[3000, 2, 2, 2]]))  # another order of first fetches
+        eb = b(torch.tensor([[5, 9, 3000, 1]]))
+        ec = c(torch.tensor([[5, 9, 3000, 1]]))
+    assert torch.equal(ea, eb) and not torch.equal(ea, ec)
+    assert 0.5 < float(ea.std()) < 1.5  # N(0, init_std^2)
+
+
+def test_checkpoint_round_trip_of_a_file_table(tmp_path):
+    _, t = tables("file", tmp_path, cache_rows=400, optimizer="adam")
+    train(t, [zipf_rows(s) for s in range(10)])
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", torch.nn.ModuleDict({"t": t}))
+    expect = {k: v.clone() for k, v in t.state_dict().items()}
+    train(t, [zipf_rows(s) for s in range(10, 15)])  # move on, then restore
+    u = EngramTable(R, D, lr=0.05, optimizer="adam", placement="file", path=str(tmp_path / "u.bin"), cache_rows=400)
+    checkpoint.load_checkpoint(tmp_path / "ckpt.pt", torch.nn.ModuleDict({"t": u}))
+    got = u.state_dict()
+    for k, v in expect.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_engram_layer_with_a_host_table_and_prefetch():
+    torch.manual_seed(0)
+    cfg = te.EngramConfig(
+        engram_vocab_size=(211, 307),
+        max_ngram_size=3,
+        n_embed_per_ngram=8,
+        n_head_per_ngram=2,
+        layer_ids=(1,),
+        pad_id=0,
+        compressed_vocab_size=50,
+    )
+    hasher = te.NgramHasher(cfg)
+    dev = te.Engram(cfg, 1, 16, hasher=hasher)
+    host = te.Engram(cfg, 1, 16, hasher=hasher, table_options=dict(placement="host", cache_rows=512))
+    host.load_state_dict(dev.state_dict())
+    ids = [torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    x = torch.randn(2, 12, 16)
+    for s in range(4):
+        outs = []
+        for mod in (dev, host):
+            out = mod(x, input_ids=ids[s])
+            if mod is host and s + 1 < 4:
+                mod.prefetch(ids[s + 1])
+            out.square().sum().backward()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+    assert torch.equal(dev.state_dict()["table.weight"], host.state_dict()["table.weight"])
+
+
+def test_cached_placements_reject_what_they_do_not_support(tmp_path):
+    with pytest.raises(ValueError, match="grad='fused'"):
+        EngramTable(R, D, placement="host", cache_rows=10, grad="sparse")
+    with pytest.raises(ValueError, match="cache_rows"):
+        EngramTable(R, D, placement="host")
+    with pytest.raises(ValueError, match="path="):
+        EngramTable(R, D, placement="file", cache_rows=10)
+    with pytest.raises(ValueError, match="stochastic_rounding=False"):
+        EngramTable(R, D, placement="host", cache_rows=10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cache_policy"):
+        EngramTable(R, D, placement="host", cache_rows=10, cache_policy="fifo")
