@@ -104,14 +104,16 @@ TORCH_LIBRARY(engram, m) {
   // Brings the rows of one step into the cache: rows [..., H] of a table whose records live in
   // store [R, record_bytes] (uint8; each record holds the row's weight and optimizer state at
   // field_offsets), cached in the fields `cache` ([S, ...] each). Misses evict the slots not
-  // pinned (last stamp < keep_from), LRU or LFU, writing them back first. Returns the slot of
+  // pinned (last stamp < keep_from), LRU (lru_links: the slots' order, [S + 1, 2]) or LFU, writing
+  // them back first. Returns the slot of
   // every lookup ([..., H] int64); stats [4] accumulates hits, misses, evictions, bytes moved.
   // With flag_offset >= 0, a record whose byte at flag_offset is 0 has never been written: it is
   // initialised on its first fetch (weight, the first field, init_std * N(0, 1) from a counter-based
   // generator of (init_seed, row, column); the other fields zero) and flagged.
   m.def(
       "_row_cache_fetch(Tensor rows, Tensor(a!) slot_of_row, Tensor(b!) slot_row, Tensor(c!) slot_meta, "
-      "Tensor(d!) store, Tensor(e!)[] cache, int[] field_offsets, int stamp, int keep_from, str policy, "
+      "Tensor(g!) lru_links, Tensor(d!) store, Tensor(e!)[] cache, int[] field_offsets, int stamp, int keep_from, str "
+      "policy, "
       "Tensor(f!) stats, int flag_offset, float init_std, int init_seed) -> Tensor");
   // Writes every cached row back to its record.
   m.def("_row_cache_flush(Tensor slot_row, Tensor(a!) store, Tensor[] cache, int[] field_offsets) -> ()");

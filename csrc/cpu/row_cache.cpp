@@ -53,30 +53,74 @@ uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// N(0, 1) of (seed, row, column), Box-Muller on two 53-bit uniforms: independent of the order
-// rows are first fetched in, so a table's initial values depend on its seed alone.
-double normal_of(uint64_t seed, int64_t row, int64_t col) {
-  const uint64_t h = mix64(seed ^ mix64(static_cast<uint64_t>(row) * 0x100000001B3ULL ^ static_cast<uint64_t>(col)));
-  const uint64_t h2 = mix64(h);
-  const double u1 = (static_cast<double>(h >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]
-  const double u2 = static_cast<double>(h2 >> 11) * 0x1.0p-53;
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+// N(0, 1) values of row `row`, two per (seed, row, pair) hash by Box-Muller on two 32-bit
+// uniforms: independent of the order rows are first fetched in, so a table's initial values
+// depend on its seed alone.
+template <typename scalar_t>
+void normal_row(uint64_t seed, int64_t row, double std, scalar_t* out, int64_t cols) {
+  const uint64_t row_key = mix64(seed ^ mix64(static_cast<uint64_t>(row)));
+  for (int64_t j = 0; j < cols; j += 2) {
+    const uint64_t h = mix64(row_key ^ static_cast<uint64_t>(j));
+    const float u1 = (static_cast<float>(h >> 40) + 1.0f) * 0x1.0p-24f;  // (0, 1]
+    const float u2 = static_cast<float>((h >> 8) & 0xFFFFFF) * 0x1.0p-24f;
+    const float r = std::sqrt(-2.0f * std::log(u1)) * static_cast<float>(std);
+    const float a = 6.2831853f * u2;
+    out[j] = static_cast<scalar_t>(r * std::cos(a));
+    if (j + 1 < cols) out[j + 1] = static_cast<scalar_t>(r * std::sin(a));
+  }
 }
 
 void init_record(char* rec, int64_t row, const std::vector<Field>& fields, const LazyInit& init) {
   for (const Field& f : fields) std::memset(rec + f.offset, 0, f.bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, init.dtype, "row_cache_init", [&] {
-    auto* w = reinterpret_cast<scalar_t*>(rec + fields[0].offset);
-    for (int64_t j = 0; j < init.cols; ++j) w[j] = static_cast<scalar_t>(init.std * normal_of(init.seed, row, j));
+    normal_row(init.seed, row, init.std, reinterpret_cast<scalar_t*>(rec + fields[0].offset), init.cols);
   });
   rec[init.flag_offset] = 1;
 }
 
+// The LRU order of the used slots: a circular doubly linked list through links [S + 1, 2]
+// (prev, next) with its sentinel at index S, least recently touched first. Fetches come in stamp
+// order, so the list is also sorted by stamp, and the pinned slots (the newest stamps) are its
+// tail: victims are taken from the head in O(victims).
+struct LruList {
+  int64_t* links;
+  int64_t S;
+  int64_t& prev(int64_t s) const { return links[2 * s]; }
+  int64_t& next(int64_t s) const { return links[2 * s + 1]; }
+  void unlink(int64_t s) const {
+    next(prev(s)) = next(s);
+    prev(next(s)) = prev(s);
+  }
+  void push_back(int64_t s) const {
+    const int64_t tail = prev(S);
+    next(tail) = s;
+    prev(s) = tail;
+    next(s) = S;
+    prev(S) = s;
+  }
+  int64_t head() const { return next(S); }
+};
+
+// Slots fill from 0 upwards and are freed only all together (invalidate), so the free ones are
+// a suffix: the first free slot, by binary search.
+int64_t first_free_slot(const int64_t* slot_row, int64_t S) {
+  int64_t lo = 0, hi = S;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (slot_row[mid] >= 0) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 template <typename index_t>
 at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int64_t* slot_row, int64_t* meta,
-                      char* store, int64_t record_stride, int64_t R, int64_t S, const std::vector<Field>& fields,
-                      int64_t stamp, int64_t keep_from, CachePolicy policy, int64_t* stats, const LazyInit& init,
-                      at::TensorOptions options) {
+                      const LruList& lru, char* store, int64_t record_stride, int64_t R, int64_t S,
+                      const std::vector<Field>& fields, int64_t stamp, int64_t keep_from, CachePolicy policy,
+                      int64_t* stats, const LazyInit& init, at::TensorOptions options) {
   // 1. Hits touch their slot once per call; misses are collected in order of first appearance.
   std::vector<int64_t> missing;
   int64_t hits = 0;
@@ -90,6 +134,10 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
         m[0] = stamp;
         m[1] += 1;
         ++hits;
+        if (policy == CachePolicy::kLru) {
+          lru.unlink(s1 - 1);
+          lru.push_back(s1 - 1);
+        }
       }
     } else if (s1 == 0) {
       slot_of_row[r] = -1;  // seen missing in this call: counted once
@@ -99,46 +147,54 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
   const int64_t k = static_cast<int64_t>(missing.size());
   int64_t evictions = 0;
   if (k > 0) {
-    // 2. Victims: the k best evictable slots (free slots first: stamp -1).
-    std::vector<int64_t> candidates;
-    candidates.reserve(S);
-    for (int64_t s = 0; s < S; ++s) {
-      if (slot_row[s] < 0 || meta[2 * s] < keep_from) candidates.push_back(s);
+    // 2. Victims: free slots first, then the best evictable ones: the LRU list's head, or for
+    // LFU the fewest uses (then the oldest stamp, then the slot) over a scan of the used slots.
+    std::vector<int64_t> victims;
+    victims.reserve(k);
+    const int64_t used = first_free_slot(slot_row, S);
+    for (int64_t s = used; s < S && static_cast<int64_t>(victims.size()) < k; ++s) victims.push_back(s);
+    const int64_t need = k - static_cast<int64_t>(victims.size());
+    int64_t evictable = 0;
+    if (need > 0 && policy == CachePolicy::kLru) {
+      for (int64_t s = lru.head(); s != S && evictable < need && meta[2 * s] < keep_from; s = lru.next(s)) {
+        victims.push_back(s);
+        ++evictable;
+      }
+    } else if (need > 0) {
+      std::vector<int64_t> candidates;
+      for (int64_t s = 0; s < used; ++s) {
+        if (meta[2 * s] < keep_from) candidates.push_back(s);
+      }
+      auto key_less = [&](int64_t a, int64_t b) {
+        const int64_t* ma = meta + 2 * a;
+        const int64_t* mb = meta + 2 * b;
+        if (ma[1] != mb[1]) return ma[1] < mb[1];
+        if (ma[0] != mb[0]) return ma[0] < mb[0];
+        return a < b;
+      };
+      evictable = static_cast<int64_t>(candidates.size());
+      if (evictable > need) {
+        std::nth_element(candidates.begin(), candidates.begin() + need, candidates.end(), key_less);
+        candidates.resize(need);
+      }
+      std::sort(candidates.begin(), candidates.end(), key_less);
+      victims.insert(victims.end(), candidates.begin(), candidates.end());
     }
-    if (static_cast<int64_t>(candidates.size()) < k) {
-      for (int64_t r : missing) slot_of_row[r] = 0;  // leave the cache as it was
+    if (static_cast<int64_t>(victims.size()) < k) {
+      for (int64_t r : missing) slot_of_row[r] = 0;  // leave the cache as it was (touches aside)
       TORCH_CHECK(false, "row_cache_fetch: the cache of ", S, " rows is too small for this step: ", k,
-                  " rows are not cached and only ", candidates.size(),
+                  " rows are not cached and only ", victims.size(),
                   " slots may be evicted (the others hold rows of steps still in flight); raise cache_rows");
     }
-    auto key_less = [&](int64_t a, int64_t b) {
-      const bool fa = slot_row[a] < 0, fb = slot_row[b] < 0;
-      if (fa != fb) return fa;
-      const int64_t* ma = meta + 2 * a;
-      const int64_t* mb = meta + 2 * b;
-      if (policy == CachePolicy::kLru) {
-        if (ma[0] != mb[0]) return ma[0] < mb[0];
-        if (ma[1] != mb[1]) return ma[1] < mb[1];
-      } else {
-        if (ma[1] != mb[1]) return ma[1] < mb[1];
-        if (ma[0] != mb[0]) return ma[0] < mb[0];
-      }
-      return a < b;
-    };
-    if (static_cast<int64_t>(candidates.size()) > k) {
-      std::nth_element(candidates.begin(), candidates.begin() + k, candidates.end(), key_less);
-      candidates.resize(k);
-    }
-    std::sort(candidates.begin(), candidates.end(), key_less);
     // 3. Write-back of the victims' rows, then the fill; victims and missing rows are distinct.
     std::vector<int64_t> old_row(k);
     for (int64_t j = 0; j < k; ++j) {
-      old_row[j] = slot_row[candidates[j]];
+      old_row[j] = slot_row[victims[j]];
       evictions += old_row[j] >= 0;
     }
     at::parallel_for(0, k, 64, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t s = candidates[j];
+        const int64_t s = victims[j];
         if (old_row[j] >= 0) {
           char* rec = store + old_row[j] * record_stride;
           for (const Field& f : fields) std::memcpy(rec + f.offset, f.cache + s * f.bytes, f.bytes);
@@ -149,12 +205,16 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
       }
     });
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t s = candidates[j];
+      const int64_t s = victims[j];
       if (old_row[j] >= 0) slot_of_row[old_row[j]] = 0;
       slot_of_row[missing[j]] = static_cast<int32_t>(s + 1);
       slot_row[s] = missing[j];
       meta[2 * s] = stamp;
       meta[2 * s + 1] = 1;
+      if (policy == CachePolicy::kLru) {
+        if (old_row[j] >= 0) lru.unlink(s);
+        lru.push_back(s);
+      }
     }
   }
   // 4. The slot of every lookup.
@@ -171,10 +231,14 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
 }
 
 at::Tensor row_cache_fetch_cpu(const at::Tensor& rows, const at::Tensor& slot_of_row, const at::Tensor& slot_row,
-                               const at::Tensor& slot_meta, const at::Tensor& store, at::TensorList cache,
-                               at::IntArrayRef field_offsets, int64_t stamp, int64_t keep_from, c10::string_view policy,
-                               const at::Tensor& stats, int64_t flag_offset, double init_std, int64_t init_seed) {
+                               const at::Tensor& slot_meta, const at::Tensor& lru_links, const at::Tensor& store,
+                               at::TensorList cache, at::IntArrayRef field_offsets, int64_t stamp, int64_t keep_from,
+                               c10::string_view policy, const at::Tensor& stats, int64_t flag_offset, double init_std,
+                               int64_t init_seed) {
   check_row_cache_args(rows, slot_of_row, slot_row, slot_meta, store, cache, field_offsets, stats);
+  TORCH_CHECK(lru_links.sizes() == at::IntArrayRef({slot_row.size(0) + 1, 2}) && lru_links.scalar_type() == at::kLong &&
+                  lru_links.is_contiguous() && lru_links.device().is_cpu(),
+              "row_cache_fetch: lru_links must be contiguous int64 [num_slots + 1, 2], got ", lru_links.sizes());
   TORCH_CHECK(flag_offset < store.size(1), "row_cache_fetch: flag_offset (", flag_offset,
               ") must lie inside a record of ", store.size(1), " bytes");
   TORCH_CHECK(std::isfinite(init_std) && init_std >= 0, "row_cache_fetch: init_std must be finite and >= 0, got ",
@@ -196,8 +260,9 @@ at::Tensor row_cache_fetch_cpu(const at::Tensor& rows, const at::Tensor& slot_of
   AT_DISPATCH_INDEX_TYPES(rows_c.scalar_type(), "row_cache_fetch", [&] {
     slots = fetch_impl<index_t>(rows_c.const_data_ptr<index_t>(), rows_c.numel(), slot_of_row.data_ptr<int32_t>(),
                                 slot_row.data_ptr<int64_t>(), slot_meta.data_ptr<int64_t>(),
-                                static_cast<char*>(store.data_ptr()), store.stride(0), store.size(0), S, fields, stamp,
-                                keep_from, pol, stats.data_ptr<int64_t>(), init, rows.options().dtype(at::kLong));
+                                LruList{lru_links.data_ptr<int64_t>(), S}, static_cast<char*>(store.data_ptr()),
+                                store.stride(0), store.size(0), S, fields, stamp, keep_from, pol,
+                                stats.data_ptr<int64_t>(), init, rows.options().dtype(at::kLong));
   });
   return slots.view(rows.sizes());
 }

@@ -201,6 +201,7 @@ def _row_cache_fetch_fake(
     slot_of_row,
     slot_row,
     slot_meta,
+    lru_links,
     store,
     cache,
     field_offsets,

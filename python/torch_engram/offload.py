@@ -89,6 +89,7 @@ class RowStore:
         self.slot_row = torch.full((S,), -1, dtype=torch.int64)
         self.slot_meta = torch.zeros(S, 2, dtype=torch.int64)
         self.slot_meta[:, 0] = -1
+        self.lru_links = torch.full((S + 1, 2), S, dtype=torch.int64)  # empty list: the sentinel S alone
         self.stats = torch.zeros(4, dtype=torch.int64)  # hits, misses, evictions, bytes moved
         self.stamp = 0
         self.written = False  # whether any record may be non-zero (a fresh store is all zeros)
@@ -104,6 +105,7 @@ class RowStore:
             self.slot_of_row,
             self.slot_row,
             self.slot_meta,
+            self.lru_links,
             self.records,
             self.fields,
             self.field_offsets,
@@ -169,6 +171,7 @@ class RowStore:
         self.slot_row.fill_(-1)
         self.slot_meta[:, 0] = -1
         self.slot_meta[:, 1] = 0
+        self.lru_links.fill_(self.num_slots)
 
     # ---- whole-table views of the records ---------------------------------------------------
     def field_view(self, i: int, num_cols_shape: tuple[int, ...]) -> torch.Tensor:

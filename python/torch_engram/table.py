@@ -165,7 +165,7 @@ class EngramTable(nn.Module):
         init: bool = True,
         placement: str = "device",
         cache_rows: int | None = None,
-        cache_policy: str = "lru",
+        cache_policy: str = "lfu",
         path: str | None = None,
         device=None,
         dtype=None,
