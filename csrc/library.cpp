@@ -107,14 +107,17 @@ TORCH_LIBRARY(engram, m) {
   // pinned (last stamp < keep_from), LRU (lru_links: the slots' order, [S + 1, 2]) or LFU, writing
   // them back first. Returns the slot of
   // every lookup ([..., H] int64); stats [4] accumulates hits, misses, evictions, bytes moved.
-  // With flag_offset >= 0, a record whose byte at flag_offset is 0 has never been written: it is
-  // initialised on its first fetch (weight, the first field, init_std * N(0, 1) from a counter-based
-  // generator of (init_seed, row, column); the other fields zero) and flagged.
+  // With flag_offset >= 0, a record whose byte at flag_offset is 0 has never been written: its slot
+  // is initialised on the row's first fetch (weight, the first field, init_std * N(0, 1) from a
+  // counter-based generator of (init_seed, row); the other fields zero), and the record is written
+  // and flagged when the row is written back.
   m.def(
       "_row_cache_fetch(Tensor rows, Tensor(a!) slot_of_row, Tensor(b!) slot_row, Tensor(c!) slot_meta, "
       "Tensor(g!) lru_links, Tensor(d!) store, Tensor(e!)[] cache, int[] field_offsets, int stamp, int keep_from, str "
       "policy, "
       "Tensor(f!) stats, int flag_offset, float init_std, int init_seed) -> Tensor");
-  // Writes every cached row back to its record.
-  m.def("_row_cache_flush(Tensor slot_row, Tensor(a!) store, Tensor[] cache, int[] field_offsets) -> ()");
+  // Writes every cached row back to its record (and flags it written when flag_offset >= 0).
+  m.def(
+      "_row_cache_flush(Tensor slot_row, Tensor(a!) store, Tensor[] cache, int[] field_offsets, int flag_offset) -> "
+      "()");
 }

@@ -70,12 +70,14 @@ void normal_row(uint64_t seed, int64_t row, double std, scalar_t* out, int64_t c
   }
 }
 
-void init_record(char* rec, int64_t row, const std::vector<Field>& fields, const LazyInit& init) {
-  for (const Field& f : fields) std::memset(rec + f.offset, 0, f.bytes);
+// A never-written row straight into its slot: the record stays untouched (a sparse file keeps no
+// block for it) until the row is written back.
+void init_slot(int64_t slot, int64_t row, const std::vector<Field>& fields, const LazyInit& init) {
+  for (const Field& f : fields) std::memset(f.cache + slot * f.bytes, 0, f.bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, init.dtype, "row_cache_init", [&] {
-    normal_row(init.seed, row, init.std, reinterpret_cast<scalar_t*>(rec + fields[0].offset), init.cols);
+    normal_row(init.seed, row, init.std, reinterpret_cast<scalar_t*>(fields[0].cache + slot * fields[0].bytes),
+               init.cols);
   });
-  rec[init.flag_offset] = 1;
 }
 
 // The LRU order of the used slots: a circular doubly linked list through links [S + 1, 2]
@@ -198,10 +200,14 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
         if (old_row[j] >= 0) {
           char* rec = store + old_row[j] * record_stride;
           for (const Field& f : fields) std::memcpy(rec + f.offset, f.cache + s * f.bytes, f.bytes);
+          if (init.flag_offset >= 0) rec[init.flag_offset] = 1;
         }
-        char* rec = store + missing[j] * record_stride;
-        if (init.flag_offset >= 0 && rec[init.flag_offset] == 0) init_record(rec, missing[j], fields, init);
-        for (const Field& f : fields) std::memcpy(f.cache + s * f.bytes, rec + f.offset, f.bytes);
+        const char* rec = store + missing[j] * record_stride;
+        if (init.flag_offset >= 0 && rec[init.flag_offset] == 0) {
+          init_slot(s, missing[j], fields, init);
+        } else {
+          for (const Field& f : fields) std::memcpy(f.cache + s * f.bytes, rec + f.offset, f.bytes);
+        }
       }
     });
     for (int64_t j = 0; j < k; ++j) {
@@ -270,13 +276,14 @@ at::Tensor row_cache_fetch_cpu(const at::Tensor& rows, const at::Tensor& slot_of
 // Writes every cached row back to its record (a checkpoint, or the end of training); the cache
 // keeps its rows.
 void row_cache_flush_cpu(const at::Tensor& slot_row, const at::Tensor& store, at::TensorList cache,
-                         at::IntArrayRef field_offsets) {
+                         at::IntArrayRef field_offsets, int64_t flag_offset) {
   TORCH_CHECK(slot_row.device().is_cpu() && store.device().is_cpu(), "row_cache_flush: runs on the CPU for now");
   TORCH_CHECK(slot_row.dim() == 1 && slot_row.scalar_type() == at::kLong && slot_row.is_contiguous(),
               "row_cache_flush: slot_row must be contiguous int64 [num_slots]");
   TORCH_CHECK(store.dim() == 2 && store.scalar_type() == at::kByte && store.stride(1) == 1,
               "row_cache_flush: store must be uint8 [num_rows, record_bytes] with contiguous records");
   TORCH_CHECK(cache.size() == field_offsets.size(), "row_cache_flush: one record offset per cache field is needed");
+  TORCH_CHECK(flag_offset < store.size(1), "row_cache_flush: flag_offset must lie inside a record");
   const int64_t S = slot_row.size(0), R = store.size(0);
   const int64_t* held = slot_row.const_data_ptr<int64_t>();
   char* base = static_cast<char*>(store.data_ptr());
@@ -289,6 +296,7 @@ void row_cache_flush_cpu(const at::Tensor& slot_row, const at::Tensor& store, at
         const int64_t bytes = cache[i].numel() / S * static_cast<int64_t>(cache[i].element_size());
         std::memcpy(rec + field_offsets[i], static_cast<const char*>(cache[i].const_data_ptr()) + s * bytes, bytes);
       }
+      if (flag_offset >= 0) rec[flag_offset] = 1;
     }
   });
 }

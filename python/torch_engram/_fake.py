@@ -217,5 +217,5 @@ def _row_cache_fetch_fake(
 
 
 @torch.library.register_fake("engram::_row_cache_flush")
-def _row_cache_flush_fake(slot_row, store, cache, field_offsets):
+def _row_cache_flush_fake(slot_row, store, cache, field_offsets, flag_offset):
     return None

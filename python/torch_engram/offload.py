@@ -21,6 +21,8 @@ as that backward runs before the second forward after it (every usual training l
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import torch
@@ -78,6 +80,7 @@ class RowStore:
             with open(path, "wb") as fh:
                 fh.truncate(nbytes)
             self.records = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            _advise_random(self.records)
         elif placement == "host":
             from .table import zeros_on_touch
 
@@ -154,7 +157,9 @@ class RowStore:
     def flush(self) -> None:
         """Write every cached row back to its record."""
         self.wait()
-        torch.ops.engram._row_cache_flush(self.slot_row, self.records, self.fields, self.field_offsets)
+        torch.ops.engram._row_cache_flush(
+            self.slot_row, self.records, self.fields, self.field_offsets, self.flag_offset
+        )
 
     def reset(self) -> None:
         """Every row back to never written (initialised again on its first fetch)."""
@@ -189,6 +194,23 @@ class RowStore:
     def statistics(self) -> dict[str, int]:
         hits, misses, evictions, moved = (int(v) for v in self.stats)
         return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
+
+
+def _advise_random(t: torch.Tensor) -> None:
+    """madvise(MADV_RANDOM) on a file mapping: rows are read at random, and the kernel's default
+    readahead turns each page fault into a fault on a large window (measured here: 3.3 ms per
+    fault on a sparse file, 6 us with the advice). Advice only: nothing changes where it fails."""
+    if sys.platform != "linux" or t.numel() == 0:
+        return
+    try:
+        import ctypes
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = t.data_ptr() // page * page
+        end = t.data_ptr() + t.numel() * t.element_size()
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 1)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 def _zeros_int32(n: int) -> torch.Tensor:
