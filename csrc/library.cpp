@@ -90,14 +90,18 @@ TORCH_LIBRARY(engram, m) {
   // with no gradient tensor formed. grad_e [..., H * d_head] in the weight's dtype, rows [..., H].
   m.def(
       "_multihead_gather_fused_update(Tensor grad_e, Tensor rows, Tensor(a!) weight, Tensor(b!) momentum1, "
-      "Tensor(c!) momentum2, Tensor(d!) row_step, Tensor(e!) step, Tensor hparams, str optimizer, int seed) -> ()");
+      "Tensor(c!) momentum2, Tensor(d!) row_step, Tensor(e!) step, Tensor hparams, str optimizer, int seed, "
+      "Tensor? row_ids=None) -> ()");
+  // row_ids [R] (optional): the table row that each weight row holds, when the weight is a cache of
+  // a larger table; stochastic rounding draws its bits for that row, so a cached table rounds as
+  // the same table on the device would.
   // multihead_gather whose backward is multihead_gather_fused_update on the same weight and state:
   // the table learns inside backward and gets no gradient (weight.grad stays None). The forward
   // reads the state tensors only to hand them to backward. A weight that does not require grad
   // is not updated (frozen).
   m.def(
       "multihead_gather_fused(Tensor weight, Tensor rows, Tensor momentum1, Tensor momentum2, Tensor row_step, "
-      "Tensor step, Tensor hparams, str optimizer, int seed) -> Tensor");
+      "Tensor step, Tensor hparams, str optimizer, int seed, Tensor? row_ids=None) -> Tensor");
   // ---- end of table optimizer ops ----
 
   // ---- row cache of host- and file-placed tables (docs/SPEC.md section 3) ----

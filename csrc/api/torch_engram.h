@@ -56,11 +56,13 @@ inline at::Tensor short_conv(const at::Tensor& u, const at::Tensor& norm_weight,
 inline at::Tensor multihead_gather_fused(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& momentum1,
                                          const at::Tensor& momentum2, const at::Tensor& row_step,
                                          const at::Tensor& step, const at::Tensor& hparams,
-                                         const std::string& optimizer, int64_t seed = -1) {
-  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+                                         const std::string& optimizer, int64_t seed = -1,
+                                         const std::optional<at::Tensor>& row_ids = std::nullopt) {
+  using Sig =
+      at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                 const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, const std::optional<at::Tensor>&);
   return detail::op<Sig>("engram::multihead_gather_fused")
-      .call(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed);
+      .call(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed, row_ids);
 }
 
 }  // namespace torch_engram

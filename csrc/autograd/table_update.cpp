@@ -25,7 +25,8 @@ using torch::autograd::variable_list;
 using T = const at::Tensor&;
 
 using UpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t);
-using FusedUpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t);
+using OptT = const std::optional<at::Tensor>&;
+using FusedUpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t, OptT);
 
 const c10::TypedOperatorHandle<UpdateFn>& update_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("engram::table_update", "").typed<UpdateFn>();
@@ -69,17 +70,17 @@ void table_update_inplace(T weight, T m1, T m2, T row_step, T step, T rows, T gr
 }
 
 void fused_update_autograd(T grad_e, T rows, T weight, T m1, T m2, T row_step, T step, T hparams,
-                           c10::string_view optimizer, int64_t seed) {
+                           c10::string_view optimizer, int64_t seed, OptT row_ids) {
   refuse_tracked("multihead_gather_fused_update", {&grad_e, &weight, &m1, &m2});
   at::AutoDispatchBelowAutograd guard;
-  fused_update_op().call(grad_e, rows, weight, m1, m2, row_step, step, hparams, optimizer, seed);
+  fused_update_op().call(grad_e, rows, weight, m1, m2, row_step, step, hparams, optimizer, seed, row_ids);
 }
 
 void fused_update_inplace(T grad_e, T rows, T weight, T m1, T m2, T row_step, T step, T hparams,
-                          c10::string_view optimizer, int64_t seed) {
+                          c10::string_view optimizer, int64_t seed, OptT row_ids) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    fused_update_op().call(grad_e, rows, weight, m1, m2, row_step, step, hparams, optimizer, seed);
+    fused_update_op().call(grad_e, rows, weight, m1, m2, row_step, step, hparams, optimizer, seed, row_ids);
   }
   bump({&weight, &m1, &m2, &row_step, &step});
 }
@@ -91,21 +92,21 @@ at::Tensor call_gather(T weight, T rows) {
 }
 
 // Every backend's forward: the plain gather (the state only travels to backward).
-at::Tensor multihead_gather_fused_forward(T weight, T rows, T, T, T, T, T, c10::string_view, int64_t) {
+at::Tensor multihead_gather_fused_forward(T weight, T rows, T, T, T, T, T, c10::string_view, int64_t, OptT) {
   return call_gather(weight, rows);
 }
 
 class MultiheadGatherFused : public torch::autograd::Function<MultiheadGatherFused> {
  public:
   static at::Tensor forward(AutogradContext* ctx, T weight, T rows, T m1, T m2, T row_step, T step, T hparams,
-                            c10::string_view optimizer, int64_t seed) {
+                            c10::string_view optimizer, int64_t seed, OptT row_ids) {
     at::Tensor e;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       static auto op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("engram::multihead_gather_fused", "")
-                           .typed<at::Tensor(T, T, T, T, T, T, T, c10::string_view, int64_t)>();
-      e = op.call(weight, rows, m1, m2, row_step, step, hparams, optimizer, seed);
+                           .typed<at::Tensor(T, T, T, T, T, T, T, c10::string_view, int64_t, OptT)>();
+      e = op.call(weight, rows, m1, m2, row_step, step, hparams, optimizer, seed, row_ids);
     }
     ctx->save_for_backward({rows});
     ctx->saved_data["weight"] = weight;
@@ -116,6 +117,7 @@ class MultiheadGatherFused : public torch::autograd::Function<MultiheadGatherFus
     ctx->saved_data["hparams"] = hparams;
     ctx->saved_data["optimizer"] = std::string(optimizer.data(), optimizer.size());
     ctx->saved_data["seed"] = seed;
+    ctx->saved_data["row_ids"] = row_ids.has_value() ? c10::IValue(*row_ids) : c10::IValue();
     return e;
   }
 
@@ -129,16 +131,17 @@ class MultiheadGatherFused : public torch::autograd::Function<MultiheadGatherFus
       fused_update_op().call(grad_e, rows, ctx->saved_data["weight"].toTensor(),
                              ctx->saved_data["momentum1"].toTensor(), ctx->saved_data["momentum2"].toTensor(),
                              ctx->saved_data["row_step"].toTensor(), ctx->saved_data["step"].toTensor(),
-                             ctx->saved_data["hparams"].toTensor(), optimizer, ctx->saved_data["seed"].toInt());
+                             ctx->saved_data["hparams"].toTensor(), optimizer, ctx->saved_data["seed"].toInt(),
+                             ctx->saved_data["row_ids"].toOptional<at::Tensor>());
     }
     // No gradient for anything: the weight has already learnt.
-    return variable_list(9);
+    return variable_list(10);
   }
 };
 
 at::Tensor multihead_gather_fused_autograd(T weight, T rows, T m1, T m2, T row_step, T step, T hparams,
-                                           c10::string_view optimizer, int64_t seed) {
-  return MultiheadGatherFused::apply(weight, rows, m1, m2, row_step, step, hparams, optimizer, seed);
+                                           c10::string_view optimizer, int64_t seed, OptT row_ids) {
+  return MultiheadGatherFused::apply(weight, rows, m1, m2, row_step, step, hparams, optimizer, seed, row_ids);
 }
 
 }  // namespace

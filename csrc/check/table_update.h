@@ -5,7 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
 #include <ATen/OpMathType.h>
+#include <optional>
 
 #include <cmath>
 #include <string>
@@ -144,6 +146,19 @@ void dispatch_table_optimizer(const TableUpdateArgs& a, const F& run) {
       run(std::integral_constant<TO, TO::kRowwiseAdagrad>{}, acc_t{});
       break;
   }
+}
+
+// row_ids of a cached table: [weight.size(0)] int64 on the weight's device; the row each slot holds.
+inline const int64_t* check_row_ids(const char* op, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& row_ids) {
+  if (!row_ids.has_value()) return nullptr;
+  const at::Tensor& r = *row_ids;
+  TORCH_CHECK(r.dim() == 1 && r.size(0) == weight.size(0) && r.scalar_type() == at::kLong && r.is_contiguous(), op,
+              ": row_ids must be contiguous int64 [", weight.size(0), "] (the table row of every weight row), got ",
+              r.scalar_type(), " ", r.sizes());
+  TORCH_CHECK(r.device() == weight.device(), op, ": row_ids must be on the weight's device ", weight.device(), ", got ",
+              r.device());
+  return r.const_data_ptr<int64_t>();
 }
 
 }  // namespace engram

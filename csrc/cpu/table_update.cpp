@@ -45,6 +45,7 @@ struct RowUpdate {
   bool sr;
   uint64_t seed;
   int64_t step;
+  const int64_t* row_ids;  // the table row each weight row holds (a cache), or nullptr
 
   void prefetch(int64_t r) const {
     prefetch_bytes(w + r * D, D * static_cast<int64_t>(sizeof(table_t)));
@@ -72,9 +73,9 @@ struct RowUpdate {
       if constexpr (O == TableOptimizer::kAdam) vi = static_cast<acc_t>(vr[j]);
       table_elem<acc_t>(O, c, wi, mi, vi, g[j]);
       if constexpr (std::is_same_v<table_t, c10::BFloat16>) {
-        wr[j] =
-            sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(seed, step, r, j)), c10::BFloat16::from_bits())
-               : static_cast<table_t>(wi);
+        wr[j] = sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(seed, step, row_ids ? row_ids[r] : r, j)),
+                                   c10::BFloat16::from_bits())
+                   : static_cast<table_t>(wi);
       } else {
         wr[j] = static_cast<table_t>(wi);
       }
@@ -89,7 +90,7 @@ struct RowUpdate {
 template <typename F>
 void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const at::Tensor& momentum1,
                      const at::Tensor& momentum2, const at::Tensor& row_step, const at::Tensor& step, int64_t seed,
-                     const F& f) {
+                     const int64_t* row_ids, const F& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "table_update", [&] {
     using table_t = scalar_t;
     using acc_t = at::opmath_type<table_t>;
@@ -110,6 +111,7 @@ void dispatch_update(const TableUpdateArgs& a, const at::Tensor& weight, const a
       u.sr = a.stochastic_rounding;
       u.seed = static_cast<uint64_t>(seed);
       u.step = step.data_ptr<int64_t>()[0];
+      u.row_ids = row_ids;
       f(u);
     };
     dispatch_table_optimizer<acc_t>(a, run);
@@ -151,7 +153,7 @@ void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, con
   const int64_t* r = rows64.const_data_ptr<int64_t>();
   // Gradients as acc_t rows: float32 stays as it is, 16-bit and float64 are read as their own
   // maths type (a float64 table's acc_t is double).
-  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, [&](const auto& u) {
+  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, nullptr, [&](const auto& u) {
     using acc_t = typename std::decay_t<decltype(u)>::acc_t;
     const at::Tensor g = grads.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* gp = g.const_data_ptr<acc_t>();
@@ -168,7 +170,8 @@ void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, con
 void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tensor& rows, const at::Tensor& weight,
                                        const at::Tensor& momentum1, const at::Tensor& momentum2,
                                        const at::Tensor& row_step, const at::Tensor& step, const at::Tensor& hparams,
-                                       c10::string_view optimizer, int64_t seed) {
+                                       c10::string_view optimizer, int64_t seed,
+                                       const std::optional<at::Tensor>& row_ids) {
   constexpr const char* op = "multihead_gather_fused_update";
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
@@ -180,6 +183,7 @@ void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tenso
               rows.device());
   TORCH_CHECK(grad_e.scalar_type() == weight.scalar_type(), op, ": grad_e must have the weight's dtype ",
               weight.scalar_type(), ", got ", grad_e.scalar_type());
+  const int64_t* ids = check_row_ids(op, weight, row_ids);
   const at::Tensor rows_c = rows.contiguous();
   const cpu::RowSegments seg = cpu::segments_of(rows_c, weight.size(0), op);
   const int64_t* unique = seg.unique_rows.const_data_ptr<int64_t>();
@@ -188,7 +192,7 @@ void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tenso
     return;
   }
   const at::Tensor grad_c = grad_e.contiguous();
-  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, [&](const auto& u) {
+  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, ids, [&](const auto& u) {
     using acc_t = typename std::decay_t<decltype(u)>::acc_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_c.scalar_type(), op, [&] {
       cpu::sum_segments<scalar_t, acc_t>(

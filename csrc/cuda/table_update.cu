@@ -42,6 +42,7 @@ struct UpdatePtrs {
   TableOptimParams p;
   bool sr;
   uint64_t seed;
+  const int64_t* row_ids;  // the table row each weight row holds (a cache), or nullptr
 };
 
 // Row i of the list: table row rows[i] with gradient g[i * D .. (i + 1) * D). U on the host
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     table_elem<acc_t>(O, c, wi, mi, vi, static_cast<acc_t>(gr[d]));
     if constexpr (std::is_same_v<table_t, c10::BFloat16>) {
       wr[d] =
-          a.sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(a.seed, step, r, d)), c10::BFloat16::from_bits())
+          a.sr ? c10::BFloat16(bf16_bits_stochastic(wi, rounding_bits(a.seed, step, a.row_ids ? a.row_ids[r] : r, d)),
+                               c10::BFloat16::from_bits())
                : static_cast<table_t>(wi);
     } else {
       wr[d] = static_cast<table_t>(wi);
@@ -115,7 +117,7 @@ template <typename index_t>
 void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const at::Tensor& momentum1,
                    const at::Tensor& momentum2, const at::Tensor& row_step, const at::Tensor& step, int64_t seed,
                    const index_t* rows, const void* grads, at::ScalarType grad_dtype, int64_t u_host,
-                   const int32_t* u_dev, int64_t u_bound, bool check_sorted) {
+                   const int32_t* u_dev, int64_t u_bound, bool check_sorted, const int64_t* row_ids = nullptr) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = (u_bound + kRowsPerBlock - 1) / kRowsPerBlock;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "table_update: at most ",
@@ -142,6 +144,7 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
         a.p = args.params;
         a.sr = args.stochastic_rounding;
         a.seed = static_cast<uint64_t>(seed);
+        a.row_ids = row_ids;
         const dim3 block(kWarp, kRowsPerBlock);
         const dim3 grid(static_cast<unsigned>(blocks));
         auto with_grad = [&](auto grad_tag) {
@@ -185,8 +188,10 @@ void table_update_cuda(const at::Tensor& weight, const at::Tensor& momentum1, co
 void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tensor& rows, const at::Tensor& weight,
                                         const at::Tensor& momentum1, const at::Tensor& momentum2,
                                         const at::Tensor& row_step, const at::Tensor& step, const at::Tensor& hparams,
-                                        c10::string_view optimizer, int64_t seed) {
+                                        c10::string_view optimizer, int64_t seed,
+                                        const std::optional<at::Tensor>& row_ids) {
   constexpr const char* op = "multihead_gather_fused_update";
+  const int64_t* ids = check_row_ids(op, weight, row_ids);
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
   GradArgs g = check_grad_args(op, grad_e, rows);
@@ -218,7 +223,7 @@ void multihead_gather_fused_update_cuda(const at::Tensor& grad_e, const at::Tens
     }
   });
   launch_update<int64_t>(a, weight, momentum1, momentum2, row_step, step, seed, sg.unique.data_ptr<int64_t>(),
-                         sums.data_ptr(), acc_dt, -1, sg.num_runs.data_ptr<int32_t>(), g.n, false);
+                         sums.data_ptr(), acc_dt, -1, sg.num_runs.data_ptr<int32_t>(), g.n, false, ids);
 }
 
 }  // namespace

@@ -176,7 +176,7 @@ def _table_update_fake(weight, momentum1, momentum2, row_step, step, rows, grads
 
 @torch.library.register_fake("engram::_multihead_gather_fused_update")
 def _multihead_gather_fused_update_fake(
-    grad_e, rows, weight, momentum1, momentum2, row_step, step, hparams, optimizer, seed
+    grad_e, rows, weight, momentum1, momentum2, row_step, step, hparams, optimizer, seed, row_ids=None
 ):
     _check_table_weight(weight, "multihead_gather_fused_update")
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_fused_update")
@@ -191,7 +191,9 @@ def _multihead_gather_fused_update_fake(
 
 
 @torch.library.register_fake("engram::multihead_gather_fused")
-def _multihead_gather_fused_fake(weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed):
+def _multihead_gather_fused_fake(
+    weight, rows, momentum1, momentum2, row_step, step, hparams, optimizer, seed, row_ids=None
+):
     return _multihead_gather_fake(weight, rows)
 
 

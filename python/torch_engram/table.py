@@ -210,11 +210,6 @@ class EngramTable(nn.Module):
             stochastic_rounding = weight.dtype == torch.bfloat16
         if stochastic_rounding and weight.dtype != torch.bfloat16:
             raise ValueError(f"EngramTable: stochastic_rounding is for bfloat16 weights, got {weight.dtype}")
-        if stochastic_rounding and cached:
-            raise ValueError(
-                f"EngramTable: placement={placement!r} does not round stochastically yet (the rounding stream "
-                "is keyed by table row, the cache by slot); pass stochastic_rounding=False"
-            )
         self.num_rows, self.d_head = full_rows, d_head
         self.grad_mode = grad
         self.optimizer = optimizer
@@ -364,6 +359,7 @@ class EngramTable(nn.Module):
                     self.hparams,
                     self.optimizer,
                     self._rounding_seed(),
+                    self._store.slot_row if self._store is not None else None,
                 )
             return torch.ops.engram.multihead_gather(w, rows, False)
         if self.grad_mode == "dense" and torch.is_grad_enabled() and w.requires_grad:
