@@ -191,3 +191,88 @@ def test_cached_placements_reject_what_they_do_not_support(tmp_path):
         EngramTable(R, D, placement="file", cache_rows=10)
     with pytest.raises(ValueError, match="cache_policy"):
         EngramTable(R, D, placement="host", cache_rows=10, cache_policy="fifo")
+
+
+_TRAINER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from torch import nn
+from torch_engram import EngramTable, checkpoint
+
+R, D, H = 4000, 16, 4
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.rand(48, H, generator=g) ** 3 * R).long().clamp_(max=R - 1)
+
+
+def train_step(table, step):
+    coef = torch.linspace(-1, 1, H * D)
+    (table(batch(step)) * coef).square().mean().backward()
+
+
+def fresh(placement, path=None):
+    torch.manual_seed(0)
+    init = EngramTable(R, D, lr=0.05, optimizer="adam")
+    if placement == "device":
+        return init
+    t = EngramTable(R, D, lr=0.05, optimizer="adam", placement="file", path=path, cache_rows=400)
+    t.load_state_dict(init.state_dict())
+    return t
+
+
+if __name__ == "__main__":
+    table = fresh("file", sys.argv[3])
+    model = nn.ModuleDict({"t": table})
+    for step in range(1, 10_000):
+        train_step(table, step)
+        if step % 2 == 0:
+            checkpoint.save_checkpoint(sys.argv[1], model, extra={"step": step})
+            print(step, flush=True)
+"""
+
+
+def test_kill_9_during_file_table_training_resumes_exactly(tmp_path):
+    # SIGKILL at random points of training and saving a file table (20 trials): the last checkpoint
+    # loads, and resuming from it gives, bit for bit, the uninterrupted run's table and state.
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import package_root
+
+    helpers: dict = {}
+    exec(compile(_TRAINER, "trainer", "exec"), helpers)  # the same data and steps as the child
+    ckpt = tmp_path / "ckpt.pt"
+    rng = random.Random(0)
+    for trial in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _TRAINER, str(ckpt), package_root(), str(tmp_path / "live.bin")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout.readline().strip() == "2"  # one checkpoint, then kill at a random point
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        resumed = helpers["fresh"]("file", str(tmp_path / f"resumed{trial}.bin"))
+        extra = checkpoint.load_checkpoint(ckpt, torch.nn.ModuleDict({"t": resumed}))
+        k = extra["step"]
+        assert k >= 2 and k % 2 == 0
+        for step in range(k + 1, k + 4):
+            helpers["train_step"](resumed, step)
+        ref = helpers["fresh"]("device")
+        for step in range(1, k + 4):
+            helpers["train_step"](ref, step)
+        got, want = resumed.state_dict(), ref.state_dict()
+        for name in ("weight", "momentum1", "momentum2", "row_step", "step_count"):
+            assert torch.equal(got[name], want[name]), (trial, k, name)
+        os.remove(tmp_path / f"resumed{trial}.bin")
+        for p in tmp_path.iterdir():  # a killed save may leave its temporary file
+            if p.name.startswith(".ckpt.pt.") and p.name.endswith(".tmp"):
+                p.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,13 @@ class LMOutput:
 
 
 def _default_engram_factory(
-    cfg, layer_id: int, hidden_size: int, hc_mult: int, table_grad: str, table_optimizer: str = "partial_rowwise_adam"
+    cfg,
+    layer_id: int,
+    hidden_size: int,
+    hc_mult: int,
+    table_grad: str,
+    table_optimizer: str = "partial_rowwise_adam",
+    table_options: dict | None = None,
 ) -> nn.Module:
     from ...modules import Engram
 
@@ -91,6 +98,7 @@ def _default_engram_factory(
         hc_mult=hc_mult,
         table_grad=table_grad,
         table_optimizer=table_optimizer,
+        table_options=table_options,
     )
 
 
@@ -104,8 +112,10 @@ class TransformerLM(nn.Module):
 
     table_grad, table_optimizer: how Engram tables learn ("fused" into backward, "sparse" COO or
     "dense" gradients; "adam", "partial_rowwise_adam", "rowwise_adagrad" or "sgd"; see
-    torch_engram.table). engram_factory(engram_config, layer_id=, hidden_size=, hc_mult=,
-    table_grad=, table_optimizer=) builds each Engram layer (default: torch_engram.Engram).
+    torch_engram.table). table_options: more EngramTable arguments for every Engram layer, e.g.
+    dict(placement="host", cache_rows=...) (a "file" placement needs a path per layer: use
+    engram_factory). engram_factory(engram_config, layer_id=, hidden_size=, hc_mult=, table_grad=,
+    table_optimizer=) builds each Engram layer (default: torch_engram.Engram).
     """
 
     def __init__(
@@ -115,13 +125,21 @@ class TransformerLM(nn.Module):
         engram_factory: EngramFactory | None = None,
         table_grad: str = "fused",
         table_optimizer: str = "partial_rowwise_adam",
+        table_options: dict | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         D, M = cfg.d_model, cfg.hc_mult
         self.embed = nn.Embedding(cfg.vocab_size, D)
         self.hasher = NgramHasher(cfg.engram, lut=lut) if cfg.engram is not None else None
-        factory = engram_factory or _default_engram_factory
+        if engram_factory is None:
+            factory = functools.partial(_default_engram_factory, table_options=table_options)
+        elif table_options is not None:
+            raise ValueError(
+                "TransformerLM: pass table_options to the default Engram factory, or build tables in yours"
+            )
+        else:
+            factory = engram_factory
         engram_ids = set(cfg.engram.layer_ids) if cfg.engram is not None else set()
         self.blocks = nn.ModuleList(
             Block(
@@ -197,6 +215,17 @@ class TransformerLM(nn.Module):
         """Every parameter that is not an Engram table (backbone, Engram projections/norms/conv)."""
         tables = {id(p) for p in self.table_parameters()}
         return [p for p in self.parameters() if id(p) not in tables]
+
+    def prefetch(self, input_ids: torch.Tensor) -> None:
+        """Start bringing the rows of a later batch's input_ids into the caches of host- or
+        file-placed Engram tables (hashed once for every layer); no-op for tables on the device."""
+        if self.hasher is None:
+            return
+        rows = None
+        for block in self.blocks:
+            if block.engram is not None and block.engram.table.placement != "device":
+                rows = self.hasher(input_ids) if rows is None else rows
+                block.engram.table.prefetch(rows[self.hasher.layer_index(block.layer_id)])
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         B, T = input_ids.shape
