@@ -84,7 +84,8 @@ TORCH_LIBRARY(engram, m) {
   // weight's dtype or float32.
   m.def(
       "table_update(Tensor(a!) weight, Tensor(b!) momentum1, Tensor(c!) momentum2, Tensor(d!) row_step, "
-      "Tensor(e!) step, Tensor rows, Tensor grads, Tensor hparams, str optimizer, int seed) -> ()");
+      "Tensor(e!) step, Tensor rows, Tensor grads, Tensor hparams, str optimizer, int seed, Tensor? row_ids=None) -> "
+      "()");
   // The fused backward of multihead_gather: sorts the lookups, sums each touched row's gradient
   // in lookup order (fp32 accumulation, fp64 for float64) and updates the row and its state,
   // with no gradient tensor formed. grad_e [..., H * d_head] in the weight's dtype, rows [..., H].

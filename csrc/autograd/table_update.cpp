@@ -24,8 +24,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using T = const at::Tensor&;
 
-using UpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t);
 using OptT = const std::optional<at::Tensor>&;
+using UpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t, OptT);
 using FusedUpdateFn = void(T, T, T, T, T, T, T, T, c10::string_view, int64_t, OptT);
 
 const c10::TypedOperatorHandle<UpdateFn>& update_op() {
@@ -54,17 +54,17 @@ void bump(std::initializer_list<const at::Tensor*> ts) {
 }
 
 void table_update_autograd(T weight, T m1, T m2, T row_step, T step, T rows, T grads, T hparams,
-                           c10::string_view optimizer, int64_t seed) {
+                           c10::string_view optimizer, int64_t seed, OptT row_ids) {
   refuse_tracked("table_update", {&weight, &m1, &m2, &grads});
   at::AutoDispatchBelowAutograd guard;
-  update_op().call(weight, m1, m2, row_step, step, rows, grads, hparams, optimizer, seed);
+  update_op().call(weight, m1, m2, row_step, step, rows, grads, hparams, optimizer, seed, row_ids);
 }
 
 void table_update_inplace(T weight, T m1, T m2, T row_step, T step, T rows, T grads, T hparams,
-                          c10::string_view optimizer, int64_t seed) {
+                          c10::string_view optimizer, int64_t seed, OptT row_ids) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    update_op().call(weight, m1, m2, row_step, step, rows, grads, hparams, optimizer, seed);
+    update_op().call(weight, m1, m2, row_step, step, rows, grads, hparams, optimizer, seed, row_ids);
   }
   bump({&weight, &m1, &m2, &row_step, &step});
 }

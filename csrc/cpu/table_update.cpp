@@ -136,7 +136,8 @@ void check_rows_cpu(const index_t* rows, int64_t U, int64_t num_rows) {
 
 void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, const at::Tensor& momentum2,
                       const at::Tensor& row_step, const at::Tensor& step, const at::Tensor& rows,
-                      const at::Tensor& grads, const at::Tensor& hparams, c10::string_view optimizer, int64_t seed) {
+                      const at::Tensor& grads, const at::Tensor& hparams, c10::string_view optimizer, int64_t seed,
+                      const std::optional<at::Tensor>& row_ids) {
   constexpr const char* op = "table_update";
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
@@ -153,18 +154,19 @@ void table_update_cpu(const at::Tensor& weight, const at::Tensor& momentum1, con
   const int64_t* r = rows64.const_data_ptr<int64_t>();
   // Gradients as acc_t rows: float32 stays as it is, 16-bit and float64 are read as their own
   // maths type (a float64 table's acc_t is double).
-  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, nullptr, [&](const auto& u) {
-    using acc_t = typename std::decay_t<decltype(u)>::acc_t;
-    const at::Tensor g = grads.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* gp = g.const_data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
-    at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (i + kPrefetchRows < end) u.prefetch(r[i + kPrefetchRows]);
-        u(r[i], gp + i * D);
-      }
-    });
-  });
+  dispatch_update(a, weight, momentum1, momentum2, row_step, step, seed, check_row_ids(op, weight, row_ids),
+                  [&](const auto& u) {
+                    using acc_t = typename std::decay_t<decltype(u)>::acc_t;
+                    const at::Tensor g = grads.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+                    const acc_t* gp = g.const_data_ptr<acc_t>();
+                    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1));
+                    at::parallel_for(0, U, grain, [&](int64_t begin, int64_t end) {
+                      for (int64_t i = begin; i < end; ++i) {
+                        if (i + kPrefetchRows < end) u.prefetch(r[i + kPrefetchRows]);
+                        u(r[i], gp + i * D);
+                      }
+                    });
+                  });
 }
 
 void multihead_gather_fused_update_cpu(const at::Tensor& grad_e, const at::Tensor& rows, const at::Tensor& weight,

@@ -170,8 +170,10 @@ void launch_update(const TableUpdateArgs& args, const at::Tensor& weight, const 
 
 void table_update_cuda(const at::Tensor& weight, const at::Tensor& momentum1, const at::Tensor& momentum2,
                        const at::Tensor& row_step, const at::Tensor& step, const at::Tensor& rows,
-                       const at::Tensor& grads, const at::Tensor& hparams, c10::string_view optimizer, int64_t seed) {
+                       const at::Tensor& grads, const at::Tensor& hparams, c10::string_view optimizer, int64_t seed,
+                       const std::optional<at::Tensor>& row_ids) {
   constexpr const char* op = "table_update";
+  const int64_t* ids = check_row_ids(op, weight, row_ids);
   const TableUpdateArgs a = check_table_state(op, weight, momentum1, momentum2, row_step, step, hparams,
                                               std::string_view(optimizer.data(), optimizer.size()), seed);
   check_table_update_rows(op, weight, rows, grads);
@@ -181,7 +183,8 @@ void table_update_cuda(const at::Tensor& weight, const at::Tensor& momentum1, co
   const auto grads_c = grads.contiguous();
   AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "table_update_rows", [&] {
     launch_update<index_t>(a, weight, momentum1, momentum2, row_step, step, seed, rows_c.data_ptr<index_t>(),
-                           grads_c.data_ptr(), grads_c.scalar_type(), D == 0 ? 0 : U, nullptr, D == 0 ? 0 : U, true);
+                           grads_c.data_ptr(), grads_c.scalar_type(), D == 0 ? 0 : U, nullptr, D == 0 ? 0 : U, true,
+                           ids);
   });
 }
 

@@ -162,7 +162,9 @@ def _check_table_weight(weight, op):
 
 
 @torch.library.register_fake("engram::table_update")
-def _table_update_fake(weight, momentum1, momentum2, row_step, step, rows, grads, hparams, optimizer, seed):
+def _table_update_fake(
+    weight, momentum1, momentum2, row_step, step, rows, grads, hparams, optimizer, seed, row_ids=None
+):
     # In place on weight and state; nothing to allocate. Shapes are checked so that traced
     # programs fail where eager ones would.
     _check_table_weight(weight, "table_update")

@@ -95,6 +95,7 @@ class RowStore:
         self.lru_links = torch.full((S + 1, 2), S, dtype=torch.int64)  # empty list: the sentinel S alone
         self.stats = torch.zeros(4, dtype=torch.int64)  # hits, misses, evictions, bytes moved
         self.stamp = 0
+        self.held_from: int | None = None  # slots fetched since this stamp stay pinned (see hold)
         self.written = False  # whether any record may be non-zero (a fresh store is all zeros)
         self._prefetch: threading.Thread | None = None
         self._prefetch_error: BaseException | None = None
@@ -113,13 +114,29 @@ class RowStore:
             self.fields,
             self.field_offsets,
             stamp,
-            stamp - 1,  # pinned: the slots of this step and of the one before it
+            self._keep_from(stamp),
             self.policy,
             self.stats,
             self.flag_offset,
             self.init_std,
             self.seed,
         )
+
+    def _keep_from(self, stamp: int) -> int:
+        # Pinned: the slots of this step and of the one before it (whose backward may still be
+        # running), and every slot fetched since a hold began.
+        keep = stamp - 1
+        return keep if self.held_from is None else min(keep, self.held_from)
+
+    def hold(self) -> None:
+        """Pin every slot fetched from the current stamp on until release(): a sparse or dense
+        gradient names cache slots, so they must keep their rows until the update (gradient
+        accumulation over several forwards included)."""
+        if self.held_from is None:
+            self.held_from = self.stamp
+
+    def release(self) -> None:
+        self.held_from = None
 
     def fetch(self, rows: torch.Tensor) -> torch.Tensor:
         """Slots of rows [..., H] for the step about to run (waits for its prefetch)."""

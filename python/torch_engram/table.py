@@ -143,7 +143,9 @@ class EngramTable(nn.Module):
         placement: "device" (rows in the compute device's memory), "host" (rows in host memory) or
             "file" (rows in a memory-mapped file at `path`, which may be larger than RAM); the last
             two compute on a cache of `cache_rows` rows (torch_engram.offload), evicting with
-            `cache_policy` ("lru" or "lfu"). Cached placements train with grad="fused".
+            `cache_policy` ("lru" or "lfu"). With grad="sparse" or "dense" the gradient is over
+            cache slots, and the slots looked up since the last step() stay pinned until the next
+            one (the cache must hold them all): update with the table's own step().
     """
 
     def __init__(
@@ -185,8 +187,6 @@ class EngramTable(nn.Module):
             raise ValueError(f"EngramTable: seed must be >= 0, got {seed}")
         cached = placement in ("host", "file")
         if cached:
-            if grad != "fused":
-                raise ValueError(f"EngramTable: placement={placement!r} trains with grad='fused', got grad={grad!r}")
             if cache_rows is None or not 1 <= cache_rows <= num_rows:
                 raise ValueError(
                     f"EngramTable: placement={placement!r} needs cache_rows in [1, num_rows={num_rows}], "
@@ -347,6 +347,8 @@ class EngramTable(nn.Module):
         w = self.weight
         if self._store is not None:
             rows = self._store.fetch(rows)  # cached placements: the step works on cache slots
+            if self.grad_mode != "fused" and torch.is_grad_enabled() and w.requires_grad:
+                self._store.hold()  # the gradient names these slots: pinned until step()
         if self.grad_mode == "fused":
             if torch.is_grad_enabled() and w.requires_grad:
                 return torch.ops.engram.multihead_gather_fused(
@@ -421,7 +423,10 @@ class EngramTable(nn.Module):
             self.hparams,
             self.optimizer,
             self._rounding_seed(),
+            self._store.slot_row if self._store is not None else None,
         )
+        if self._store is not None:
+            self._store.release()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.weight.grad = None
