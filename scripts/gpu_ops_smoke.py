@@ -48,6 +48,14 @@ def main() -> None:
     hot = torch.zeros(64, 8, 2, dtype=torch.long, device=dev)  # 1,024 lookups of row 0
     te.ops.multihead_gather(table, hot).sum().backward()
     te.EngramTable(300, 8, device=dev)(hot).sum().backward()
+    # The row cache of a pinned host table: fills, evictions with write-back, lazy initialisation,
+    # a prefetch on the side stream, a flush; bfloat16 with stochastic rounding keyed by row_ids.
+    for dtype in (torch.float32, torch.bfloat16):
+        cached = te.EngramTable(5000, 12, placement="host", cache_rows=90, device=dev, dtype=dtype)
+        for _step in range(6):
+            cached(torch.randint(0, 5000, (7, 5), device=dev)).float().sum().backward()
+            cached.prefetch(torch.randint(0, 5000, (7, 5), device=dev))
+        cached.flush()
     torch.cuda.synchronize()
     print("gpu_ops_smoke: every op ran")
 

@@ -56,9 +56,18 @@ inline void check_row_cache_args(const at::Tensor& rows, const at::Tensor& slot_
                 bytes, " bytes per row at record offset ", field_offsets[i], ") does not fit a record of ",
                 store.size(1), " bytes");
   }
-  for (const at::Tensor* t : {&rows, &slot_of_row, &slot_row, &slot_meta, &store, &stats}) {
-    TORCH_CHECK(t->device().is_cpu(), op, ": the row cache runs on the CPU for now; got a tensor on ", t->device());
+  // The cache and its bookkeeping live on one device; the records in host memory (pinned, so a
+  // CUDA cache reads and writes them directly over the bus).
+  const auto dev = slot_row.device();
+  for (const at::Tensor* t : {&rows, &slot_of_row, &slot_meta, &stats}) {
+    TORCH_CHECK(t->device() == dev, op, ": rows, slot_of_row, slot_meta and stats must be on the cache's device ", dev,
+                ", got ", t->device());
   }
+  for (const at::Tensor& f : cache) {
+    TORCH_CHECK(f.device() == dev, op, ": every cache field must be on the cache's device ", dev, ", got ", f.device());
+  }
+  TORCH_CHECK(store.device().is_cpu(), op, ": store must be in host memory, got ", store.device());
+  TORCH_CHECK(dev.is_cpu() || store.is_pinned(), op, ": a ", dev, " cache needs its store in pinned host memory");
 }
 
 }  // namespace engram

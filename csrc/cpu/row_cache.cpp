@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "check/row_cache.h"
+#include "engram/row_cache.h"
 
 namespace engram {
 namespace {
@@ -46,37 +47,18 @@ struct LazyInit {
   int64_t cols;  // weight elements per row
 };
 
-uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// N(0, 1) values of row `row`, two per (seed, row, pair) hash by Box-Muller on two 32-bit
-// uniforms: independent of the order rows are first fetched in, so a table's initial values
-// depend on its seed alone.
-template <typename scalar_t>
-void normal_row(uint64_t seed, int64_t row, double std, scalar_t* out, int64_t cols) {
-  const uint64_t row_key = mix64(seed ^ mix64(static_cast<uint64_t>(row)));
-  for (int64_t j = 0; j < cols; j += 2) {
-    const uint64_t h = mix64(row_key ^ static_cast<uint64_t>(j));
-    const float u1 = (static_cast<float>(h >> 40) + 1.0f) * 0x1.0p-24f;  // (0, 1]
-    const float u2 = static_cast<float>((h >> 8) & 0xFFFFFF) * 0x1.0p-24f;
-    const float r = std::sqrt(-2.0f * std::log(u1)) * static_cast<float>(std);
-    const float a = 6.2831853f * u2;
-    out[j] = static_cast<scalar_t>(r * std::cos(a));
-    if (j + 1 < cols) out[j + 1] = static_cast<scalar_t>(r * std::sin(a));
-  }
-}
-
 // A never-written row straight into its slot: the record stays untouched (a sparse file keeps no
 // block for it) until the row is written back.
 void init_slot(int64_t slot, int64_t row, const std::vector<Field>& fields, const LazyInit& init) {
   for (const Field& f : fields) std::memset(f.cache + slot * f.bytes, 0, f.bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, init.dtype, "row_cache_init", [&] {
-    normal_row(init.seed, row, init.std, reinterpret_cast<scalar_t*>(fields[0].cache + slot * fields[0].bytes),
-               init.cols);
+    auto* w = reinterpret_cast<scalar_t*>(fields[0].cache + slot * fields[0].bytes);
+    for (int64_t j = 0; j < init.cols; j += 2) {
+      float a, b;
+      initial_pair(init.seed, row, j, static_cast<float>(init.std), &a, &b);
+      w[j] = static_cast<scalar_t>(a);
+      if (j + 1 < init.cols) w[j + 1] = static_cast<scalar_t>(b);
+    }
   });
 }
 
@@ -243,7 +225,7 @@ at::Tensor row_cache_fetch_cpu(const at::Tensor& rows, const at::Tensor& slot_of
                                int64_t init_seed) {
   check_row_cache_args(rows, slot_of_row, slot_row, slot_meta, store, cache, field_offsets, stats);
   TORCH_CHECK(lru_links.sizes() == at::IntArrayRef({slot_row.size(0) + 1, 2}) && lru_links.scalar_type() == at::kLong &&
-                  lru_links.is_contiguous() && lru_links.device().is_cpu(),
+                  lru_links.is_contiguous(),
               "row_cache_fetch: lru_links must be contiguous int64 [num_slots + 1, 2], got ", lru_links.sizes());
   TORCH_CHECK(flag_offset < store.size(1), "row_cache_fetch: flag_offset (", flag_offset,
               ") must lie inside a record of ", store.size(1), " bytes");

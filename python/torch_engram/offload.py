@@ -70,7 +70,12 @@ class RowStore:
         self.record_bytes = _align(off + 1, 8)
         self.field_offsets = offsets
         self.placement, self.path = placement, path
+        self.device = dev = fields[0].device
         nbytes = num_rows * self.record_bytes
+        if dev.type == "cuda" and placement != "host":
+            raise ValueError("EngramTable: a CUDA row cache serves placement='host' for now (rows in pinned memory)")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"EngramTable: a row cache lives on the CPU or a CUDA device, got {dev}")
         if placement == "file":
             if path is None:
                 raise ValueError("EngramTable: placement='file' needs path= (the file that holds the rows)")
@@ -81,6 +86,9 @@ class RowStore:
                 fh.truncate(nbytes)
             self.records = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
             _advise_random(self.records)
+        elif placement == "host" and dev.type == "cuda":
+            # Pinned, so the cache kernels read and write the records over the bus, no staging.
+            self.records = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
         elif placement == "host":
             from .table import zeros_on_touch
 
@@ -88,12 +96,17 @@ class RowStore:
         else:
             raise ValueError(f"RowStore: placement must be 'host' or 'file', got {placement!r}")
         self.records = self.records.view(num_rows, self.record_bytes)
-        self.slot_of_row = _zeros_int32(num_rows)
-        self.slot_row = torch.full((S,), -1, dtype=torch.int64)
-        self.slot_meta = torch.zeros(S, 2, dtype=torch.int64)
+        # The bookkeeping lives with the cache.
+        self.slot_of_row = (
+            _zeros_int32(num_rows) if dev.type == "cpu" else torch.zeros(num_rows, dtype=torch.int32, device=dev)
+        )
+        self.slot_row = torch.full((S,), -1, dtype=torch.int64, device=dev)
+        self.slot_meta = torch.zeros(S, 2, dtype=torch.int64, device=dev)
         self.slot_meta[:, 0] = -1
-        self.lru_links = torch.full((S + 1, 2), S, dtype=torch.int64)  # empty list: the sentinel S alone
-        self.stats = torch.zeros(4, dtype=torch.int64)  # hits, misses, evictions, bytes moved
+        self.lru_links = torch.full((S + 1, 2), S, dtype=torch.int64, device=dev)  # empty list: the sentinel alone
+        self.stats = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, bytes moved
+        self._side_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self._prefetch_event = None
         self.stamp = 0
         self.held_from: int | None = None  # slots fetched since this stamp stay pinned (see hold)
         self.written = False  # whether any record may be non-zero (a fresh store is all zeros)
@@ -143,14 +156,26 @@ class RowStore:
         self.wait()
         self.stamp = self._prefetched_stamp if self._prefetched_stamp is not None else self.stamp + 1
         self._prefetched_stamp = None
-        return self._fetch(rows.detach().cpu(), self.stamp).to(rows.device)
+        return self._fetch(rows.detach().to(self.device), self.stamp).to(rows.device)
 
     def prefetch(self, rows: torch.Tensor) -> None:
         """Bring the rows of the next step into the cache on a background thread (returns at once);
         the next fetch waits for it. One prefetch at a time: a second one waits for the first."""
         self.wait()
         stamp = self.stamp + 1
-        rows = rows.detach().cpu()
+        rows = rows.detach().to(self.device)
+        if self._side_stream is not None:
+            # CUDA: the fetch is queued on a side stream after everything queued so far (the
+            # current step's fetch included); the next fetch's stream waits for it. No host sync.
+            main = torch.cuda.current_stream(self.device)
+            self._side_stream.wait_stream(main)
+            with torch.cuda.stream(self._side_stream):
+                self._fetch(rows, stamp)
+                rows.record_stream(self._side_stream)
+            self._prefetch_event = torch.cuda.Event()
+            self._prefetch_event.record(self._side_stream)
+            self._prefetched_stamp = stamp
+            return
 
         def run():
             try:
@@ -163,6 +188,9 @@ class RowStore:
         self._prefetch.start()
 
     def wait(self) -> None:
+        if self._prefetch_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._prefetch_event)
+            self._prefetch_event = None
         if self._prefetch is not None:
             self._prefetch.join()
             self._prefetch = None
@@ -177,6 +205,11 @@ class RowStore:
         torch.ops.engram._row_cache_flush(
             self.slot_row, self.records, self.fields, self.field_offsets, self.flag_offset
         )
+        self._sync()  # the records are read on the host next
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def reset(self) -> None:
         """Every row back to never written (initialised again on its first fetch)."""
@@ -188,6 +221,7 @@ class RowStore:
     def invalidate(self) -> None:
         """Forget the cache (after the records were replaced, e.g. by a load)."""
         self.wait()
+        self._sync()  # no cache kernel may still read the records about to change
         held = self.slot_row[self.slot_row >= 0]
         self.slot_of_row[held] = 0
         self.slot_row.fill_(-1)
@@ -209,7 +243,7 @@ class RowStore:
         return self.records[:, self.flag_offset]
 
     def statistics(self) -> dict[str, int]:
-        hits, misses, evictions, moved = (int(v) for v in self.stats)
+        hits, misses, evictions, moved = (int(v) for v in self.stats.tolist())
         return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
 
 

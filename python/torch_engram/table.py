@@ -192,8 +192,6 @@ class EngramTable(nn.Module):
                     f"EngramTable: placement={placement!r} needs cache_rows in [1, num_rows={num_rows}], "
                     f"got {cache_rows}"
                 )
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"EngramTable: placement={placement!r} caches rows on the CPU for now, got {device}")
         elif cache_rows is not None or path is not None:
             raise ValueError("EngramTable: cache_rows and path are for placement='host' or 'file'")
         full_rows = num_rows

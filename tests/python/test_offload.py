@@ -292,3 +292,37 @@ def test_kill_9_during_file_table_training_resumes_exactly(tmp_path):
         for p in tmp_path.iterdir():  # a killed save may leave its temporary file
             if p.name.startswith(".ckpt.pt.") and p.name.endswith(".tmp"):
                 p.unlink()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("grad", ["fused", "sparse"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cuda_cache_of_a_pinned_host_table_equals_the_device_table(grad, prefetch):
+    # The cache and its bookkeeping on the GPU, the records in pinned host memory read and written
+    # by the cache kernels; prefetch on a side stream.
+    torch.manual_seed(0)
+    kw = dict(lr=0.05, optimizer="adam", grad=grad, device="cuda")
+    ref = EngramTable(R, D, **kw)
+    t = EngramTable(R, D, placement="host", cache_rows=400, **kw)
+    t.load_state_dict(ref.state_dict())
+    assert t._store.records.is_pinned() and t.weight.is_cuda
+    schedule = [zipf_rows(s).cuda() for s in range(40)]
+    for table in (ref, t):
+        torch.manual_seed(1)
+        proj = torch.nn.Linear(H * D, 1, device="cuda")
+        table.losses = []
+        for s, rows in enumerate(schedule):
+            e = table(rows)
+            if prefetch and s + 1 < len(schedule):
+                table.prefetch(schedule[s + 1])
+            loss = proj(e).square().mean()
+            loss.backward()
+            table.losses.append(loss.item())
+            if grad != "fused":
+                table.step()
+                table.zero_grad()
+    assert t.losses == ref.losses
+    got, want = t.state_dict(), ref.state_dict()
+    for k in ("weight", "momentum1", "momentum2", "row_step", "step_count"):
+        assert torch.equal(got[k].cpu(), want[k].cpu()), k
+    assert t.cache_stats()["evictions"] > 0
