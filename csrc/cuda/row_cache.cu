@@ -38,6 +38,18 @@ struct CacheFields {
   int count;
 };
 
+// n bytes from src to dst by the 32 lanes of a warp: 4-byte words when both ends allow it (every
+// field of a record is 8-byte aligned; accesses to host memory cross the bus one by one).
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t n, int lane) {
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(dst) % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+    auto* d = reinterpret_cast<uint32_t*>(dst);
+    const auto* s = reinterpret_cast<const uint32_t*>(src);
+    for (int64_t w = lane; w < n / 4; w += 32) d[w] = s[w];
+  } else {
+    for (int64_t b = lane; b < n; b += 32) dst[b] = src[b];
+  }
+}
+
 template <typename index_t>
 __global__ void mark_kernel(const index_t* __restrict__ rows, int64_t n, int64_t R, int32_t* slot_of_row,
                             unsigned long long* meta, int64_t stamp, int64_t* missing, int* num_missing,
@@ -89,9 +101,7 @@ __global__ void fill_kernel(const int64_t* __restrict__ missing, const int* __re
   for (int k = 0; k < f.count; ++k) record_bytes += f.bytes[k];
   if (old >= 0) {
     char* rec = store + old * record_stride;
-    for (int k = 0; k < f.count; ++k) {
-      for (int64_t b = lane; b < f.bytes[k]; b += 32) rec[f.offset[k] + b] = f.cache[k][s * f.bytes[k] + b];
-    }
+    for (int k = 0; k < f.count; ++k) warp_copy(rec + f.offset[k], f.cache[k] + s * f.bytes[k], f.bytes[k], lane);
     if (flag_offset >= 0 && lane == 0) rec[flag_offset] = 1;
   }
   const char* rec = store + r * record_stride;
@@ -108,9 +118,7 @@ __global__ void fill_kernel(const int64_t* __restrict__ missing, const int* __re
       if (c + 1 < cols) w[c + 1] = static_cast<scalar_t>(b);
     }
   } else {
-    for (int k = 0; k < f.count; ++k) {
-      for (int64_t b = lane; b < f.bytes[k]; b += 32) f.cache[k][s * f.bytes[k] + b] = rec[f.offset[k] + b];
-    }
+    for (int k = 0; k < f.count; ++k) warp_copy(f.cache[k] + s * f.bytes[k], rec + f.offset[k], f.bytes[k], lane);
   }
   if (lane == 0) {
     if (old >= 0) slot_of_row[old] = 0;
@@ -233,9 +241,7 @@ __global__ void flush_kernel(const int64_t* __restrict__ slot_row, int64_t S, ch
   const int lane = threadIdx.x % 32;
   if (s >= S || slot_row[s] < 0) return;
   char* rec = store + slot_row[s] * record_stride;
-  for (int k = 0; k < f.count; ++k) {
-    for (int64_t b = lane; b < f.bytes[k]; b += 32) rec[f.offset[k] + b] = f.cache[k][s * f.bytes[k] + b];
-  }
+  for (int k = 0; k < f.count; ++k) warp_copy(rec + f.offset[k], f.cache[k] + s * f.bytes[k], f.bytes[k], lane);
   if (flag_offset >= 0 && lane == 0) rec[flag_offset] = 1;
 }
 
