@@ -52,9 +52,10 @@ def main() -> None:
     # a prefetch on the side stream, a flush; bfloat16 with stochastic rounding keyed by row_ids.
     for dtype in (torch.float32, torch.bfloat16):
         cached = te.EngramTable(5000, 12, placement="host", cache_rows=90, device=dev, dtype=dtype)
-        for _step in range(6):
-            cached(torch.randint(0, 5000, (7, 5), device=dev)).float().sum().backward()
-            cached.prefetch(torch.randint(0, 5000, (7, 5), device=dev))
+        schedule = [torch.randint(0, 5000, (7, 5), device=dev) for _ in range(7)]
+        for step in range(6):  # the prefetch brings the next step's rows: two steps pinned (<= 70)
+            cached(schedule[step]).float().sum().backward()
+            cached.prefetch(schedule[step + 1])
         cached.flush()
     torch.cuda.synchronize()
     print("gpu_ops_smoke: every op ran")

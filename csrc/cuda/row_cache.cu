@@ -9,13 +9,16 @@
 //      reads the new row's record (or initialises a never-written row), updates the maps;
 //   4. the slot of every lookup.
 // The number of missing rows stays on the device: kernels are launched for the lookup count and
-// return early. A cache too small for the rows pinned by steps in flight is a device assert.
+// return early. A cache too small for the rows pinned by steps in flight is a device assert (as
+// torch's index kernels treat bad indices): checking on the host would need a sync per step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cub/device/device_radix_sort.cuh>
 #include <limits>
 #include <string_view>
@@ -104,6 +107,7 @@ __global__ void fill_kernel(const int64_t* __restrict__ missing, const int* __re
     for (int k = 0; k < f.count; ++k) warp_copy(rec + f.offset[k], f.cache[k] + s * f.bytes[k], f.bytes[k], lane);
     if (flag_offset >= 0 && lane == 0) rec[flag_offset] = 1;
   }
+  __syncwarp();  // the write-back read the slot with another lane mapping than the fill writes it
   const char* rec = store + r * record_stride;
   if (flag_offset >= 0 && rec[flag_offset] == 0) {
     for (int k = 0; k < f.count; ++k) {
@@ -165,10 +169,12 @@ at::Tensor row_cache_fetch_cuda(const at::Tensor& rows, const at::Tensor& slot_o
                                 c10::string_view policy, const at::Tensor& stats, int64_t flag_offset, double init_std,
                                 int64_t init_seed) {
   check_row_cache_args(rows, slot_of_row, slot_row, slot_meta, store, cache, field_offsets, stats);
-  (void)lru_links;  // the CUDA kernel orders victims by their keys (a sort per call with misses)
+  (void)lru_links;  // the CUDA kernel orders victims by their keys (a sort of the slots per call)
   TORCH_CHECK(stamp >= keep_from, "row_cache_fetch: stamp must be >= keep_from");
   TORCH_CHECK(flag_offset < store.size(1), "row_cache_fetch: flag_offset must lie inside a record");
-  TORCH_CHECK(init_seed >= 0 && init_std >= 0, "row_cache_fetch: init_seed and init_std must be >= 0");
+  TORCH_CHECK(init_seed >= 0 && std::isfinite(init_std) && init_std >= 0,
+              "row_cache_fetch: init_seed must be >= 0 and init_std finite and >= 0");
+  TORCH_CHECK(at::isFloatingType(cache[0].scalar_type()), "row_cache_fetch: the first cache field must be the weight");
   const bool lfu = parse_cache_policy(std::string_view(policy.data(), policy.size())) == CachePolicy::kLfu;
   const c10::cuda::CUDAGuard guard(slot_row.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -182,6 +188,9 @@ at::Tensor row_cache_fetch_cuda(const at::Tensor& rows, const at::Tensor& slot_o
   at::Tensor missing_sorted = at::empty({n}, opts);
   at::Tensor num_missing = at::zeros({1}, opts.dtype(at::kInt));
   auto* stats_p = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
+  // Everything that can fail on the host, before the first kernel changes the bookkeeping.
+  const CacheFields f = cache_fields(cache, field_offsets, S);
+  char* store_dev = device_view(store);
   const unsigned lookup_blocks = static_cast<unsigned>((n + kFetchBlock - 1) / kFetchBlock);
   AT_DISPATCH_INDEX_TYPES(rows_c.scalar_type(), "row_cache_fetch_cuda", [&] {
     mark_kernel<index_t><<<lookup_blocks, kFetchBlock, 0, stream>>>(
@@ -216,15 +225,14 @@ at::Tensor row_cache_fetch_cuda(const at::Tensor& rows, const at::Tensor& slot_o
   at::Tensor temp2 = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp2.data_ptr(), bytes, k_in, k_out, order.data_ptr<int64_t>(),
                                                  order_sorted.data_ptr<int64_t>(), static_cast<int>(S), 0, 64, stream));
-  const CacheFields f = cache_fields(cache, field_offsets, S);
   const int64_t bound = std::min<int64_t>(n, S);  // more missing rows than slots trips the assert
   const unsigned fill_blocks = static_cast<unsigned>((bound * 32 + kFetchBlock - 1) / kFetchBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache[0].scalar_type(), "row_cache_fill_cuda", [&] {
     fill_kernel<scalar_t><<<fill_blocks, kFetchBlock, 0, stream>>>(
         missing_sorted.data_ptr<int64_t>(), num_missing.data_ptr<int>(), k_out, order_sorted.data_ptr<int64_t>(),
-        slot_of_row.data_ptr<int32_t>(), slot_row.data_ptr<int64_t>(), slot_meta.data_ptr<int64_t>(),
-        device_view(store), store.stride(0), f, flag_offset, static_cast<float>(init_std),
-        static_cast<uint64_t>(init_seed), cache[0].numel() / S, stamp, stats_p, bound);
+        slot_of_row.data_ptr<int32_t>(), slot_row.data_ptr<int64_t>(), slot_meta.data_ptr<int64_t>(), store_dev,
+        store.stride(0), f, flag_offset, static_cast<float>(init_std), static_cast<uint64_t>(init_seed),
+        cache[0].numel() / S, stamp, stats_p, bound);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   AT_DISPATCH_INDEX_TYPES(rows_c.scalar_type(), "row_cache_slots_cuda", [&] {
@@ -235,11 +243,12 @@ at::Tensor row_cache_fetch_cuda(const at::Tensor& rows, const at::Tensor& slot_o
   return out;
 }
 
-__global__ void flush_kernel(const int64_t* __restrict__ slot_row, int64_t S, char* store, int64_t record_stride,
-                             CacheFields f, int64_t flag_offset) {
+__global__ void flush_kernel(const int64_t* __restrict__ slot_row, int64_t S, int64_t num_rows, char* store,
+                             int64_t record_stride, CacheFields f, int64_t flag_offset) {
   const int64_t s = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (s >= S || slot_row[s] < 0) return;
+  CUDA_KERNEL_ASSERT_MSG(slot_row[s] < num_rows, "row_cache_flush: a slot holds a row outside the store");
   char* rec = store + slot_row[s] * record_stride;
   for (int k = 0; k < f.count; ++k) warp_copy(rec + f.offset[k], f.cache[k] + s * f.bytes[k], f.bytes[k], lane);
   if (flag_offset >= 0 && lane == 0) rec[flag_offset] = 1;
@@ -252,13 +261,22 @@ void row_cache_flush_cuda(const at::Tensor& slot_row, const at::Tensor& store, a
   TORCH_CHECK(store.dim() == 2 && store.scalar_type() == at::kByte && store.stride(1) == 1 && store.is_pinned(),
               "row_cache_flush: store must be pinned uint8 [num_rows, record_bytes] with contiguous records");
   TORCH_CHECK(cache.size() == field_offsets.size(), "row_cache_flush: one record offset per cache field is needed");
-  const c10::cuda::CUDAGuard guard(slot_row.device());
+  TORCH_CHECK(flag_offset < store.size(1), "row_cache_flush: flag_offset must lie inside a record");
   const int64_t S = slot_row.size(0);
+  for (size_t i = 0; i < cache.size(); ++i) {
+    const at::Tensor& c = cache[i];
+    TORCH_CHECK(c.device() == slot_row.device() && c.is_contiguous() && c.dim() >= 1 && c.size(0) == S,
+                "row_cache_flush: cache field ", i, " must be contiguous [num_slots, ...] on the cache's device");
+    TORCH_CHECK(field_offsets[i] >= 0 &&
+                    field_offsets[i] + c.numel() / std::max<int64_t>(S, 1) * c.element_size() <= store.size(1),
+                "row_cache_flush: cache field ", i, " does not fit a record");
+  }
+  const c10::cuda::CUDAGuard guard(slot_row.device());
   if (S == 0) return;
   const unsigned blocks = static_cast<unsigned>((S * 32 + kFetchBlock - 1) / kFetchBlock);
   flush_kernel<<<blocks, kFetchBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      slot_row.data_ptr<int64_t>(), S, device_view(store), store.stride(0), cache_fields(cache, field_offsets, S),
-      flag_offset);
+      slot_row.data_ptr<int64_t>(), S, store.size(0), device_view(store), store.stride(0),
+      cache_fields(cache, field_offsets, S), flag_offset);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -159,8 +159,10 @@ class RowStore:
         return self._fetch(rows.detach().to(self.device), self.stamp).to(rows.device)
 
     def prefetch(self, rows: torch.Tensor) -> None:
-        """Bring the rows of the next step into the cache on a background thread (returns at once);
-        the next fetch waits for it. One prefetch at a time: a second one waits for the first."""
+        """Bring the rows of the next step into the cache on a background thread, or a side stream
+        for a CUDA cache (returns at once); the next fetch waits for it. One prefetch at a time: a
+        second one waits for the first. Prefetch the rows the next forward will look up: other rows
+        stay pinned with them (three steps' rows instead of two)."""
         self.wait()
         stamp = self.stamp + 1
         rows = rows.detach().to(self.device)
@@ -243,6 +245,7 @@ class RowStore:
         return self.records[:, self.flag_offset]
 
     def statistics(self) -> dict[str, int]:
+        self.wait()  # a prefetch still running adds to the counters
         hits, misses, evictions, moved = (int(v) for v in self.stats.tolist())
         return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
 
