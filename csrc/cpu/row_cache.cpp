@@ -149,12 +149,10 @@ at::Tensor fetch_impl(const index_t* rows, int64_t n, int32_t* slot_of_row, int6
       for (int64_t s = 0; s < used; ++s) {
         if (meta[2 * s] < keep_from) candidates.push_back(s);
       }
-      auto key_less = [&](int64_t a, int64_t b) {
-        const int64_t* ma = meta + 2 * a;
-        const int64_t* mb = meta + 2 * b;
-        if (ma[1] != mb[1]) return ma[1] < mb[1];
-        if (ma[0] != mb[0]) return ma[0] < mb[0];
-        return a < b;
+      auto key_less = [&](int64_t a, int64_t b) {  // the CUDA kernel's order (engram/row_cache.h)
+        const uint64_t ka = eviction_key(slot_row[a], meta[2 * a], meta[2 * a + 1], keep_from, true);
+        const uint64_t kb = eviction_key(slot_row[b], meta[2 * b], meta[2 * b + 1], keep_from, true);
+        return ka != kb ? ka < kb : a < b;
       };
       evictable = static_cast<int64_t>(candidates.size());
       if (evictable > need) {

@@ -22,14 +22,15 @@ as that backward runs before the second forward after it (every usual training l
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.engram.*)
+from .table import madvise, zeros_on_touch
 
 CACHE_POLICIES = ("lru", "lfu")
+_MADV_RANDOM = 1  # Linux
 
 
 def _align(n: int, a: int) -> int:
@@ -85,20 +86,23 @@ class RowStore:
             with open(path, "wb") as fh:
                 fh.truncate(nbytes)
             self.records = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-            _advise_random(self.records)
+            # Rows are read at random, and the kernel's default readahead turns each page fault
+            # into a fault on a large window (measured: 3.3 ms per fault of a sparse file, 6 us
+            # with the advice).
+            madvise(self.records, _MADV_RANDOM, os.sysconf("SC_PAGE_SIZE"))
         elif placement == "host" and dev.type == "cuda":
             # Pinned, so the cache kernels read and write the records over the bus, no staging.
             self.records = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
         elif placement == "host":
-            from .table import zeros_on_touch
-
             self.records = zeros_on_touch((nbytes,), torch.uint8, "cpu")
         else:
             raise ValueError(f"RowStore: placement must be 'host' or 'file', got {placement!r}")
         self.records = self.records.view(num_rows, self.record_bytes)
         # The bookkeeping lives with the cache.
         self.slot_of_row = (
-            _zeros_int32(num_rows) if dev.type == "cpu" else torch.zeros(num_rows, dtype=torch.int32, device=dev)
+            zeros_on_touch((num_rows,), torch.int32, "cpu")
+            if dev.type == "cpu"
+            else torch.zeros(num_rows, dtype=torch.int32, device=dev)
         )
         self.slot_row = torch.full((S,), -1, dtype=torch.int64, device=dev)
         self.slot_meta = torch.zeros(S, 2, dtype=torch.int64, device=dev)
@@ -248,26 +252,3 @@ class RowStore:
         self.wait()  # a prefetch still running adds to the counters
         hits, misses, evictions, moved = (int(v) for v in self.stats.tolist())
         return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
-
-
-def _advise_random(t: torch.Tensor) -> None:
-    """madvise(MADV_RANDOM) on a file mapping: rows are read at random, and the kernel's default
-    readahead turns each page fault into a fault on a large window (measured here: 3.3 ms per
-    fault on a sparse file, 6 us with the advice). Advice only: nothing changes where it fails."""
-    if sys.platform != "linux" or t.numel() == 0:
-        return
-    try:
-        import ctypes
-
-        page = os.sysconf("SC_PAGE_SIZE")
-        start = t.data_ptr() // page * page
-        end = t.data_ptr() + t.numel() * t.element_size()
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 1)
-    except (OSError, AttributeError, ValueError):
-        pass
-
-
-def _zeros_int32(n: int) -> torch.Tensor:
-    from .table import zeros_on_touch
-
-    return zeros_on_touch((n,), torch.int32, "cpu")

@@ -86,27 +86,35 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
 
 
+def madvise(t: torch.Tensor, advice: int, align: int) -> bool:
+    """madvise(advice) on the `align`-aligned interior of a CPU tensor's memory (Linux; advice
+    only: False and nothing changes where it cannot be given)."""
+    if t.device.type != "cpu" or sys.platform != "linux" or t.numel() == 0:
+        return False
+    try:
+        import ctypes
+
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo = (start + align - 1) // align * align
+        hi = end // align * align
+        libc = ctypes.CDLL(None, use_errno=True)
+        return hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux to back a large CPU tensor with transparent huge pages (madvise MADV_HUGEPAGE,
     before its pages are first touched). A table is read at random rows: with 4 KiB pages nearly
     every lookup of a multi-GB table misses the TLB, with 2 MiB pages most hit. Returns whether
     the advice was given; where it cannot be (other OS, THP off, ENGRAM_HUGE_PAGES=0), nothing
     changes."""
-    if t.device.type != "cpu" or sys.platform != "linux" or t.numel() * t.element_size() < 16 * _HUGE_PAGE:
+    if t.numel() * t.element_size() < 16 * _HUGE_PAGE:
         return False
     if os.environ.get("ENGRAM_HUGE_PAGES", "1") == "0":  # opt out (e.g. to measure without)
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        lo = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-        hi = end // _HUGE_PAGE * _HUGE_PAGE
-        return hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
+    return madvise(t, _MADV_HUGEPAGE, _HUGE_PAGE)
 
 
 def state_bytes_per_row(optimizer: str, d_head: int, state_dtype: torch.dtype = torch.float32) -> int:

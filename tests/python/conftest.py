@@ -85,6 +85,21 @@ def gate(x, k, v, w, eps):
     return ops.engram_gate(x, kv_of(k, v), w, eps)
 
 
+def one_layer_config():
+    """A small Engram config of one layer (orders 2-3, 2 heads each, d_head 4, 50 compressed ids)."""
+    from torch_engram import EngramConfig
+
+    return EngramConfig(
+        engram_vocab_size=(211, 307),
+        max_ngram_size=3,
+        n_embed_per_ngram=8,
+        n_head_per_ngram=2,
+        layer_ids=(1,),
+        pad_id=0,
+        compressed_vocab_size=50,
+    )
+
+
 def rss_mib() -> float:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torch_engram as te
+from conftest import one_layer_config
 from torch_engram import EngramTable, checkpoint
 
 R, D, H = 4000, 16, 4
@@ -173,15 +174,7 @@ def test_checkpoint_round_trip_of_a_file_table(tmp_path):
 
 def test_engram_layer_with_a_host_table_and_prefetch():
     torch.manual_seed(0)
-    cfg = te.EngramConfig(
-        engram_vocab_size=(211, 307),
-        max_ngram_size=3,
-        n_embed_per_ngram=8,
-        n_head_per_ngram=2,
-        layer_ids=(1,),
-        pad_id=0,
-        compressed_vocab_size=50,
-    )
+    cfg = one_layer_config()
     hasher = te.NgramHasher(cfg)
     dev = te.Engram(cfg, 1, 16, hasher=hasher)
     host = te.Engram(cfg, 1, 16, hasher=hasher, table_options=dict(placement="host", cache_rows=512))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torch_engram as te
-from conftest import DEVICES, HAS_PROC, rss_mib
+from conftest import DEVICES, HAS_PROC, one_layer_config, rss_mib
 from torch_engram import optim
 from torch_engram import reference as ref
 from torch_engram.table import OPTIMIZERS, EngramTable, state_bytes_per_row
@@ -340,15 +340,7 @@ def test_compile_fullgraph_fused_equals_eager_bitwise():
 
 
 def test_engram_layer_compiles_with_fused_table():
-    cfg = te.EngramConfig(
-        engram_vocab_size=(211, 307),
-        max_ngram_size=3,
-        n_embed_per_ngram=8,
-        n_head_per_ngram=2,
-        layer_ids=(1,),
-        pad_id=0,
-        compressed_vocab_size=50,
-    )
+    cfg = one_layer_config()
     torch.manual_seed(0)
     a = te.Engram(cfg, 1, 16, hasher=te.NgramHasher(cfg))
     b = te.Engram(cfg, 1, 16, hasher=te.NgramHasher(cfg))
