@@ -6,6 +6,7 @@ from . import _C, _fake, ops  # noqa: F401
 from .config import PRESETS, EngramConfig
 from .hashing import NgramHasher, TableLayout, layer_multipliers, layer_primes
 from .modules import Engram
+from .state import EngramState
 from .table import EngramTable
 from .tokenizer import Compression, build_compression, compress
 
@@ -14,6 +15,7 @@ __all__ = [
     "Compression",
     "Engram",
     "EngramConfig",
+    "EngramState",
     "EngramTable",
     "NgramHasher",
     "TableLayout",

@@ -12,6 +12,7 @@ from torch import nn
 from . import ops
 from .config import EngramConfig
 from .hashing import NgramHasher, TableLayout
+from .state import EngramState, linear_rows
 from .table import GRAD_MODES as TABLE_GRAD_MODES
 from .table import EngramTable
 
@@ -134,9 +135,17 @@ class Engram(nn.Module):
         input_ids: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         doc_start: torch.Tensor | None = None,
+        state: EngramState | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [B, T, D] (M = 1) or [B, T, M, D]; rows [B, T, H] of this layer, or input_ids [B, T]
-        hashed by the attached hasher. Returns the update, shaped like hidden."""
+        hashed by the attached hasher. Returns the update, shaped like hidden.
+
+        state: an EngramState for incremental decoding: the T tokens follow everything the state
+        has seen, and the result equals the full forward's at their positions (bit for bit on the
+        CPU). With input_ids, the state's n-gram history is advanced here (one Engram layer); with
+        several layers, hash once with state.hash and pass each layer its rows. lengths [B]: valid
+        new tokens per sequence of a right-padded batch (see EngramState)."""
         M, D = self.hc_mult, self.hidden_size
         squeeze = hidden.dim() == 3
         if squeeze:
@@ -152,7 +161,10 @@ class Engram(nn.Module):
                 raise ValueError("Engram: pass input_ids or rows")
             if self.hasher is None:
                 raise ValueError("Engram: input_ids need a hasher (Engram(..., hasher=NgramHasher(config)))")
-            rows = self.hasher(input_ids, doc_start=doc_start)[self.layer_index]
+            if state is not None:
+                rows = state.hash(self.hasher, input_ids, doc_start=doc_start, lengths=lengths)[self.layer_index]
+            else:
+                rows = self.hasher(input_ids, doc_start=doc_start)[self.layer_index]
         elif rows.dim() != 3 or rows.shape[-1] != self.config.num_heads:
             raise ValueError(f"Engram: rows must be [B, T, H={self.config.num_heads}], got {tuple(rows.shape)}")
         if rows.shape[:2] != hidden.shape[:2]:
@@ -160,12 +172,19 @@ class Engram(nn.Module):
                 f"Engram: rows {tuple(rows.shape[:2])} and hidden {tuple(hidden.shape[:2])} must share [B, T]"
             )
         e = self.gather(rows).to(self.kv_proj.weight.dtype)
-        kv = self.kv_proj(e).to(hidden.dtype)  # [B, T, (M + 1) * D]: M keys, then the value
+        # [B, T, (M + 1) * D]: M keys, then the value
+        kv = (self.kv_proj(e) if state is None else linear_rows(e, self.kv_proj)).to(hidden.dtype)
         eps = self.config.gate_eps if self.config.gate_eps is not None else torch.finfo(hidden.dtype).eps
         u = ops.engram_gate(hidden, kv, self.gate_gain(), eps)  # reads kv in place, no key/value copies
         if self.config.use_conv:
-            u = ops.short_conv(u, self.conv_norm_weight, self.conv_weight, self.config.dilation, self.config.conv_eps)
+            if state is None:
+                u = self._conv(u)
+            else:
+                u = state.conv_step(self.layer_id, u, self._conv, lengths)
         return u.squeeze(2) if squeeze else u
+
+    def _conv(self, u: torch.Tensor) -> torch.Tensor:
+        return ops.short_conv(u, self.conv_norm_weight, self.conv_weight, self.config.dilation, self.config.conv_eps)
 
     def prefetch(self, input_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None, doc_start=None) -> None:
         """Start bringing a later step's rows into the cache of a host- or file-placed table (a
