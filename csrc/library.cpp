@@ -23,6 +23,11 @@ TORCH_LIBRARY(engram, m) {
   // Row-sparse table gradient: (sorted unique rows [U] int64, summed gradients [U, d_head]).
   m.def("_multihead_gather_backward_sparse(Tensor grad_e, Tensor rows) -> (Tensor, Tensor)");
   // -- gather/scatter internals go here --
+  // The gather of an FP8 table (docs/SPEC.md section 3): table [num_rows, d_head] float8_e4m3fn
+  // and scale [num_rows, d_head / 32] float8_e8m0fnu (or its uint8 bytes), one power-of-two scale
+  // per 32 values (the DeepSeek-V4.1 layout); e = table[rows] * scale, dequantised exactly into
+  // out_dtype (float32 or bfloat16). Not differentiable: FP8 tables are inference storage.
+  m.def("multihead_gather_fp8(Tensor table, Tensor scale, Tensor rows, ScalarType out_dtype) -> Tensor");
 
   // Context-aware gate (docs/SPEC.md section 4): hidden x [..., M, D]; kv [..., (M + 1) * D], the
   // fused K/V projection output as it comes from its GEMM (the M keys first, then the value

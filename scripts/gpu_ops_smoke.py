@@ -57,6 +57,14 @@ def main() -> None:
             cached(schedule[step]).float().sum().backward()
             cached.prefetch(schedule[step + 1])
         cached.flush()
+    # FP8 tables: the gather with fused dequantisation into float32 and bfloat16, at an odd offset.
+    from torch_engram.fp8 import quantize_fp8
+
+    v, sc = quantize_fp8(torch.randn(301, 96, device=dev))
+    fr = torch.randint(0, 300, (4, 7, 3), device=dev)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        te.ops.multihead_gather_fp8(v, sc, fr, out_dtype)
+        te.ops.multihead_gather_fp8(v[1:], sc[1:], fr, out_dtype)
     torch.cuda.synchronize()
     print("gpu_ops_smoke: every op ran")
 

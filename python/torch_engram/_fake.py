@@ -66,6 +66,35 @@ def _multihead_gather_fake(table, rows, sparse_grad=False):
     return table.new_empty((*rows.shape[:-1], rows.shape[-1] * table.shape[1]))
 
 
+@torch.library.register_fake("engram::multihead_gather_fp8")
+def _multihead_gather_fp8_fake(table, scale, rows, out_dtype):
+    op = "multihead_gather_fp8"
+    torch._check(table.dim() == 2, lambda: f"{op}: table must be [num_rows, d_head], got {tuple(table.shape)}")
+    torch._check(table.dtype == torch.float8_e4m3fn, lambda: f"{op}: table must be float8_e4m3fn, got {table.dtype}")
+    torch._check(
+        table.shape[1] % 32 == 0,
+        lambda: f"{op}: table's d_head must be a multiple of 32 (one scale per 32 values), got {table.shape[1]}",
+    )
+    torch._check(
+        scale.dtype in (torch.float8_e8m0fnu, torch.uint8),
+        lambda: f"{op}: scale must be float8_e8m0fnu (or its bytes, uint8), got {scale.dtype}",
+    )
+    torch._check(
+        scale.dim() == 2 and scale.shape[0] == table.shape[0] and scale.shape[1] * 32 == table.shape[1],
+        lambda: f"{op}: scale must be [num_rows, d_head / 32], got {tuple(scale.shape)}",
+    )
+    torch._check(
+        out_dtype in (torch.float32, torch.bfloat16),
+        lambda: f"{op}: out_dtype must be float32 or bfloat16, got {out_dtype}",
+    )
+    _check_gather_rows(rows, op)
+    torch._check(
+        rows.device == table.device and scale.device == table.device,
+        lambda: f"{op}: rows and scale must be on table's device {table.device}",
+    )
+    return table.new_empty((*rows.shape[:-1], rows.shape[-1] * table.shape[1]), dtype=out_dtype)
+
+
 @torch.library.register_fake("engram::_multihead_gather_backward")
 def _multihead_gather_backward_fake(grad_e, rows, num_rows):
     d_head = _check_gather_grad(grad_e, rows, "multihead_gather_backward")

@@ -30,6 +30,14 @@ def multihead_gather(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool 
     return torch.ops.engram.multihead_gather(table, rows, sparse_grad)
 
 
+def multihead_gather_fp8(
+    table: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """e[..., H * d_head] dequantised from an FP8 table: E4M3 values [R, d_head] times one E8M0
+    scale [R, d_head / 32] per 32 values (torch_engram.fp8), exact in float32 or bfloat16."""
+    return torch.ops.engram.multihead_gather_fp8(table, scale, rows, out_dtype)
+
+
 def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Dense table gradient [num_rows, d_head] of multihead_gather for grad_e [..., H * d_head].
 

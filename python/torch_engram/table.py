@@ -49,6 +49,7 @@ from . import _C  # noqa: F401  (registers torch.ops.engram.*)
 GRAD_MODES = ("fused", "sparse", "dense")
 OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd")
 PLACEMENTS = ("device", "host", "file")  # the sharded placement builds on this seam
+STORAGES = ("native", "fp8")
 
 # Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
 _MAP_NORESERVE = getattr(
@@ -154,6 +155,12 @@ class EngramTable(nn.Module):
             `cache_policy` ("lru" or "lfu"). With grad="sparse" or "dense" the gradient is over
             cache slots, and the slots looked up since the last step() stay pinned until the next
             one (the cache must hold them all): update with the table's own step().
+        storage: "native" (the weight in `dtype`) or "fp8": E4M3 values with one E8M0 scale per
+            32 values (`weight` float8_e4m3fn [num_rows, d_head] and `weight_scale`
+            float8_e8m0fnu [num_rows, d_head / 32], the DeepSeek-V4.1 layout; torch_engram.fp8),
+            read by a gather that dequantises into `dtype` (float32 or bfloat16). FP8 tables are
+            inference storage: frozen, no optimizer state, placement "device". A trained table
+            converts with quantize_fp8_().
     """
 
     def __init__(
@@ -177,10 +184,15 @@ class EngramTable(nn.Module):
         cache_rows: int | None = None,
         cache_policy: str = "lfu",
         path: str | None = None,
+        storage: str = "native",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if storage not in STORAGES:
+            raise ValueError(f"EngramTable: storage must be one of {STORAGES}, got {storage!r}")
+        if storage == "fp8" and placement != "device":
+            raise ValueError(f"EngramTable: storage='fp8' needs placement='device', got {placement!r}")
         if num_rows < 1 or d_head < 1:
             raise ValueError(f"EngramTable: num_rows and d_head must be >= 1, got {num_rows} and {d_head}")
         if grad not in GRAD_MODES:
@@ -254,7 +266,12 @@ class EngramTable(nn.Module):
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
         self._pending_rows: list[torch.Tensor] = []
         self._store = None
-        if cached:
+        self.storage = "native"
+        if storage == "fp8":
+            self._to_fp8(None)
+            if init:
+                self.reset_parameters()
+        elif cached:
             from .offload import RowStore
 
             with torch.no_grad():
@@ -308,9 +325,54 @@ class EngramTable(nn.Module):
     def weight_decay(self) -> float:
         return float(self.hparams[4])
 
+    # ---- FP8 storage --------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantize_fp8_(self) -> EngramTable:
+        """Convert this table to FP8 storage in place (E4M3 values, one E8M0 scale per 32 values;
+        torch_engram.fp8.quantize_fp8), dropping the optimizer state: the table is frozen from
+        here on and gathers dequantised rows in its former dtype (float32 or bfloat16)."""
+        if self.storage == "fp8":
+            return self
+        if self._store is not None:
+            raise ValueError("EngramTable.quantize_fp8_: FP8 storage needs placement='device'")
+        from .fp8 import quantize_fp8
+
+        self._to_fp8(quantize_fp8(self.weight.detach()))
+        return self
+
+    def _to_fp8(self, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        from .fp8 import BLOCK
+
+        w = self.weight
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"EngramTable: an FP8 table gathers into float32 or bfloat16, got dtype {w.dtype}")
+        if self.d_head % BLOCK:
+            raise ValueError(f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0, got {self.d_head}")
+        if quantized is None:
+            values = torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+            scale = torch.full((w.shape[0], self.d_head // BLOCK), 127, dtype=torch.uint8, device=w.device)
+            quantized = values, scale.view(torch.float8_e8m0fnu)
+        self.out_dtype = w.dtype
+        self.weight = nn.Parameter(quantized[0], requires_grad=False)
+        self.register_buffer("weight_scale", quantized[1])
+        for name in ("momentum1", "momentum2"):
+            setattr(self, name, torch.zeros(0, dtype=torch.float32, device=w.device))
+        self.row_step = torch.zeros(0, dtype=torch.int32, device=w.device)
+        self.stochastic_rounding = False
+        self.storage = "fp8"
+
     def reset_parameters(self) -> None:
         """Weight N(0, init_std^2); optimizer state zero (every row as if never updated). Rows of a
         cached placement are initialised lazily, on their first fetch, from the table's seed."""
+        if self.storage == "fp8":
+            from .fp8 import quantize_fp8
+
+            with torch.no_grad():
+                x = torch.randn(self.weight.shape, device=self.weight.device) * self.init_std
+                values, scale = quantize_fp8(x)
+                self.weight.copy_(values)
+                self.weight_scale.copy_(scale)
+            return
         if self._store is not None:
             with torch.no_grad():
                 self._store.reset()
@@ -331,6 +393,20 @@ class EngramTable(nn.Module):
         # Module casts (.double(), .bfloat16(), .half(), .to(dtype)) convert every floating
         # buffer; the optimizer state keeps the maths dtype of the new weight (or bfloat16 moments
         # when state_dtype asked for them), as the kernels require.
+        if self.storage == "fp8":
+            # FP8 bytes are not floats to convert (a cast would drop the scales): they only move,
+            # as their uint8 views; the gather's output dtype follows a cast.
+            self.weight.data = self.weight.data.view(torch.uint8)
+            self.weight_scale = self.weight_scale.view(torch.uint8)
+            probe = fn(torch.zeros((), dtype=self.out_dtype))
+            try:
+                out = super()._apply(fn, recurse)
+            finally:
+                self.weight.data = self.weight.data.view(torch.float8_e4m3fn)
+                self.weight_scale = self.weight_scale.view(torch.float8_e8m0fnu)
+            if probe.dtype in (torch.float32, torch.bfloat16):
+                self.out_dtype = probe.dtype
+            return out
         out = super()._apply(fn, recurse)
         maths = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         moment = torch.bfloat16 if self.state_dtype == torch.bfloat16 else maths
@@ -351,6 +427,13 @@ class EngramTable(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """e[..., H * d_head]: the rows named by rows[..., H], concatenated head-minor."""
         w = self.weight
+        if self.storage == "fp8":
+            if torch.is_grad_enabled() and w.requires_grad:
+                raise RuntimeError(
+                    "EngramTable: FP8 tables are inference storage and do not train; train in float32 or "
+                    "bfloat16 and convert with quantize_fp8_()"
+                )
+            return torch.ops.engram.multihead_gather_fp8(w, self.weight_scale, rows, self.out_dtype)
         if self._store is not None:
             rows = self._store.fetch(rows)  # cached placements: the step works on cache slots
             if self.grad_mode != "fused" and torch.is_grad_enabled() and w.requires_grad:
@@ -412,7 +495,7 @@ class EngramTable(nn.Module):
     @torch.no_grad()
     def step(self) -> None:
         """Apply the optimizer to the gradient of the sparse and dense modes (fused: nothing to do)."""
-        if self.grad_mode == "fused":
+        if self.grad_mode == "fused" or self.storage == "fp8":
             return
         got = self._gradient_rows()
         if got is None:
@@ -519,4 +602,5 @@ class EngramTable(nn.Module):
         return (
             f"{self.num_rows}, {self.d_head}, grad={self.grad_mode!r}, optimizer={self.optimizer!r}, "
             f"lr={self.lr:g}, dtype={self.weight.dtype}, placement={self.placement!r}"
+            + (f", storage='fp8', out_dtype={self.out_dtype}" if self.storage == "fp8" else "")
         )
