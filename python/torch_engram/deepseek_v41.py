@@ -87,16 +87,17 @@ def engram_config_from_v41(text_config: dict) -> EngramConfig:
 
 
 def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """An FP8 matrix [O, I] with one E8M0 scale per 32 x 32 block [ceil(O / 32), ceil(I / 32)], as `dtype`."""
-    O, I = weight.shape
-    if scale.shape != ((O + BLOCK - 1) // BLOCK, (I + BLOCK - 1) // BLOCK):
+    """An FP8 matrix [n_out, n_in] with one E8M0 scale per 32 x 32 block, [ceil(n_out / 32),
+    ceil(n_in / 32)], as `dtype`."""
+    n_out, n_in = weight.shape
+    want = ((n_out + BLOCK - 1) // BLOCK, (n_in + BLOCK - 1) // BLOCK)
+    if tuple(scale.shape) != want:
         raise ValueError(
-            f"dequantize_blocks: scale must be [{(O + BLOCK - 1) // BLOCK}, {(I + BLOCK - 1) // BLOCK}] for a "
-            f"[{O}, {I}] weight, got {tuple(scale.shape)}"
+            f"dequantize_blocks: scale must be {list(want)} for a [{n_out}, {n_in}] weight, got {tuple(scale.shape)}"
         )
     e = scale.view(torch.uint8).to(torch.int32) - 127
     f = torch.ldexp(torch.ones(e.shape, device=e.device), e)
-    f = f.repeat_interleave(BLOCK, 0)[:O].repeat_interleave(BLOCK, 1)[:, :I]
+    f = f.repeat_interleave(BLOCK, 0)[:n_out].repeat_interleave(BLOCK, 1)[:, :n_in]
     return (weight.float() * f).to(dtype)
 
 
@@ -121,7 +122,7 @@ class _Checkpoint:
                             where.update({k: os.path.join(path, name) for k in f.keys()})
         else:
             with safe_open(path, framework="pt") as f:
-                where = {k: path for k in f.keys()}
+                where = dict.fromkeys(f.keys(), path)
         self.where = where
         self._open = safe_open
 
