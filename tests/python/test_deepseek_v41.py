@@ -75,7 +75,7 @@ def write_checkpoint(tmp_path):
     weight_map = {}
     for name, shard in zip(names, shards):
         safetensors.save_file(shard, str(tmp_path / name))
-        weight_map.update({k: name for k in shard})
+        weight_map.update(dict.fromkeys(shard, name))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV41ForCausalLM"], "text_config": tc}))
     return raw
@@ -129,7 +129,7 @@ def test_config_mapping_and_layout_check():
 def test_synthetic_checkpoint_loads_and_equals_the_v41_formulation(tmp_path, dtype):
     raw = write_checkpoint(tmp_path)
     lut = torch.arange(V) % V_COMP
-    hasher, engrams = load_v41_engram(tmp_path, lut=lut, dtype=dtype)
+    _, engrams = load_v41_engram(tmp_path, lut=lut, dtype=dtype)
     assert sorted(engrams) == LAYERS
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (2, 17), generator=g)
