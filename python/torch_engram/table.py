@@ -337,17 +337,27 @@ class EngramTable(nn.Module):
             raise ValueError("EngramTable.quantize_fp8_: FP8 storage needs placement='device'")
         from .fp8 import quantize_fp8
 
+        self._check_fp8()
         self._to_fp8(quantize_fp8(self.weight.detach()))
         return self
+
+    def _check_fp8(self) -> None:
+        from .fp8 import BLOCK
+
+        if self.weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"EngramTable: an FP8 table gathers into float32 or bfloat16, got dtype {self.weight.dtype}"
+            )
+        if self.d_head % BLOCK:
+            raise ValueError(
+                f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0 (one scale per {BLOCK} values), got {self.d_head}"
+            )
 
     def _to_fp8(self, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         from .fp8 import BLOCK
 
+        self._check_fp8()
         w = self.weight
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"EngramTable: an FP8 table gathers into float32 or bfloat16, got dtype {w.dtype}")
-        if self.d_head % BLOCK:
-            raise ValueError(f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0, got {self.d_head}")
         if quantized is None:
             values = torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
             scale = torch.full((w.shape[0], self.d_head // BLOCK), 127, dtype=torch.uint8, device=w.device)

@@ -1,16 +1,18 @@
 """Smoke run of the rho sweep (two training steps, tiny model) and its training/eval pieces."""
 
 import csv
+import importlib.util
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from torch_engram.experiment.allocation import count_params
-from torch_engram.experiment.models import ModelConfig, TransformerLM
+from torch_engram.experiment.models import ModelConfig, TransformerLM, load_model
 from torch_engram.experiment.models.training import TrainConfig, evaluate, lr_factor, make_optimizers, sample_batch
 from torch_engram.experiment.sweep import (
     CSV_COLUMNS,
@@ -101,6 +103,21 @@ def test_two_step_sweep_writes_csv_json_png(tmp_path):
     assert saved["targets"]["P_tot"] == result["targets"]["P_tot"]
     png = (tmp_path / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # Every run's final model is saved and loads without the sweep: same validation loss.
+    data = synthetic_data()
+    for r in rows:
+        model, _, extra = load_model(tmp_path / r["model_dir"])
+        assert extra["run"]["val_loss"] == float(r["val_loss"])
+        assert (model.hasher is None) == (float(r["rho"]) == 1.0)
+        nats, n = evaluate(model, data.val, preset.train.seq_len, preset.train.eval_batch_size)
+        assert round(nats / n, 6) == pytest.approx(float(r["val_loss"]), abs=2e-6)
+
+
+def test_no_save(tmp_path):
+    run_sweep(tiny_preset(rhos=(0.5,), seeds=(0,)), synthetic_data(), tmp_path, progress=False, save_models=False)
+    assert not (tmp_path / "models").exists()
+    with open(tmp_path / "results.csv") as f:
+        assert [r["model_dir"] for r in csv.DictReader(f)] == [""]
 
 
 def test_combine_equals_one_run_over_all_seeds(tmp_path):
@@ -171,6 +188,18 @@ def test_cli_on_user_text_files(tmp_path):
     assert saved["total_wall_s"] >= saved["wall_s"] and "--text-files" in saved["command"]
     assert (out / "sweep.png").stat().st_size > 5000
     assert result["summary"][0]["rho"] == 1.0
+    # The generation example on the sweep's Engram model (saved with its tokenizer): the same
+    # tokens with the decode state as by recomputation, greedy and sampled.
+    spec = importlib.util.spec_from_file_location(
+        "generate_example", Path(__file__).parents[2] / "examples/generate.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for extra in ([], ["--temperature", "0.9", "--top-k", "5", "--batch", "3"]):
+        got = example.main(["--sweep", str(out), "--prompt", "the lazy fox", "--tokens", "12", *extra])
+        assert got["same"] and len(got["tokens"][0]) == 12
+    with pytest.raises(ValueError, match="d_head % 32 == 0"):  # the quick preset's d_head is 16
+        example.main(["--sweep", str(out), "--fp8"])
 
 
 def test_same_seed_same_batches_whatever_the_model():

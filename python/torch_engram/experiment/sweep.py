@@ -26,6 +26,7 @@ from ..config import EngramConfig
 from .allocation import Allocation, allocate, count_params
 from .models.config import ModelConfig, default_engram_layers
 from .models.training import TrainConfig, evaluate, train
+from .models.saving import save_model
 from .models.transformer import TransformerLM
 
 PAPER_OPTIMUM = (0.75, 0.80)
@@ -139,6 +140,7 @@ class SweepData:
     sep_id: int
     description: str = ""
     info: dict = field(default_factory=dict)
+    tokenizer: object = None  # the tokenizers.Tokenizer, saved with each model
 
 
 def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0) -> SweepData:
@@ -195,6 +197,7 @@ def prepare_data(preset: Preset, text_files=None, tokenizer=None, seed: int = 0)
         lut=compression.lut,
         pad_id=pad,
         sep_id=eos,
+        tokenizer=tok,
         description=f"{source}: {len(train_docs)} train / {len(val_docs)} val documents; {tok_desc}",
         info={
             "train_tokens": train_stream.ids.numel(),
@@ -231,6 +234,7 @@ CSV_COLUMNS = [
     "val_bpb",
     "train_s",
     "wall_s",
+    "model_dir",
 ]
 
 
@@ -302,7 +306,11 @@ def run_sweep(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     label: str = "",
+    save_models: bool = True,
 ) -> dict:
+    """Train and evaluate every (rho, seed) model of the preset; results.csv/.json and sweep.png
+    go to out_dir, and with save_models each final model to out_dir/models/rho<rho>_seed<seed>
+    (torch_engram.experiment.models.load_model reads it back)."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     base, template = base_configs(preset, data)
@@ -397,6 +405,10 @@ def run_sweep(
             "train_s": round(tr["train_s"], 2),
             "wall_s": round(time.perf_counter() - t0, 2),
         }
+        if save_models:
+            path = out_dir / "models" / model_dir_name(a.rho, seed)
+            save_model(path, model, data.tokenizer, extra={"run": row, "preset": result["preset"]})
+            row["model_dir"] = str(path.relative_to(out_dir))
         rows.append(row)
         if progress:
             print(
@@ -418,9 +430,13 @@ def run_sweep(
     return result
 
 
+def model_dir_name(rho: float, seed: int) -> str:
+    return f"rho{rho:.3f}_seed{seed}"
+
+
 def _write(out_dir: Path, rows: list[dict], result: dict) -> None:
     with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
@@ -475,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="results/sweep", help="output directory (default results/sweep)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-save", action="store_true", help="do not save the trained models (OUT/models/...)")
     p.add_argument(
         "--combine",
         nargs="+",
@@ -515,7 +532,7 @@ def preset_from_args(args) -> Preset:
 def combine(dirs, out_dir: Path) -> dict:
     """One results.csv / results.json / sweep.png from several sweep outputs (same preset, other
     seeds). Refuses runs whose allocation differs at equal rho, or a (rho, seed) seen twice."""
-    numeric = {c for c in CSV_COLUMNS if c != "engram_vocab_size"}
+    numeric = {c for c in CSV_COLUMNS if c not in ("engram_vocab_size", "model_dir")}
     rows, seen, meta = [], {}, []
     for d in map(Path, dirs):
         meta.append(json.loads((d / "results.json").read_text()))
@@ -525,6 +542,8 @@ def combine(dirs, out_dir: Path) -> dict:
             r = {
                 k: (v if k not in numeric else (int(v) if v.lstrip("-").isdigit() else float(v))) for k, v in r.items()
             }
+            if r.get("model_dir"):
+                r["model_dir"] = str(d / r["model_dir"])  # the model stays where its run saved it
             key = (r["rho"], r["seed"])
             if key in seen:
                 raise SystemExit(f"--combine: rho={r['rho']} seed={r['seed']} appears in both {seen[key]} and {d}")
@@ -586,7 +605,14 @@ def main(argv=None) -> dict:
     data_s = time.perf_counter() - t0
     out = Path(args.out)
     result = run_sweep(
-        preset, data, out, device=device, autocast_dtype=amp, progress=not args.no_progress, label=args.preset
+        preset,
+        data,
+        out,
+        device=device,
+        autocast_dtype=amp,
+        progress=not args.no_progress,
+        label=args.preset,
+        save_models=not args.no_save,
     )
     result |= {
         "data_s": round(data_s, 1),

@@ -2,6 +2,17 @@
 
 from .config import ModelConfig, default_engram_layers
 from .moe import MoE, SwiGLU
-from .transformer import LMOutput, TransformerLM
+from .saving import load_model, save_model
+from .transformer import DecodeCache, LMOutput, TransformerLM
 
-__all__ = ["LMOutput", "MoE", "ModelConfig", "SwiGLU", "TransformerLM", "default_engram_layers"]
+__all__ = [
+    "DecodeCache",
+    "LMOutput",
+    "MoE",
+    "ModelConfig",
+    "SwiGLU",
+    "TransformerLM",
+    "default_engram_layers",
+    "load_model",
+    "save_model",
+]
