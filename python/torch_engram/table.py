@@ -350,7 +350,7 @@ class EngramTable(nn.Module):
             )
         if self.d_head % BLOCK:
             raise ValueError(
-                f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0 (one scale per {BLOCK} values), got {self.d_head}"
+                f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0 (a scale per {BLOCK} values), got {self.d_head}"
             )
 
     def _to_fp8(self, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> None:

@@ -25,8 +25,8 @@ import torch
 from ..config import EngramConfig
 from .allocation import Allocation, allocate, count_params
 from .models.config import ModelConfig, default_engram_layers
-from .models.training import TrainConfig, evaluate, train
 from .models.saving import save_model
+from .models.training import TrainConfig, evaluate, train
 from .models.transformer import TransformerLM
 
 PAPER_OPTIMUM = (0.75, 0.80)

@@ -9,8 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .config import ModelConfig
 from .transformer import TransformerLM
 
