@@ -1,34 +1,55 @@
-// CPU kernel of multihead_gather_fp8: each looked-up row is decoded from E4M3 bytes through a
-// 256-entry table and scaled by its blocks' E8M0 factors (engram/fp8.h), parallel over lookups.
+// CPU kernel of multihead_gather_fp8: each looked-up row is decoded from E4M3 bytes and scaled by
+// its blocks' E8M0 factors with branch-free bit arithmetic (engram/fp8.h) that the compiler
+// vectorises (a 256-entry decode table measured 10x slower: its loads do not vectorise), parallel
+// over lookups.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <array>
 #include <atomic>
 #include <limits>
 
 #include "check/multihead_gather_fp8.h"
 #include "engram/fp8.h"
 #include "engram/multihead_gather.h"
+#include "rows.h"
 
 namespace engram {
 namespace {
 
-const std::array<float, 256>& e4m3_table() {
-  static const std::array<float, 256> lut = [] {
-    std::array<float, 256> t{};
-    for (int b = 0; b < 256; ++b) t[b] = e4m3_to_float(static_cast<uint8_t>(b));
-    return t;
-  }();
-  return lut;
+// One row: d_head values, kFp8Block per scale, as float or bfloat16 bits. Branch-free, and
+// compiled per instruction set, so the inner loop vectorises (AVX-512 packs the bfloat16 halves
+// natively; baseline x86-64 measured 2x slower).
+template <typename out_bits_t>
+inline void decode_row_impl(const uint8_t* src, const uint8_t* scale, int64_t blocks, out_bits_t* dst) {
+  for (int64_t j = 0; j < blocks; ++j) {
+    const float f = e8m0_to_float(scale[j]);
+    const uint8_t* in = src + j * kFp8Block;
+    out_bits_t* out = dst + j * kFp8Block;
+    for (int64_t i = 0; i < kFp8Block; ++i) {
+      const uint32_t bits = e4m3_scaled_bits(in[i], f);
+      if constexpr (sizeof(out_bits_t) == 4) {
+        out[i] = bits;
+      } else {
+        out[i] = bfloat16_bits_rne(bits);
+      }
+    }
+  }
 }
 
-template <typename out_t, typename index_t>
+ENGRAM_CPU_CLONES void decode_row(const uint8_t* src, const uint8_t* scale, int64_t blocks, uint32_t* dst) {
+  decode_row_impl(src, scale, blocks, dst);
+}
+
+ENGRAM_CPU_CLONES void decode_row(const uint8_t* src, const uint8_t* scale, int64_t blocks, uint16_t* dst) {
+  decode_row_impl(src, scale, blocks, dst);
+}
+
+constexpr int64_t kAhead = 8;  // lookups prefetched ahead
+
+template <typename out_bits_t, typename index_t>
 int64_t gather_fp8_rows(const uint8_t* table, const uint8_t* scale, int64_t num_rows, int64_t d_head,
-                        const index_t* rows, int64_t num_lookups, out_t* out) {
-  const auto& lut = e4m3_table();
+                        const index_t* rows, int64_t num_lookups, out_bits_t* out) {
   const int64_t blocks = d_head / kFp8Block;
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d_head, 1));
@@ -41,13 +62,16 @@ int64_t gather_fp8_rows(const uint8_t* table, const uint8_t* scale, int64_t num_
         }
         return;  // later lookups of this chunk cannot have a smaller index
       }
-      const uint8_t* src = table + r * d_head;
-      const uint8_t* s = scale + r * blocks;
-      out_t* dst = out + n * d_head;
-      for (int64_t j = 0; j < blocks; ++j) {
-        const float f = e8m0_to_float(s[j]);
-        for (int64_t i = j * kFp8Block; i < (j + 1) * kFp8Block; ++i) dst[i] = static_cast<out_t>(lut[src[i]] * f);
+      // The decode keeps the core busy, so the next rows' cache misses would not overlap it the
+      // way a plain copy's do: they are requested ahead.
+      if (n + kAhead < end) {
+        const int64_t ahead = static_cast<int64_t>(rows[n + kAhead]);
+        if (row_in_range(ahead, num_rows)) {
+          for (int64_t c = 0; c < d_head; c += 64) __builtin_prefetch(table + ahead * d_head + c);
+          __builtin_prefetch(scale + ahead * blocks);
+        }
       }
+      decode_row(table + r * d_head, scale + r * blocks, blocks, out + n * d_head);
     }
   });
   const int64_t b = bad.load();
@@ -65,12 +89,9 @@ at::Tensor multihead_gather_fp8_cpu(const at::Tensor& table, const at::Tensor& s
     const index_t* r = a.rows.const_data_ptr<index_t>();
     const uint8_t* t = a.table.const_data_ptr<uint8_t>();
     const uint8_t* s = a.scale.const_data_ptr<uint8_t>();
-    if (out_dtype == at::kFloat) {
-      bad = gather_fp8_rows<float, index_t>(t, s, num_rows, d_head, r, n, a.out.mutable_data_ptr<float>());
-    } else {
-      bad = gather_fp8_rows<c10::BFloat16, index_t>(t, s, num_rows, d_head, r, n,
-                                                    a.out.mutable_data_ptr<c10::BFloat16>());
-    }
+    void* out = a.out.mutable_data_ptr();
+    bad = out_dtype == at::kFloat ? gather_fp8_rows(t, s, num_rows, d_head, r, n, static_cast<uint32_t*>(out))
+                                  : gather_fp8_rows(t, s, num_rows, d_head, r, n, static_cast<uint16_t*>(out));
   });
   if (bad >= 0) {
     const int64_t value = a.rows.scalar_type() == at::kLong ? a.rows.const_data_ptr<int64_t>()[bad]

@@ -17,6 +17,7 @@
 #include "check/ngram_hash.h"
 #include "engram/hash.h"
 #include "ngram_hash_kernels.h"
+#include "rows.h"
 
 namespace engram {
 namespace cpu {
@@ -27,11 +28,6 @@ namespace {
 // lane per prime) vectorises wherever possible; other architectures get the compiler's own
 // vectorisation. dmod (one FMA per head) where every prime allows it, fastmod_split (Barrett, a
 // 64x64-bit high product from 32-bit halves) otherwise.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ENGRAM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ENGRAM_TARGET_CLONES
-#endif
 
 // Tokens u = 0 .. n-1 of one segment and layer l (see for_each_segment): window of token u
 // at xr[n - 1 - u], output row at row + u * H. s: the dmod constants, or nullptr for fastmod.
@@ -122,13 +118,13 @@ HashIsa ngram_hash_isa() {
 
 const char* isa_name(HashIsa isa) { return isa == HashIsa::kAvx512 ? "avx512" : "portable"; }
 
-ENGRAM_TARGET_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
-                                                 int32_t* out) {
+ENGRAM_CPU_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
+                                              int32_t* out) {
   return portable_kernel(a, s, begin, end, out);
 }
 
-ENGRAM_TARGET_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
-                                                 int64_t* out) {
+ENGRAM_CPU_CLONES int64_t hash_range_portable(const HashArgs& a, const DmodPlan* s, int64_t begin, int64_t end,
+                                              int64_t* out) {
   return portable_kernel(a, s, begin, end, out);
 }
 

@@ -11,12 +11,6 @@
 
 #include "engram/conv.h"
 
-// Same instruction-set levels as the ngram_hash kernel (x86-64-v4: AVX-512, v3: AVX2 + FMA).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ENGRAM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ENGRAM_CPU_CLONES
-#endif
 #define ENGRAM_ROW_INLINE inline __attribute__((always_inline))
 
 namespace engram::cpu {

@@ -11,6 +11,14 @@
 #include <type_traits>
 #include <vector>
 
+// A function compiled for AVX-512 (x86-64-v4), AVX2 + FMA (v3) and baseline x86-64, the best
+// picked at load time: plain loops vectorise wherever possible, and the library loads anywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ENGRAM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ENGRAM_CPU_CLONES
+#endif
+
 namespace engram::cpu {
 
 // sum(a * a), sum(a * b): lane-wise partial sums combined in a fixed order (no dependence on

@@ -35,3 +35,31 @@ TEST(Fp8, E8M0IsAPowerOfTwo) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Fp8, BranchFreeDecodeEqualsTheReferenceForEveryByteAndScale) {
+  for (int s = 0; s < 255; ++s) {
+    const float f = engram::e8m0_to_float(static_cast<uint8_t>(s));
+    for (int b = 0; b < 256; ++b) {
+      const float want = engram::e4m3_to_float(static_cast<uint8_t>(b)) * f;
+      const float got = engram::float_of_bits(engram::e4m3_scaled_bits(static_cast<uint8_t>(b), f));
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(got)) << b << " " << s;
+      } else {
+        EXPECT_EQ(engram::bits_of_float(got), engram::bits_of_float(want)) << b << " " << s;
+      }
+    }
+  }
+}
+
+TEST(Fp8, BFloat16RoundsToNearestEven) {
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x3F800000u), 0x3F80);           // 1.0
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x3F808000u), 0x3F80);           // a tie to even (down)
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x3F818000u), 0x3F82);           // a tie to even (up)
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x3F808001u), 0x3F81);           // above the tie
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x7F800000u), 0x7F80);           // inf stays inf
+  EXPECT_EQ(engram::bfloat16_bits_rne(0x7FC00000u) & 0x7FC0, 0x7FC0);  // NaN stays NaN
+}
+
+}  // namespace

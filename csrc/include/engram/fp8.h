@@ -40,6 +40,35 @@ ENGRAM_HOST_DEVICE float e4m3_to_float(uint8_t b) {
   return float_of_bits(sign | ((e + 120u) << 23) | (m << 20));  // exponent e - 7 + 127
 }
 
+ENGRAM_HOST_DEVICE uint32_t bits_of_float(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+#endif
+}
+
+// e4m3_to_float(b) * scale (scale > 0 a power of two) without branches, as float bits, so loops of
+// it vectorise: the byte's exponent and mantissa, moved to float's mantissa-aligned position, read
+// as a float that is 2^-120 times the value (subnormals included), so one exact multiply by 2^120
+// restores it; the sign goes in last; 0x7F (the NaN pattern) is mapped to NaN.
+ENGRAM_HOST_DEVICE uint32_t e4m3_scaled_bits(uint8_t b, float scale) {
+  const uint32_t mag = static_cast<uint32_t>(b & 0x7Fu);
+  const float x = float_of_bits(mag << 20) * float_of_bits((127u + 120u) << 23) * scale;
+  const uint32_t nan = 0u - static_cast<uint32_t>(mag == 0x7Fu);  // all ones for the NaN pattern
+  const uint32_t bits = (bits_of_float(x) & ~nan) | (0x7FC00000u & nan);
+  return bits | (static_cast<uint32_t>(b & 0x80u) << 24);
+}
+
+// float bits to bfloat16 bits, rounding to nearest even (NaN stays a quiet NaN).
+ENGRAM_HOST_DEVICE uint16_t bfloat16_bits_rne(uint32_t bits) {
+  const uint32_t nan = 0u - static_cast<uint32_t>((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((rounded & ~nan) | (((bits >> 16) | 0x40u) & nan));
+}
+
 // E8M0 byte s: 2^(s - 127); s = 0 is 2^-127 (a float subnormal), 0xFF is NaN.
 ENGRAM_HOST_DEVICE float e8m0_to_float(uint8_t s) {
   if (s == 0xFFu) return float_of_bits(0x7FC00000u);
