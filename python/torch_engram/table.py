@@ -387,6 +387,7 @@ class EngramTable(nn.Module):
             return
         if self._store is not None:
             with torch.no_grad():
+                self._store.init_std = float(self.init_std)  # init_std may have changed since
                 self._store.reset()
                 self.step_count.zero_()
             return

@@ -159,3 +159,18 @@ def test_host_tables_train_evaluate_and_generate_as_device_tables():
         assert host.generate(prompts, 10, **kw) == dev.generate(prompts, 10, use_cache=False, **kw)
     with torch.no_grad():
         assert torch.equal(dev(batches[1]).logits, host(batches[1]).logits)
+
+
+def test_host_tables_start_with_the_model_table_std():
+    # A fresh host-placed model initialises its rows (lazily) with engram_table_init_std, as the
+    # device tables do: the rows' spread matches, though not the values (another generator).
+    torch.manual_seed(0)
+    cfg = config(engram_table_init_std=0.05)
+    dev = TransformerLM(cfg)
+    host = TransformerLM(cfg, table_options=dict(placement="host", cache_rows=140))
+    ids = torch.randint(0, V, (2, 12))
+    for model in (dev, host):
+        e = model.engram_modules()[0]
+        rows = model.hasher(ids)[0]
+        std = float(e.table(rows).detach().std())
+        assert 0.035 < std < 0.065, std

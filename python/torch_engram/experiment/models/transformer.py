@@ -235,8 +235,11 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(ffn.w2, std=out_std)
             if block.engram is None:
                 continue
-            with torch.no_grad():
-                nn.init.normal_(block.engram.table.weight, std=self.cfg.engram_table_init_std)
+            # Through the table, so a host- or file-placed one initialises its rows (lazily, on
+            # their first fetch) with this std too, not only the cache slots.
+            block.engram.table_init_std = self.cfg.engram_table_init_std
+            block.engram.table.init_std = self.cfg.engram_table_init_std
+            block.engram.table.reset_parameters()
             kv = getattr(block.engram, "kv_proj", None)
             if kv is not None:
                 # The value rows get the residual-output std, like attention's output projection,
