@@ -8,9 +8,16 @@ corpus, hashed with the official demo layout), side by side in one run:
          and warm (after the cache has seen the stream); median step times and the overhead;
   big    a table twice this machine's RAM (48 GiB of bfloat16 rows in a sparse file) trained for a
          few steps: step time and peak RSS;
-  hits   the cache's hit rate against its size, LRU and LFU, on the hashed stream.
+  hits   the cache's hit rate against its size, LRU and LFU, on the hashed stream;
+  model  (for a GPU: --parts model --device cuda) the sweep's transformer with one Engram layer
+         whose bfloat16 table (--model-table-gib, default 30 GiB) lives in pinned host memory
+         behind a device cache, against the same table in device memory: median step times of
+         inference (forward) and training (forward + backward + fused update + AdamW of the rest),
+         the next batch prefetched on a side stream. On the CPU it runs the same code with the
+         cache in RAM (a smoke run with a small table).
 
     python benchmarks/bench_offload.py [--parts layer,big,hits] [--tokens 1024] [--dir /tmp]
+    python benchmarks/bench_offload.py --parts model --device cuda [--json out.json]
 """
 
 from __future__ import annotations
@@ -180,6 +187,107 @@ def hits_part(args, rows):
         print(f"{cache:>11,} {100 * rates[0]:>6.1f}% {100 * rates[1]:>6.1f}%")
 
 
+def model_part(args) -> list[dict]:
+    from torch_engram.experiment.models import ModelConfig, TransformerLM
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    d_head, heads = 64, 8
+    per_table = max(1000, int(args.model_table_gib * 2**30 / (d_head * 2) / (2 * heads)))
+    ecfg = te.EngramConfig(
+        engram_vocab_size=(per_table, per_table),
+        n_embed_per_ngram=heads * d_head,
+        n_head_per_ngram=heads,
+        layer_ids=(1,),
+        compressed_vocab_size=None,
+        proj_bias=False,
+    )
+    tok = default_tokenizer()
+    comp = te.build_compression(tok)
+    B, T = args.model_batch, args.model_seq
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=args.model_d,
+        n_layers=4,
+        n_heads=8,
+        max_seq_len=T,
+        n_routed_experts=16,
+        top_k=2,
+        d_expert=args.model_d // 2,
+        d_shared=args.model_d,
+        engram=ecfg,
+    )
+    ids = encode_documents(tok, load_documents()).ids
+    steps = args.model_steps
+    need = (steps + 1) * B * (T + 1)
+    ids = ids.repeat(need // ids.numel() + 1)[:need].view(steps + 1, B, T + 1)
+    batches = [b.to(dev) for b in ids]
+    rows_total = 2 * heads * per_table
+    print(
+        f"model  {dev}: one Engram table {rows_total:,} x {d_head} bf16 = {rows_total * d_head * 2 / 2**30:.1f} GiB, "
+        f"cache {args.model_cache_rows:,} rows, batch {B} x {T}",
+        flush=True,
+    )
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    out = []
+    base: dict[str, float] = {}
+    for placement in ("device", "host"):
+        opts = dict(dtype=torch.bfloat16)
+        if placement == "host":
+            opts |= dict(placement="host", cache_rows=args.model_cache_rows)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = TransformerLM(cfg, lut=comp.lut.to(dev), table_optimizer="rowwise_adagrad", table_options=opts)
+        sync()
+        build_s = time.perf_counter() - t0
+        dense = [p for n, p in model.named_parameters() if ".table." not in n]
+        opt = torch.optim.AdamW(dense, lr=1e-4, fused=cuda)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+        for mode in ("inference", "training"):
+            times = []
+            for s, b in enumerate(batches[:-1]):
+                sync()
+                t0 = time.perf_counter()
+                with amp:
+                    if mode == "inference":
+                        with torch.no_grad():
+                            model(b[:, :-1])
+                            if placement == "host":
+                                model.prefetch(batches[s + 1][:, :-1])
+                    else:
+                        res = model(b[:, :-1], targets=b[:, 1:])
+                        if placement == "host":
+                            model.prefetch(batches[s + 1][:, :-1])
+                        res.loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                sync()
+                times.append(time.perf_counter() - t0)
+            warm = statistics.median(times[args.model_warmup :])
+            row = dict(placement=placement, mode=mode, warm_ms=warm * 1e3, first_ms=times[0] * 1e3, build_s=build_s)
+            if placement == "device":
+                base[mode] = warm
+            else:
+                row["overhead"] = warm / base[mode] - 1
+                row |= model.engram_modules()[0].table.cache_stats()
+            out.append(row)
+            more = f"  overhead {row['overhead']:+.2%}" if "overhead" in row else ""
+            print(
+                f"model  {placement:<6} {mode:<9} warm {warm * 1e3:8.2f} ms  first {times[0] * 1e3:8.1f} ms  "
+                f"built in {build_s:.1f} s{more}",
+                flush=True,
+            )
+        del model, opt, dense
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--parts", default="layer,big,hits")
@@ -197,8 +305,26 @@ def main() -> None:
         "--hit-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[100_000, 1_000_000, 3_000_000]
     )
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the file tables go")
+    ap.add_argument("--device", default="cpu", help="the model part's device (cuda for the GPU benchmark)")
+    ap.add_argument("--model-table-gib", type=float, default=30.0)
+    ap.add_argument("--model-cache-rows", type=int, default=4_000_000)
+    ap.add_argument("--model-batch", type=int, default=8)
+    ap.add_argument("--model-seq", type=int, default=2048)
+    ap.add_argument("--model-d", type=int, default=1024)
+    ap.add_argument("--model-steps", type=int, default=20)
+    ap.add_argument("--model-warmup", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write the model part's figures here")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if "model" in parts:
+        import json
+
+        rows = model_part(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), rows=rows), indent=1))
+        parts.discard("model")
+        if not parts:
+            return
     print(
         f"# offload, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
         f"demo layout, layer 1"

@@ -30,7 +30,7 @@ class Engram(nn.Module):
             (coalesced sparse COO .grad) or "dense" (ordinary .grad); see torch_engram.table.
         table_optimizer: the table's optimizer ("adam", "partial_rowwise_adam",
             "rowwise_adagrad", "sgd"); table_options: further EngramTable arguments (lr,
-            state_dtype, seed, ...).
+            state_dtype, seed, placement, storage, dtype for a table dtype other than the layer's, ...).
         fold_gains: one fp32 gate gain w = w_q * w_k per branch (TileKernels/V4.1) instead of
             separate query and key RMSNorm gains (official demo).
         table_init_std: tables start as N(0, std^2); 1.0 matches nn.Embedding in the official demo.
@@ -87,8 +87,8 @@ class Engram(nn.Module):
             optimizer=table_optimizer,
             init_std=table_init_std,
             init=False,  # reset_parameters below fills it once
-            **(table_options or {}),
-            **factory,
+            # table_options may give the table its own dtype (bfloat16 rows in a float32 layer).
+            **{**factory, **(table_options or {})},
         )
         self.kv_proj = nn.Linear(config.d_mem, (M + 1) * D, bias=config.proj_bias, **factory)
         gain = dict(
