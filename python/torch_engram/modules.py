@@ -76,6 +76,10 @@ class Engram(nn.Module):
         self.fold_gains = fold_gains
         self.table_init_std = table_init_std
         self.hasher = hasher
+        # capture_gate: forward keeps the gate values alpha [B, T, M] in last_gate (analyses;
+        # the forward is then not differentiable in the gate's inputs).
+        self.capture_gate = False
+        self.last_gate: torch.Tensor | None = None
         rows = hasher.rows_per_layer if hasher is not None else TableLayout.from_config(config).rows_per_layer
         self.num_rows = rows[self.layer_index]
         factory = dict(device=device, dtype=dtype)
@@ -175,7 +179,12 @@ class Engram(nn.Module):
         # [B, T, (M + 1) * D]: M keys, then the value
         kv = (self.kv_proj(e) if state is None else linear_rows(e, self.kv_proj)).to(hidden.dtype)
         eps = self.config.gate_eps if self.config.gate_eps is not None else torch.finfo(hidden.dtype).eps
-        u = ops.engram_gate(hidden, kv, self.gate_gain(), eps)  # reads kv in place, no key/value copies
+        if self.capture_gate:
+            # For analyses: the same kernel's forward with its statistics (not differentiable).
+            u, alpha = torch.ops.engram._engram_gate_forward(hidden, kv, self.gate_gain(), eps)[:2]
+            self.last_gate = alpha.detach()  # [B, T, M]
+        else:
+            u = ops.engram_gate(hidden, kv, self.gate_gain(), eps)  # reads kv in place, no key/value copies
         if self.config.use_conv:
             if state is None:
                 u = self._conv(u)

@@ -7,7 +7,21 @@ import sys
 import torch_engram
 from conftest import package_root
 
-CORE = ["config", "hashing", "tokenizer", "ops", "modules", "table", "optim", "checkpoint", "reference"]
+CORE = [
+    "config",
+    "hashing",
+    "tokenizer",
+    "ops",
+    "modules",
+    "table",
+    "offload",
+    "state",
+    "fp8",
+    "deepseek_v41",
+    "optim",
+    "checkpoint",
+    "reference",
+]
 
 
 def test_core_does_not_import_the_experiment():
