@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from .offload import CHECKPOINT_FILES
 
 FORMAT = "torch_engram.checkpoint"
 VERSION = 1
@@ -70,28 +73,50 @@ def save_checkpoint(
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model.state_dict(),
-        "optimizers": _optimizer_states(optimizers),
-        "extra": extra,
-        "rng": _rng_state() if rng else None,
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    base = os.path.basename(path)
+    # File-placed tables write their records to files named after this checkpoint ("<name>.<token>.
+    # <i>.rows", holes kept) instead of through memory; the payload names them. They are complete
+    # and durable before the payload that names them replaces the previous one, and the previous
+    # checkpoint's files are removed only after: a crash leaves a loadable checkpoint either way.
+    files = {"mode": "save", "dir": directory, "base": base, "token": uuid.uuid4().hex[:12], "written": []}
+    reset = CHECKPOINT_FILES.set(files)
+    tmp = None
     try:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model.state_dict(),
+            "optimizers": _optimizer_states(optimizers),
+            "extra": extra,
+            "rng": _rng_state() if rng else None,
+        }
+        CHECKPOINT_FILES.reset(reset)
+        reset = None
+        if files["written"]:
+            _fsync_dir(directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if reset is not None:
+            CHECKPOINT_FILES.reset(reset)
+        for name in [*files["written"], *([os.path.basename(tmp)] if tmp else [])]:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
         raise
     _fsync_dir(directory)
+    keep = set(files["written"])
+    for name in os.listdir(directory):
+        if name.startswith(base + ".") and name.endswith(".rows") and name not in keep:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 def _optimizer_pairs(optimizers: Optimizers | None, states) -> list:
@@ -136,6 +161,10 @@ def _check_model_state(model: nn.Module, saved: Mapping, strict: bool) -> None:
         )
     for key in sorted(set(own) & set(saved)):
         a, b = own[key], saved[key]
+        if isinstance(a, dict) and isinstance(b, dict):  # a file table's record file
+            if {k: v for k, v in a.items() if k != "file"} != {k: v for k, v in b.items() if k != "file"}:
+                raise ValueError(f"load_checkpoint: {key!r}: the saved record layout {b} differs from the model's {a}")
+            continue
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
             raise ValueError(
                 f"load_checkpoint: {key!r} is a {type(b).__name__} in the checkpoint, a {type(a).__name__} in the model"
@@ -171,8 +200,23 @@ def load_checkpoint(
             f"load_checkpoint: checkpoint version {payload['version']} is newer than this torch_engram's {VERSION}"
         )
     # Everything is checked before anything changes: a failed load leaves model and optimizers as
-    # they were.
+    # they were. File-placed tables saved as record files read them from next to the checkpoint.
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    files = {"mode": "load", "dir": directory, "keys": set(payload["model"])}
+    reset = CHECKPOINT_FILES.set(files)
+    try:
+        return _load(payload, path, model, optimizers, strict, restore_rng, directory)
+    finally:
+        CHECKPOINT_FILES.reset(reset)
+
+
+def _load(payload, path, model, optimizers, strict, restore_rng, directory):
     _check_model_state(model, payload["model"], strict)
+    for key, v in payload["model"].items():
+        if isinstance(v, dict) and "file" in v and not os.path.exists(os.path.join(directory, v["file"])):
+            raise ValueError(
+                f"load_checkpoint: {key!r} is in {v['file']!r}, which is missing next to {os.fspath(path)!r}"
+            )
     pairs = _optimizer_pairs(optimizers, payload["optimizers"])
     rng = payload.get("rng")
     if restore_rng and rng is not None and "cuda" in rng and torch.cuda.is_available():

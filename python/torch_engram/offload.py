@@ -21,6 +21,8 @@ as that backward runs before the second forward after it (every usual training l
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import os
 import threading
 
@@ -252,3 +254,54 @@ class RowStore:
         self.wait()  # a prefetch still running adds to the counters
         hits, misses, evictions, moved = (int(v) for v in self.stats.tolist())
         return dict(hits=hits, misses=misses, evictions=evictions, bytes_moved=moved)
+
+
+# ---- file tables in checkpoints: copies of the record file, holes kept ---------------------------
+# Set by torch_engram.checkpoint while it saves or loads: file-placed tables then put a copy of
+# their record file next to the checkpoint (save) or read one back (load) instead of passing the
+# whole table through memory. {"mode": "save", "dir", "base", "token", "written": [names]} or
+# {"mode": "load", "dir", "keys": the saved state_dict's keys}.
+CHECKPOINT_FILES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("engram_checkpoint_files", default=None)
+
+
+def store_layout(store: RowStore, names: list[str]) -> dict:
+    """The record layout of a store whose fields are `names` (checked on load)."""
+    return dict(
+        num_rows=store.num_rows,
+        record_bytes=store.record_bytes,
+        flag_offset=store.flag_offset,
+        fields=[
+            [n, str(f.dtype), list(f.shape[1:]), off] for n, f, off in zip(names, store.fields, store.field_offsets)
+        ],
+    )
+
+
+def copy_sparse(src: str, dst: str, size: int) -> int:
+    """Make `dst` a copy of the first `size` bytes of `src`, copying only its data extents (holes,
+    the never-written rows of a sparse table, stay holes in dst); dst is emptied first (it may be
+    memory-mapped: its pages then read the new content) and fsynced. Returns the bytes copied."""
+    copied = 0
+    with open(src, "rb") as fs, open(dst, "r+b" if os.path.exists(dst) else "w+b") as fd:
+        fd.truncate(0)
+        fd.truncate(size)
+        i, o = fs.fileno(), fd.fileno()
+        off = 0
+        while off < size:
+            try:
+                start = os.lseek(i, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after off
+                    break
+                raise
+            end = min(os.lseek(i, start, os.SEEK_HOLE), size)
+            pos = start
+            while pos < end:
+                n = os.copy_file_range(i, o, end - pos, pos, pos)
+                if n == 0:
+                    raise OSError(f"copy_sparse: {src} ended early at byte {pos}")
+                pos += n
+            copied += end - start
+            off = end
+        fd.flush()
+        os.fsync(o)
+    return copied

@@ -129,6 +129,19 @@ def state_bytes_per_row(optimizer: str, d_head: int, state_dtype: torch.dtype = 
     }[optimizer]
 
 
+def _checkpoint_files(table: EngramTable, prefix: str) -> dict | None:
+    """The checkpoint's file context for a file-placed table (see offload.CHECKPOINT_FILES): when
+    saving, always; when loading, only if the checkpoint holds this table as a record file."""
+    if table.placement != "file":
+        return None
+    from .offload import CHECKPOINT_FILES
+
+    files = CHECKPOINT_FILES.get()
+    if files is None or (files["mode"] == "load" and prefix + "records" not in files["keys"]):
+        return None
+    return files
+
+
 class EngramTable(nn.Module):
     """A trainable table [num_rows, d_head] looked up H rows per token (see the module docstring).
 
@@ -563,9 +576,28 @@ class EngramTable(nn.Module):
             i += 1
         return views
 
+    def _store_field_names(self) -> list[str]:
+        return [n for n in self._STATE if getattr(self, n).numel()]
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self._store is None:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
+        files = _checkpoint_files(self, prefix)
+        if files is not None:
+            # Inside save_checkpoint/load_checkpoint: the records as a file next to the checkpoint
+            # (written here when saving; only described when loading), never the table in memory.
+            from .offload import copy_sparse, store_layout
+
+            entry = store_layout(self._store, self._store_field_names())
+            if files["mode"] == "save":
+                self._store.flush()
+                name = f"{files['base']}.{files['token']}.{len(files['written'])}.rows"
+                copy_sparse(self._store.path, os.path.join(files["dir"], name), self._store.records.numel())
+                files["written"].append(name)
+                entry["file"] = name
+            destination[prefix + "records"] = entry
+            destination[prefix + "step_count"] = self.step_count if keep_vars else self.step_count.detach()
+            return
         # The whole table: every cached row written back, then each field of the records copied
         # out whole (the layout of a device table, so checkpoints move between placements; rows
         # never written read as zeros and are flagged 0 in row_initialized). This materialises the
@@ -585,6 +617,8 @@ class EngramTable(nn.Module):
             return super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
+        if prefix + "records" in state_dict:
+            return self._load_records_file(state_dict, prefix, missing_keys, error_msgs)
         views = self._store_views()
         names = [*self._STATE, "step_count"]
         for name in names:
@@ -608,6 +642,31 @@ class EngramTable(nn.Module):
                 v.copy_(state_dict[prefix + name])
             flags = state_dict.get(prefix + "row_initialized")
             self._store.initialized().copy_(flags if flags is not None else torch.ones((), dtype=torch.uint8))
+            self._store.written = True
+            self.step_count.copy_(state_dict[prefix + "step_count"])
+
+    def _load_records_file(self, state_dict, prefix, missing_keys, error_msgs) -> None:
+        from .offload import CHECKPOINT_FILES, copy_sparse, store_layout
+
+        saved = state_dict[prefix + "records"]
+        files = CHECKPOINT_FILES.get()
+        if self.placement != "file" or files is None or files["mode"] != "load":
+            error_msgs.append(
+                f"{prefix}records: the checkpoint holds a file table's record file; load it with "
+                "torch_engram.checkpoint.load_checkpoint into an EngramTable with placement='file'"
+            )
+            return
+        own = store_layout(self._store, self._store_field_names())
+        if {k: v for k, v in saved.items() if k != "file"} != own:
+            error_msgs.append(f"{prefix}records: the saved record layout {saved} differs from this table's {own}")
+            return
+        if prefix + "step_count" not in state_dict:
+            missing_keys.append(prefix + "step_count")
+            return
+        src = os.path.join(files["dir"], saved["file"])
+        with torch.no_grad():
+            self._store.invalidate()
+            copy_sparse(src, self._store.path, self._store.records.numel())
             self._store.written = True
             self.step_count.copy_(state_dict[prefix + "step_count"])
 

@@ -172,6 +172,55 @@ def test_checkpoint_round_trip_of_a_file_table(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+def test_checkpoint_of_a_large_sparse_file_table_streams_its_records(tmp_path):
+    # A 1 GiB file table of which a few thousand rows were trained: the checkpoint holds its
+    # record file as a sparse copy next to it (a few MB of disk, never the table in memory), and
+    # a later save replaces it; it loads back bit for bit into a file table.
+    big = 2**30 // (D * 4 * 3)  # weight + Adam moments per row: 1 GiB of records
+    kw = dict(lr=0.05, optimizer="adam", placement="file", cache_rows=400)
+    t = EngramTable(big, D, path=str(tmp_path / "t.bin"), **kw)
+    train(t, [zipf_rows(s) * (big // R) for s in range(6)])
+    ckpt = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(ckpt, torch.nn.ModuleDict({"t": t}))
+    rows_files = sorted(p for p in tmp_path.iterdir() if p.name.endswith(".rows"))
+    assert len(rows_files) == 1
+    st = rows_files[0].stat()
+    assert st.st_size >= 2**30 and st.st_blocks * 512 < 64 * 2**20  # sparse: holes stay holes
+    assert ckpt.stat().st_size < 2**20  # the payload only names the file
+    looked = zipf_rows(99) * (big // R)
+    with torch.no_grad():
+        want = t(looked)
+    train(t, [zipf_rows(s) * (big // R) for s in range(6, 8)])
+    checkpoint.save_checkpoint(ckpt, torch.nn.ModuleDict({"t": t}))
+    now = sorted(p for p in tmp_path.iterdir() if p.name.endswith(".rows"))
+    assert len(now) == 1 and now != rows_files  # the previous checkpoint's file is gone
+    with torch.no_grad():
+        want2 = t(looked)
+    assert not torch.equal(want2, want)
+    state = {k: t.state_dict()[k].clone() for k in ("momentum1", "row_step", "step_count")}
+    train(t, [zipf_rows(s) * (big // R) for s in range(8, 9)])  # move on, then restore
+    u = EngramTable(big, D, path=str(tmp_path / "u.bin"), **kw)
+    checkpoint.load_checkpoint(ckpt, torch.nn.ModuleDict({"t": u}))
+    with torch.no_grad():
+        assert torch.equal(u(looked), want2)
+    got = u.state_dict()
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+    # Into a table of another placement or layout: a clear error, nothing changed.
+    dev = EngramTable(big // 64, D, optimizer="adam")
+    with pytest.raises(ValueError, match="missing keys"):
+        checkpoint.load_checkpoint(ckpt, torch.nn.ModuleDict({"t": dev}))
+    other = EngramTable(
+        big, D, lr=0.05, optimizer="sgd", placement="file", cache_rows=400, path=str(tmp_path / "o.bin")
+    )
+    with pytest.raises(ValueError, match="record layout"):
+        checkpoint.load_checkpoint(ckpt, torch.nn.ModuleDict({"t": other}))
+    for p in now:
+        p.unlink()
+    with pytest.raises(ValueError, match="which is missing next to"):
+        checkpoint.load_checkpoint(ckpt, torch.nn.ModuleDict({"t": u}))
+
+
 def test_engram_layer_with_a_host_table_and_prefetch():
     torch.manual_seed(0)
     cfg = one_layer_config()

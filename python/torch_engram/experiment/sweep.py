@@ -81,7 +81,8 @@ PRESETS: dict[str, Preset] = {
         train=TrainConfig(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20),
         # One thread: on a shared 2-core machine, two OpenMP threads stall (5-10x slower) as soon
         # as anything else runs; alone they would be ~1.5x faster. --threads 2 to try.
-        rhos=(1.0, 0.9, 0.8, 0.6, 0.4),
+        # Down to 0.1, so that both sides of the U are in reach (docs/SWEEP.md).
+        rhos=(1.0, 0.8, 0.6, 0.4, 0.2, 0.1),
         seeds=(0,),
         tokenizer_vocab=2048,
         val_fraction=0.05,
