@@ -601,7 +601,7 @@ class EngramTable(nn.Module):
         # The whole table: every cached row written back, then each field of the records copied
         # out whole (the layout of a device table, so checkpoints move between placements; rows
         # never written read as zeros and are flagged 0 in row_initialized). This materialises the
-        # table in memory: a streaming snapshot of a file table larger than RAM is still to come.
+        # table in memory; save_checkpoint streams a file table's records instead (see above).
         self._store.flush()
         views = self._store_views()
         for name in self._STATE:
