@@ -12,6 +12,7 @@ from torch_engram.experiment import analysis
 from torch_engram.experiment.models import ModelConfig, TransformerLM, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PRESET = {"max_bytes": 400_000, "val_fraction": 0.1}  # the corpus share the "sweep" used
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def saved(tmp_path_factory, small_bpe, small_docs):
         for e in eng.engram_modules():
             e.kv_proj.weight.normal_(std=0.3)  # a spread of gate values
     moe = TransformerLM(ModelConfig(**base))
-    save_model(d / "engram", eng, small_bpe, extra={"run": {"rho": 0.8}})
+    save_model(d / "engram", eng, small_bpe, extra={"run": {"rho": 0.8}, "preset": PRESET})
     save_model(d / "moe", moe, small_bpe, extra={"run": {"rho": 1.0}})
     text = d / "held_out.txt"
     text.write_text(small_docs[1][:6000])
@@ -111,3 +112,15 @@ def test_linear_cka_properties():
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     assert analysis.linear_cka(x, x @ q * 3.0) == pytest.approx(1.0)  # rotation and scale invariant
     assert analysis.linear_cka(x, torch.randn(200, 16, generator=g)) < 0.3
+
+
+def test_gate_by_bigram_frequency(saved, tmp_path):
+    d, _ = saved
+    stats = analysis.main(["gate-stats", "--model", str(d / "engram"), "--tokens", "2048", "--out", str(tmp_path)])
+    assert sorted(stats) == [1, 2]
+    for buckets in stats.values():
+        assert set(buckets) <= {"0", "1-9", "10-99", "100-999", "1000+"} and len(buckets) >= 3
+        assert sum(n for _, n in buckets.values()) == 2048 // 64 * 64  # whole sequences of max_seq_len
+        assert all(0 < a < 1 for a, _ in buckets.values())
+    with open(tmp_path / "gate_by_frequency.csv") as f:
+        assert len(list(csv.DictReader(f))) == sum(len(b) for b in stats.values())

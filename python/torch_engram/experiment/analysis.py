@@ -4,6 +4,7 @@
               branch when hc_mult > 1), high alpha red, low white, as in the paper's figure: a PNG
               and a self-contained HTML page, with a legend and the per-layer mean; prints the
               tokens with the highest alpha;
+  gate-stats  the mean alpha of held-out tokens by how often their bigram occurs in training;
   logit-lens  every block's hidden state decoded through the final norm and LM head: the KL
               divergence of the final output from it, per block, for the model and a baseline, on
               held-out text (PNG + CSV);
@@ -122,6 +123,25 @@ def _rows_of(alphas: dict[int, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     return rows
 
 
+def token_kind(text: str, first: bool) -> str:
+    """'word start' (a token that begins a word), 'continuation' (a word's later piece) or
+    'other' (punctuation, digits, whitespace)."""
+    core = text.lstrip(" ")
+    if not core or not core[0].isalpha():
+        return "other"
+    return "word start" if first or text.startswith(" ") else "continuation"
+
+
+def mean_by_kind(texts: list[str], a: torch.Tensor) -> dict[str, float]:
+    kinds = [token_kind(t, i == 0 or texts[i - 1].endswith(("\n", " "))) for i, t in enumerate(texts)]
+    out = {}
+    for k in ("word start", "continuation", "other"):
+        sel = [float(a[i]) for i, kk in enumerate(kinds) if kk == k]
+        if sel:
+            out[k] = sum(sel) / len(sel)
+    return out
+
+
 def gate_html(texts: list[str], rows: list[tuple[str, torch.Tensor]], title: str) -> str:
     def span(t: str, a: float) -> str:
         shown = html.escape(t).replace("\n", "&#8629;<br>")
@@ -139,7 +159,11 @@ def gate_html(texts: list[str], rows: list[tuple[str, torch.Tensor]], title: str
     ]
     for name, a in rows:
         vals = a.tolist()
-        parts.append(f"<h3>{html.escape(name)}: mean alpha {sum(vals) / len(vals):.3f}</h3><div class='text'>")
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in mean_by_kind(texts, a).items())
+        parts.append(
+            f"<h3>{html.escape(name)}: mean alpha {sum(vals) / len(vals):.3f}</h3>"
+            f"<p>mean by token kind: {html.escape(kinds)}</p><div class='text'>"
+        )
         parts.append("".join(span(t, v) for t, v in zip(texts, vals)))
         parts.append("</div>")
     parts.append("</body></html>")
@@ -207,16 +231,82 @@ def gate_command(args) -> dict:
     title = f"Engram gate, {Path(args.model).name} (rho={run.get('rho', '?')})"
     (out / "gate.html").write_text(gate_html(texts, rows, title), encoding="utf-8")
     gate_png(texts, rows, out / "gate.png", title)
-    top = {}
+    top, kinds = {}, {}
     for name, a in rows:
         order = a.argsort(descending=True)[: args.top].tolist()
         top[name] = [(texts[i], float(a[i])) for i in order]
-        print(f"{name}: mean alpha {float(a.mean()):.3f}; highest:", file=sys.stderr)
+        kinds[name] = mean_by_kind(texts, a)
+        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in kinds[name].items())
+        print(f"{name}: mean alpha {float(a.mean()):.3f} ({by_kind}); highest:", file=sys.stderr)
         for i in order:
             ctx = "".join(texts[max(0, i - 3) : i]).replace("\n", " ")
             print(f"  {float(a[i]):.3f}  {texts[i]!r:<16} after {ctx!r}", file=sys.stderr)
     print(f"analyze gate: wrote {out / 'gate.png'} and {out / 'gate.html'}", file=sys.stderr)
-    return dict(alphas=alphas, texts=texts, top=top)
+    return dict(alphas=alphas, texts=texts, top=top, by_kind=kinds)
+
+
+# ---- gate against n-gram frequency ---------------------------------------------------------------
+BUCKETS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
+
+
+def _bucket_name(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else (f"{lo}" if lo == hi else f"{lo}-{hi}")
+
+
+def gate_by_frequency(model, tokenizer, extra: dict, max_tokens: int = 32768) -> dict:
+    """Mean gate alpha of held-out tokens grouped by how often the bigram (previous token, token),
+    in compressed ids, occurs in the training split of the model's sweep run: does the memory
+    open for the n-grams it has seen?"""
+    from . import corpus
+
+    preset = extra.get("preset", {})
+    docs = corpus.load_documents(max_bytes=preset.get("max_bytes"))
+    train_docs, val_docs = corpus.split_train_val(docs, val_fraction=preset.get("val_fraction", 0.05), seed=0)
+    lut = model.hasher.lut
+    V = int(lut.max()) + 1
+
+    def pairs(ids: torch.Tensor) -> torch.Tensor:
+        c = lut[ids]
+        return c[:-1] * V + c[1:]
+
+    train_pairs, counts = pairs(corpus.encode_documents(tokenizer, train_docs).ids).unique(return_counts=True)
+    val = corpus.encode_documents(tokenizer, val_docs).ids[: max_tokens + 1]
+    T = model.cfg.max_seq_len
+    n = (val.numel() - 1) // T * T
+    ids = val[1 : n + 1].view(-1, T)
+    seen = pairs(val[: n + 1])  # the bigram ending at each position of ids
+    idx = torch.searchsorted(train_pairs, seen).clamp(max=train_pairs.numel() - 1)
+    freq = torch.where(train_pairs[idx] == seen, counts[idx], torch.zeros_like(seen))
+    alphas: dict[int, list[torch.Tensor]] = {}
+    for row in ids:
+        for layer, a in gate_values(model, row).items():
+            alphas.setdefault(layer, []).append(a)
+    out = {}
+    for layer, parts in alphas.items():
+        a = torch.cat(parts).mean(dim=1)  # branches averaged
+        out[layer] = {}
+        for lo, hi in BUCKETS:
+            sel = (freq >= lo) & (freq <= (hi if hi is not None else freq.max()))
+            if bool(sel.any()):
+                out[layer][_bucket_name(lo, hi)] = (float(a[sel].mean()), int(sel.sum()))
+    return out
+
+
+def gate_stats_command(args) -> dict:
+    model, tok, extra = load_model(args.model)
+    if model.hasher is None or tok is None:
+        raise SystemExit(f"analyze gate-stats: {args.model} needs Engram layers and its tokenizer")
+    stats = gate_by_frequency(model, tok, extra, args.tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "gate_by_frequency.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "bigram_count_in_training", "mean_alpha", "tokens"])
+        for layer, b in stats.items():
+            w.writerows([layer, k, f"{a:.6f}", n] for k, (a, n) in b.items())
+    for layer, b in stats.items():
+        print(f"block {layer}: " + "  ".join(f"{k}: {a:.3f} ({n})" for k, (a, n) in b.items()), file=sys.stderr)
+    return stats
 
 
 # ---- logit lens and CKA -------------------------------------------------------------------------
@@ -318,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-file", default=None)
     g.add_argument("--top", type=int, default=10, help="tokens printed per layer")
     g.add_argument("--out", default="results/analysis/gate")
+    st = sub.add_parser("gate-stats", help="mean gate alpha by the training frequency of each token's bigram")
+    st.add_argument("--model", required=True)
+    st.add_argument("--tokens", type=int, default=32768, help="held-out tokens")
+    st.add_argument("--out", default="results/analysis/gate-stats")
     for name, helptext in (("logit-lens", "KL to the final output per layer"), ("cka", "linear CKA between layers")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--model", required=True)
@@ -333,6 +427,8 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.command == "gate":
         return gate_command(args)
+    if args.command == "gate-stats":
+        return gate_stats_command(args)
     if args.command == "logit-lens":
         return logit_lens_command(args)
     return cka_command(args)
