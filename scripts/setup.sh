@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for torch-engram and builds it once, in place:
 #   - torch (kept if already installed; else TORCH_SPEC, default torch==2.14.1),
-#   - Python deps (numpy, tokenizers, safetensors, pybind11, pytest, hypothesis, matplotlib, tqdm),
+#   - Python deps (numpy, tokenizers, safetensors, transformers, accelerate, pybind11, pytest,
+#     hypothesis, matplotlib, tqdm),
 #   - Debian's libgtest-dev (GoogleTest) and offline text corpora when apt-get is available,
 #   - the extension: pip install --no-build-isolation -e . (CMake build in ./build).
 # ENGRAM_BUILD_TESTS=1 also builds the GoogleTest binary for ctest. Idempotent: a second run
@@ -18,7 +19,7 @@ fi
 log "torch $("$PY" -c 'import torch; print(torch.__version__)')"
 
 need=()
-for mod in numpy tokenizers safetensors pybind11 pytest hypothesis matplotlib tqdm setuptools wheel; do
+for mod in numpy tokenizers safetensors transformers accelerate pybind11 pytest hypothesis matplotlib tqdm setuptools wheel; do
   "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,1 @@
+"""Engram in other libraries' models: `torch_engram.integrations.transformers` (Hugging Face)."""
