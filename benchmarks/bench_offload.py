@@ -187,7 +187,7 @@ def hits_part(args, rows):
         print(f"{cache:>11,} {100 * rates[0]:>6.1f}% {100 * rates[1]:>6.1f}%")
 
 
-def model_part(args) -> list[dict]:
+def model_part(args, on_row=lambda rows: None) -> list[dict]:
     from torch_engram.experiment.models import ModelConfig, TransformerLM
 
     dev = torch.device(args.device)
@@ -268,7 +268,7 @@ def model_part(args) -> list[dict]:
                         opt.zero_grad(set_to_none=True)
                 sync()
                 times.append(time.perf_counter() - t0)
-            warm = statistics.median(times[args.model_warmup :])
+            warm = statistics.median(times[min(args.model_warmup, len(times) - 1) :])
             row = dict(placement=placement, mode=mode, warm_ms=warm * 1e3, first_ms=times[0] * 1e3, build_s=build_s)
             if placement == "device":
                 base[mode] = warm
@@ -276,6 +276,7 @@ def model_part(args) -> list[dict]:
                 row["overhead"] = warm / base[mode] - 1
                 row |= model.engram_modules()[0].table.cache_stats()
             out.append(row)
+            on_row(out)  # written after every measurement: a run cut short keeps what it measured
             more = f"  overhead {row['overhead']:+.2%}" if "overhead" in row else ""
             print(
                 f"model  {placement:<6} {mode:<9} warm {warm * 1e3:8.2f} ms  first {times[0] * 1e3:8.1f} ms  "
@@ -319,9 +320,11 @@ def main() -> None:
     if "model" in parts:
         import json
 
-        rows = model_part(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), rows=rows), indent=1))
+        def write(rows):
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), rows=rows), indent=1))
+
+        model_part(args, write)
         parts.discard("model")
         if not parts:
             return

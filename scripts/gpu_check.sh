@@ -42,7 +42,7 @@ step() {
   shift 3
   local remain
   remain=$(left)
-  if [ "$remain" -le 5 ]; then
+  if [ "$remain" -le 5 ] || [ "$limit" -lt 1 ]; then
     note "$name: SKIPPED (time budget spent)"
     FAILED=1
     return 1

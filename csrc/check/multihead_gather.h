@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -78,6 +80,30 @@ inline std::string format_index(int64_t flat, at::IntArrayRef sizes) {
   std::ostringstream s;
   s << at::IntArrayRef(idx);
   return s.str();
+}
+
+// The CPU gathers validate rows while they copy, in parallel: each thread reports its first bad
+// lookup, and the smallest one wins, so the error names the same lookup whatever the schedule.
+struct BadLookup {
+  std::atomic<int64_t> first{std::numeric_limits<int64_t>::max()};
+  void report(int64_t n) {
+    int64_t cur = first.load();
+    while (n < cur && !first.compare_exchange_weak(cur, n)) {
+    }
+  }
+  int64_t get() const {
+    const int64_t b = first.load();
+    return b == std::numeric_limits<int64_t>::max() ? -1 : b;
+  }
+};
+
+// "<op>: rows must lie in [0, num_rows) (table.size(0)), got <value> at rows[i, j]" for lookup
+// `bad` of the contiguous int32/int64 rows.
+[[noreturn]] inline void throw_row_out_of_range(const char* op, const at::Tensor& rows, int64_t bad, int64_t num_rows) {
+  const int64_t value =
+      rows.scalar_type() == at::kLong ? rows.const_data_ptr<int64_t>()[bad] : rows.const_data_ptr<int32_t>()[bad];
+  TORCH_CHECK(false, op, ": rows must lie in [0, ", num_rows, ") (table.size(0)), got ", value, " at rows",
+              format_index(bad, rows.sizes()));
 }
 
 }  // namespace engram

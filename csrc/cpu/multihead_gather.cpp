@@ -5,9 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstring>
-#include <limits>
 
 #include "check/multihead_gather.h"
 #include "engram/multihead_gather.h"
@@ -20,22 +18,19 @@ namespace {
 template <typename index_t>
 int64_t gather_rows(const char* table, int64_t row_stride_bytes, int64_t num_rows, const index_t* rows,
                     int64_t num_lookups, int64_t row_bytes, char* out) {
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  BadLookup bad;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, num_lookups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t r = static_cast<int64_t>(rows[n]);
       if (!row_in_range(r, num_rows)) {
-        int64_t cur = bad.load();
-        while (n < cur && !bad.compare_exchange_weak(cur, n)) {
-        }
+        bad.report(n);
         return;  // later lookups of this chunk cannot have a smaller index
       }
       std::memcpy(out + n * row_bytes, table + r * row_stride_bytes, row_bytes);
     }
   });
-  const int64_t b = bad.load();
-  return b == std::numeric_limits<int64_t>::max() ? -1 : b;
+  return bad.get();
 }
 
 at::Tensor multihead_gather_cpu(const at::Tensor& table, const at::Tensor& rows, bool sparse_grad) {
@@ -57,12 +52,7 @@ at::Tensor multihead_gather_cpu(const at::Tensor& table, const at::Tensor& rows,
     bad = gather_rows<index_t>(table_ptr, row_stride_bytes, num_rows, rows_c.const_data_ptr<index_t>(), num_lookups,
                                row_bytes, out_ptr);
   });
-  if (bad >= 0) {
-    const int64_t value = rows_c.scalar_type() == at::kLong ? rows_c.const_data_ptr<int64_t>()[bad]
-                                                            : rows_c.const_data_ptr<int32_t>()[bad];
-    TORCH_CHECK(false, "multihead_gather: rows must lie in [0, ", num_rows, ") (table.size(0)), got ", value,
-                " at rows", format_index(bad, rows_c.sizes()));
-  }
+  if (bad >= 0) throw_row_out_of_range("multihead_gather", rows_c, bad, num_rows);
   return e;
 }
 

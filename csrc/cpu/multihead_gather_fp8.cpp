@@ -6,9 +6,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <limits>
-
 #include "check/multihead_gather_fp8.h"
 #include "engram/fp8.h"
 #include "engram/multihead_gather.h"
@@ -51,15 +48,13 @@ template <typename out_bits_t, typename index_t>
 int64_t gather_fp8_rows(const uint8_t* table, const uint8_t* scale, int64_t num_rows, int64_t d_head,
                         const index_t* rows, int64_t num_lookups, out_bits_t* out) {
   const int64_t blocks = d_head / kFp8Block;
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  BadLookup bad;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d_head, 1));
   at::parallel_for(0, num_lookups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t r = static_cast<int64_t>(rows[n]);
       if (!row_in_range(r, num_rows)) {
-        int64_t cur = bad.load();
-        while (n < cur && !bad.compare_exchange_weak(cur, n)) {
-        }
+        bad.report(n);
         return;  // later lookups of this chunk cannot have a smaller index
       }
       // The decode keeps the core busy, so the next rows' cache misses would not overlap it the
@@ -74,8 +69,7 @@ int64_t gather_fp8_rows(const uint8_t* table, const uint8_t* scale, int64_t num_
       decode_row(table + r * d_head, scale + r * blocks, blocks, out + n * d_head);
     }
   });
-  const int64_t b = bad.load();
-  return b == std::numeric_limits<int64_t>::max() ? -1 : b;
+  return bad.get();
 }
 
 at::Tensor multihead_gather_fp8_cpu(const at::Tensor& table, const at::Tensor& scale, const at::Tensor& rows,
@@ -93,12 +87,7 @@ at::Tensor multihead_gather_fp8_cpu(const at::Tensor& table, const at::Tensor& s
     bad = out_dtype == at::kFloat ? gather_fp8_rows(t, s, num_rows, d_head, r, n, static_cast<uint32_t*>(out))
                                   : gather_fp8_rows(t, s, num_rows, d_head, r, n, static_cast<uint16_t*>(out));
   });
-  if (bad >= 0) {
-    const int64_t value = a.rows.scalar_type() == at::kLong ? a.rows.const_data_ptr<int64_t>()[bad]
-                                                            : a.rows.const_data_ptr<int32_t>()[bad];
-    TORCH_CHECK(false, "multihead_gather_fp8: rows must lie in [0, ", num_rows, ") (table.size(0)), got ", value,
-                " at rows", format_index(bad, a.rows.sizes()));
-  }
+  if (bad >= 0) throw_row_out_of_range("multihead_gather_fp8", a.rows, bad, num_rows);
   return a.out;
 }
 

@@ -68,20 +68,24 @@ def _multihead_gather_fake(table, rows, sparse_grad=False):
 
 @torch.library.register_fake("engram::multihead_gather_fp8")
 def _multihead_gather_fp8_fake(table, scale, rows, out_dtype):
+    from .fp8 import BLOCK
+
     op = "multihead_gather_fp8"
     torch._check(table.dim() == 2, lambda: f"{op}: table must be [num_rows, d_head], got {tuple(table.shape)}")
     torch._check(table.dtype == torch.float8_e4m3fn, lambda: f"{op}: table must be float8_e4m3fn, got {table.dtype}")
     torch._check(
-        table.shape[1] % 32 == 0,
-        lambda: f"{op}: table's d_head must be a multiple of 32 (one scale per 32 values), got {table.shape[1]}",
+        table.shape[1] % BLOCK == 0,
+        lambda: (
+            f"{op}: table's d_head must be a multiple of {BLOCK} (one scale per {BLOCK} values), got {table.shape[1]}"
+        ),
     )
     torch._check(
         scale.dtype in (torch.float8_e8m0fnu, torch.uint8),
         lambda: f"{op}: scale must be float8_e8m0fnu (or its bytes, uint8), got {scale.dtype}",
     )
     torch._check(
-        scale.dim() == 2 and scale.shape[0] == table.shape[0] and scale.shape[1] * 32 == table.shape[1],
-        lambda: f"{op}: scale must be [num_rows, d_head / 32], got {tuple(scale.shape)}",
+        scale.dim() == 2 and scale.shape[0] == table.shape[0] and scale.shape[1] * BLOCK == table.shape[1],
+        lambda: f"{op}: scale must be [num_rows, d_head / {BLOCK}], got {tuple(scale.shape)}",
     )
     torch._check(
         out_dtype in (torch.float32, torch.bfloat16),

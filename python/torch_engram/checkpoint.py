@@ -4,6 +4,7 @@ state and user extras in one file, written so that a crash mid-save never loses 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .offload import CHECKPOINT_FILES
+from .offload import CHECKPOINT_FILES, same_layout
 
 FORMAT = "torch_engram.checkpoint"
 VERSION = 1
@@ -53,6 +54,28 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """write(tmp_path) into a temporary file next to `path`, fsynced, then renamed over `path`
+    (os.replace, atomic on POSIX and Windows) and the directory fsynced: a crash at any point
+    leaves either the old file or the new one. The temporary file is removed on exceptions."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -80,7 +103,6 @@ def save_checkpoint(
     # checkpoint's files are removed only after: a crash leaves a loadable checkpoint either way.
     files = {"mode": "save", "dir": directory, "base": base, "token": uuid.uuid4().hex[:12], "written": []}
     reset = CHECKPOINT_FILES.set(files)
-    tmp = None
     try:
         payload = {
             "format": FORMAT,
@@ -94,25 +116,25 @@ def save_checkpoint(
         reset = None
         if files["written"]:
             _fsync_dir(directory)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+
+        write_atomic(path, write)
     except BaseException:
         if reset is not None:
             CHECKPOINT_FILES.reset(reset)
-        for name in [*files["written"], *([os.path.basename(tmp)] if tmp else [])]:
+        for name in files["written"]:
             try:
                 os.unlink(os.path.join(directory, name))
             except FileNotFoundError:
                 pass
         raise
-    _fsync_dir(directory)
     keep = set(files["written"])
+    ours = re.compile(re.escape(base) + r"\.[0-9a-f]{12}\.\d+\.rows")  # this checkpoint's, no one else's
     for name in os.listdir(directory):
-        if name.startswith(base + ".") and name.endswith(".rows") and name not in keep:
+        if ours.fullmatch(name) and name not in keep:
             try:
                 os.unlink(os.path.join(directory, name))
             except FileNotFoundError:
@@ -162,7 +184,7 @@ def _check_model_state(model: nn.Module, saved: Mapping, strict: bool) -> None:
     for key in sorted(set(own) & set(saved)):
         a, b = own[key], saved[key]
         if isinstance(a, dict) and isinstance(b, dict):  # a file table's record file
-            if {k: v for k, v in a.items() if k != "file"} != {k: v for k, v in b.items() if k != "file"}:
+            if not same_layout(a, b):
                 raise ValueError(f"load_checkpoint: {key!r}: the saved record layout {b} differs from the model's {a}")
             continue
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 import torch
 
 from .config import EngramConfig
-from .fp8 import BLOCK
+from .fp8 import BLOCK, e8m0_to_float
 from .hashing import NgramHasher, TableLayout
 from .modules import Engram
 
@@ -95,9 +95,7 @@ def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
         raise ValueError(
             f"dequantize_blocks: scale must be {list(want)} for a [{n_out}, {n_in}] weight, got {tuple(scale.shape)}"
         )
-    e = scale.view(torch.uint8).to(torch.int32) - 127
-    f = torch.ldexp(torch.ones(e.shape, device=e.device), e)
-    f = f.repeat_interleave(BLOCK, 0)[:n_out].repeat_interleave(BLOCK, 1)[:, :n_in]
+    f = e8m0_to_float(scale).repeat_interleave(BLOCK, 0)[:n_out].repeat_interleave(BLOCK, 1)[:, :n_in]
     return (weight.float() * f).to(dtype)
 
 
@@ -126,10 +124,12 @@ class _Checkpoint:
         self.where = where
         self._open = safe_open
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, device=None) -> torch.Tensor:
+        """The tensor `key`, read straight onto `device` (default CPU)."""
         if key not in self.where:
             raise KeyError(f"load_v41_engram: the checkpoint has no tensor {key!r}")
-        with self._open(self.where[key], framework="pt") as f:
+        dev = str(torch.device(device)) if device is not None else "cpu"
+        with self._open(self.where[key], framework="pt", device=dev) as f:
             return f.get_tensor(key)
 
 
@@ -180,7 +180,7 @@ def load_v41_engram(
     for i in wanted:
         if i not in cfg.layer_ids:
             raise ValueError(f"load_v41_engram: layer_ids must be among engram_layer_ids {cfg.layer_ids}, got {i}")
-        t = {k: ckpt.get(f"layers.{i}.engram.{k}") for k in _KEYS}
+        t = {k: ckpt.get(f"layers.{i}.engram.{k}", device) for k in _KEYS}
         rows = hasher.rows_per_layer[cfg.layer_ids.index(i)]
         M, H, C = hc_mult, hidden_size, cfg.num_heads * cfg.d_head
         shapes = {

@@ -46,9 +46,14 @@ def quantize_fp8(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scale.view(torch.float8_e8m0fnu)
 
 
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (float8_e8m0fnu or their uint8 bytes) as float32 2^(s - 127); 0xFF is NaN."""
+    b = scale.view(torch.uint8).to(torch.int32)
+    f = torch.ldexp(torch.ones(b.shape, dtype=torch.float32, device=b.device), b - 127)
+    return f.masked_fill(b == 0xFF, float("nan"))
+
+
 def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """values * scale as [R, d] `dtype` (the reference of the gather's fused dequantisation)."""
     R, d = values.shape
-    s = scale.view(torch.uint8).to(torch.int32) - 127
-    f = torch.ldexp(torch.ones(s.shape, dtype=torch.float32, device=s.device), s)
-    return (values.float().view(R, d // BLOCK, BLOCK) * f.unsqueeze(-1)).view(R, d).to(dtype)
+    return (values.float().view(R, d // BLOCK, BLOCK) * e8m0_to_float(scale).unsqueeze(-1)).view(R, d).to(dtype)

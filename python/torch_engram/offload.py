@@ -94,7 +94,7 @@ class RowStore:
             madvise(self.records, _MADV_RANDOM, os.sysconf("SC_PAGE_SIZE"))
         elif placement == "host" and dev.type == "cuda":
             # Pinned, so the cache kernels read and write the records over the bus, no staging.
-            self.records = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.records = torch.zeros(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
         elif placement == "host":
             self.records = zeros_on_touch((nbytes,), torch.uint8, "cpu")
         else:
@@ -276,10 +276,41 @@ def store_layout(store: RowStore, names: list[str]) -> dict:
     )
 
 
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+
+
+def _copy_range(i: int, o: int, start: int, end: int) -> None:
+    """Bytes [start, end) of fd i to the same offsets of fd o: copy_file_range where the
+    filesystems allow it (in-kernel, no user copy), else reads and writes."""
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(i, o, end - pos, pos, pos)
+        except OSError as e:
+            if e.errno not in _NO_COPY_RANGE:
+                raise
+            n = 0
+            while pos < end:  # across filesystems, or a filesystem without it
+                buf = os.pread(i, min(end - pos, 1 << 24), pos)
+                if not buf:
+                    raise OSError(f"copy_sparse: the source ended early at byte {pos}") from None
+                if buf.count(0) != len(buf):  # all-zero blocks stay holes
+                    os.pwrite(o, buf, pos)
+                pos += len(buf)
+            return
+        if n == 0:
+            raise OSError(f"copy_sparse: the source ended early at byte {pos}")
+        pos += n
+
+
 def copy_sparse(src: str, dst: str, size: int) -> int:
     """Make `dst` a copy of the first `size` bytes of `src`, copying only its data extents (holes,
     the never-written rows of a sparse table, stay holes in dst); dst is emptied first (it may be
-    memory-mapped: its pages then read the new content) and fsynced. Returns the bytes copied."""
+    memory-mapped: its pages then read the new content) and fsynced. A source shorter than `size`
+    is refused before dst is touched. Returns the bytes copied."""
+    have = os.path.getsize(src)
+    if have < size:
+        raise ValueError(f"copy_sparse: {src} holds {have} bytes, {size} expected (a truncated file?)")
     copied = 0
     with open(src, "rb") as fs, open(dst, "r+b" if os.path.exists(dst) else "w+b") as fd:
         fd.truncate(0)
@@ -293,15 +324,17 @@ def copy_sparse(src: str, dst: str, size: int) -> int:
                 if e.errno == errno.ENXIO:  # no data after off
                     break
                 raise
+            if start >= size:
+                break
             end = min(os.lseek(i, start, os.SEEK_HOLE), size)
-            pos = start
-            while pos < end:
-                n = os.copy_file_range(i, o, end - pos, pos, pos)
-                if n == 0:
-                    raise OSError(f"copy_sparse: {src} ended early at byte {pos}")
-                pos += n
+            _copy_range(i, o, start, end)
             copied += end - start
             off = end
         fd.flush()
         os.fsync(o)
     return copied
+
+
+def same_layout(a: dict, b: dict) -> bool:
+    """Whether two store_layout entries describe the same records (the file name aside)."""
+    return {k: v for k, v in a.items() if k != "file"} == {k: v for k, v in b.items() if k != "file"}

@@ -75,7 +75,7 @@ class EngramState:
         mask = self._check_batch(mask, "mask").to(torch.bool)
         self.filled.masked_fill_(mask, 0)
         for hist in self.conv.values():
-            hist.masked_fill_(mask.view(-1, 1, 1, 1), 0)
+            hist.masked_fill_(mask.to(hist.device).view(-1, 1, 1, 1), 0)
 
     def _check_batch(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if t.dim() != 1 or t.shape[0] != self.batch_size:

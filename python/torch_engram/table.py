@@ -230,7 +230,10 @@ class EngramTable(nn.Module):
         full_rows = num_rows
         if cached:
             num_rows = cache_rows  # the tensors below are the cache; the store holds every row
-        weight = torch.empty(num_rows, d_head, device=device, dtype=dtype)
+        fp8 = storage == "fp8"
+        # An FP8 table's native weight and state are never used: built on the meta device, so
+        # nothing of their size is allocated before the FP8 tensors replace them.
+        weight = torch.empty(num_rows, d_head, device="meta" if fp8 else device, dtype=dtype)
         advise_huge_pages(weight)  # before reset_parameters first touches the pages
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"EngramTable: dtype must be float32, bfloat16, float16 or float64, got {weight.dtype}")
@@ -280,8 +283,10 @@ class EngramTable(nn.Module):
         self._pending_rows: list[torch.Tensor] = []
         self._store = None
         self.storage = "native"
-        if storage == "fp8":
-            self._to_fp8(None)
+        if fp8:
+            real = torch.empty(0, device=device).device
+            self.step_count = torch.zeros(1, dtype=torch.int64, device=real)
+            self._to_fp8(None, real)
             if init:
                 self.reset_parameters()
         elif cached:
@@ -366,21 +371,22 @@ class EngramTable(nn.Module):
                 f"EngramTable: an FP8 table needs d_head % {BLOCK} == 0 (a scale per {BLOCK} values), got {self.d_head}"
             )
 
-    def _to_fp8(self, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _to_fp8(self, quantized: tuple[torch.Tensor, torch.Tensor] | None, device=None) -> None:
         from .fp8 import BLOCK
 
         self._check_fp8()
         w = self.weight
+        dev = device if device is not None else w.device
         if quantized is None:
-            values = torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-            scale = torch.full((w.shape[0], self.d_head // BLOCK), 127, dtype=torch.uint8, device=w.device)
+            values = torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device=dev)
+            scale = torch.full((w.shape[0], self.d_head // BLOCK), 127, dtype=torch.uint8, device=dev)
             quantized = values, scale.view(torch.float8_e8m0fnu)
         self.out_dtype = w.dtype
         self.weight = nn.Parameter(quantized[0], requires_grad=False)
         self.register_buffer("weight_scale", quantized[1])
         for name in ("momentum1", "momentum2"):
-            setattr(self, name, torch.zeros(0, dtype=torch.float32, device=w.device))
-        self.row_step = torch.zeros(0, dtype=torch.int32, device=w.device)
+            setattr(self, name, torch.zeros(0, dtype=torch.float32, device=dev))
+        self.row_step = torch.zeros(0, dtype=torch.int32, device=dev)
         self.stochastic_rounding = False
         self.storage = "fp8"
 
@@ -393,10 +399,13 @@ class EngramTable(nn.Module):
             if self.weight.device.type == "meta":
                 return  # built to be assigned a checkpoint's tensors
             with torch.no_grad():
-                x = torch.randn(self.weight.shape, device=self.weight.device) * self.init_std
-                values, scale = quantize_fp8(x)
-                self.weight.copy_(values)
-                self.weight_scale.copy_(scale)
+                chunk = max(1, (1 << 22) // self.d_head)  # no float32 copy of the whole table
+                for start in range(0, self.weight.shape[0], chunk):
+                    rows = self.weight[start : start + chunk]
+                    x = torch.randn(rows.shape, device=rows.device) * self.init_std
+                    values, scale = quantize_fp8(x)
+                    rows.copy_(values)
+                    self.weight_scale[start : start + chunk].copy_(scale)
             return
         if self._store is not None:
             with torch.no_grad():
@@ -646,7 +655,7 @@ class EngramTable(nn.Module):
             self.step_count.copy_(state_dict[prefix + "step_count"])
 
     def _load_records_file(self, state_dict, prefix, missing_keys, error_msgs) -> None:
-        from .offload import CHECKPOINT_FILES, copy_sparse, store_layout
+        from .offload import CHECKPOINT_FILES, copy_sparse, same_layout, store_layout
 
         saved = state_dict[prefix + "records"]
         files = CHECKPOINT_FILES.get()
@@ -657,7 +666,7 @@ class EngramTable(nn.Module):
             )
             return
         own = store_layout(self._store, self._store_field_names())
-        if {k: v for k, v in saved.items() if k != "file"} != own:
+        if not same_layout(saved, own):
             error_msgs.append(f"{prefix}records: the saved record layout {saved} differs from this table's {own}")
             return
         if prefix + "step_count" not in state_dict:

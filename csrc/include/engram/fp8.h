@@ -51,7 +51,8 @@ ENGRAM_HOST_DEVICE uint32_t bits_of_float(float f) {
 }
 
 // e4m3_to_float(b) * scale (scale > 0 a power of two) without branches, as float bits, so loops of
-// it vectorise: the byte's exponent and mantissa, moved to float's mantissa-aligned position, read
+// it vectorise (exact unless the CPU flushes denormals: the intermediate of an E4M3 subnormal is a
+// float subnormal): the byte's exponent and mantissa, moved to float's mantissa-aligned position, read
 // as a float that is 2^-120 times the value (subnormals included), so one exact multiply by 2^120
 // restores it; the sign goes in last; 0x7F (the NaN pattern) is mapped to NaN.
 ENGRAM_HOST_DEVICE uint32_t e4m3_scaled_bits(uint8_t b, float scale) {

@@ -260,13 +260,17 @@ def gate_by_frequency(model, tokenizer, extra: dict, max_tokens: int = 32768) ->
     from . import corpus
 
     preset = extra.get("preset", {})
+    if extra.get("text_files"):
+        raise SystemExit(
+            "analyze gate-stats: the model was trained on --text-files; this analysis reads the built-in corpus"
+        )
     docs = corpus.load_documents(max_bytes=preset.get("max_bytes"))
     train_docs, val_docs = corpus.split_train_val(docs, val_fraction=preset.get("val_fraction", 0.05), seed=0)
-    lut = model.hasher.lut
-    V = int(lut.max()) + 1
+    lut = model.hasher.lut if model.hasher.lut.numel() else None  # None: ids are already compressed
+    V = int(lut.max()) + 1 if lut is not None else model.hasher.compressed_vocab_size
 
     def pairs(ids: torch.Tensor) -> torch.Tensor:
-        c = lut[ids]
+        c = lut[ids] if lut is not None else ids
         return c[:-1] * V + c[1:]
 
     train_pairs, counts = pairs(corpus.encode_documents(tokenizer, train_docs).ids).unique(return_counts=True)
@@ -277,13 +281,18 @@ def gate_by_frequency(model, tokenizer, extra: dict, max_tokens: int = 32768) ->
     seen = pairs(val[: n + 1])  # the bigram ending at each position of ids
     idx = torch.searchsorted(train_pairs, seen).clamp(max=train_pairs.numel() - 1)
     freq = torch.where(train_pairs[idx] == seen, counts[idx], torch.zeros_like(seen))
+    # The first token of each sequence has no previous token in the model's view: left out.
+    inner = torch.ones(ids.shape, dtype=torch.bool)
+    inner[:, 0] = False
+    inner = inner.flatten()
+    freq = freq[inner]
     alphas: dict[int, list[torch.Tensor]] = {}
     for row in ids:
         for layer, a in gate_values(model, row).items():
             alphas.setdefault(layer, []).append(a)
     out = {}
     for layer, parts in alphas.items():
-        a = torch.cat(parts).mean(dim=1)  # branches averaged
+        a = torch.cat(parts).mean(dim=1)[inner]  # branches averaged
         out[layer] = {}
         for lo, hi in BUCKETS:
             sel = (freq >= lo) & (freq <= (hi if hi is not None else freq.max()))

@@ -3,7 +3,7 @@ docs/SPEC.md and readable as its executable spec. Tests compare the native kerne
 
 from .conv import DemoShortConv, short_conv
 from .gate import DemoGate, engram_gate, engram_gate_separate, signed_sqrt
-from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse
+from .gather import multihead_gather, multihead_gather_backward, multihead_gather_backward_sparse, multihead_gather_fp8
 from .hashing import ngram_hash
 from .layer import OfficialEngram, engram_layer, engram_module_reference
 from .table_optim import multihead_gather_fused_update, table_update
@@ -19,6 +19,7 @@ __all__ = [
     "multihead_gather",
     "multihead_gather_backward",
     "multihead_gather_backward_sparse",
+    "multihead_gather_fp8",
     "multihead_gather_fused_update",
     "ngram_hash",
     "short_conv",

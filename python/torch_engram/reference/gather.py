@@ -15,6 +15,16 @@ def multihead_gather(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool 
     return e.reshape(*rows.shape[:-1], rows.shape[-1] * table.shape[1])
 
 
+def multihead_gather_fp8(
+    table: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The FP8 gather: E4M3 rows [R, d] times their E8M0 scales [R, d / 32], in PyTorch ops."""
+    values = table[rows.long()].float().unflatten(-1, (-1, 32))
+    s = scale.view(torch.uint8)[rows.long()].to(torch.int32)
+    f = torch.ldexp(torch.ones(s.shape, device=s.device), s - 127).masked_fill(s == 0xFF, float("nan"))
+    return (values * f.unsqueeze(-1)).flatten(-3).to(out_dtype)
+
+
 def multihead_gather_backward(grad_e: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Dense table gradient [num_rows, d_head]: grad_table[r] = sum of grad_e's rows that read r."""
     d_head = grad_e.shape[-1] // rows.shape[-1]

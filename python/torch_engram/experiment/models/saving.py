@@ -6,28 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from ...checkpoint import write_atomic
 from .config import ModelConfig
 from .transformer import TransformerLM
 
 FORMAT = "torch_engram.transformer_lm"
 VERSION = 1
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(directory: str | os.PathLike, model: TransformerLM, tokenizer=None, extra: dict | None = None) -> Path:
@@ -37,19 +23,20 @@ def save_model(directory: str | os.PathLike, model: TransformerLM, tokenizer=Non
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state, seen = {}, {}
-    for k, v in model.state_dict().items():
-        # safetensors stores no aliases: a tied weight is written once and re-tied on load.
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            continue
-        seen[key] = k
-        state[k] = v.detach().contiguous().cpu()
-    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "extra": extra or {}}
-    _write_atomic(d / "model.safetensors", lambda p: save_file(state, p, metadata={"format": FORMAT}))
+    # safetensors stores no aliases: the one tied weight (tie_embeddings) is written once and
+    # re-tied on load.
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not (model.cfg.tie_embeddings and k == "lm_head.weight")
+    }
+    tables = [e.table for e in model.engram_modules()]
+    table = dict(grad=tables[0].grad_mode, optimizer=tables[0].optimizer, storage=tables[0].storage) if tables else None
+    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "tables": table, "extra": extra or {}}
+    write_atomic(d / "model.safetensors", lambda p: save_file(state, p, metadata={"format": FORMAT}))
     if tokenizer is not None:
-        _write_atomic(d / "tokenizer.json", lambda p: tokenizer.save(p))
-    _write_atomic(d / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        write_atomic(d / "tokenizer.json", lambda p: tokenizer.save(p))
+    write_atomic(d / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return d
 
 
@@ -66,11 +53,18 @@ def load_model(directory: str | os.PathLike, device=None) -> tuple[TransformerLM
     cfg = ModelConfig.from_dict(meta["model"])
     state = load_file(str(d / "model.safetensors"))
     lut = state.get("hasher.lut")
-    model = TransformerLM(cfg, lut=lut if lut is not None and lut.numel() else None)
-    if cfg.tie_embeddings and "lm_head.weight" not in state:
+    tables = meta.get("tables") or {}
+    model = TransformerLM(
+        cfg,
+        lut=lut if lut is not None and lut.numel() else None,
+        table_grad=tables.get("grad", "fused"),
+        table_optimizer=tables.get("optimizer", "partial_rowwise_adam"),
+    )
+    if tables.get("storage") == "fp8":
+        for e in model.engram_modules():
+            e.table.quantize_fp8_()
+    if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    elif cfg.tie_embeddings and "embed.weight" not in state:
-        state["embed.weight"] = state["lm_head.weight"]
     model.load_state_dict(state)
     tokenizer = None
     if (d / "tokenizer.json").exists():
