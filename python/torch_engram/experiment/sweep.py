@@ -52,7 +52,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2-core CPU, about 10 minutes for 5 rhos. P_tot/P_act ~ 4.4 (the paper uses ~10; a wider
+    # 2-core CPU, about 6 minutes for 6 rhos. P_tot/P_act ~ 4.4 (the paper uses ~10; a wider
     # expert pool is too slow here). Engram: orders 2-3, 4 heads per order, d_head 16.
     "quick": Preset(
         model={
