@@ -1,7 +1,8 @@
 """GPU benchmark of torch-engram's CUDA kernels, each beside its pure-PyTorch peer, in one run:
 
 1. device copy bandwidth (a large device-to-device copy): the roofline for everything below;
-2. multihead_gather: achieved bytes/s as a share of the copy bandwidth, vs F.embedding;
+2. multihead_gather: achieved bytes/s as a share of the copy bandwidth, vs F.embedding; the FP8
+   gather (multihead_gather_fp8) likewise, vs the same dequantisation in PyTorch ops;
 3. table gradient: the sorted (deterministic) and atomic dense backward and the row-sparse op,
    vs PyTorch's embedding backward (sorted) and index_add_ (atomic);
 4. ngram_hash vs the same algorithm in PyTorch ops (torch_engram.reference.ngram_hash) on GPU;
@@ -108,6 +109,25 @@ def bench_gather(copy_bw: float, quick: bool) -> None:
             t_peer = cuda_time(lambda: F.embedding(rows_l, table).flatten(-2))
             record("gather", f"F.embedding {tag}", t_peer, nbytes, copy_bw, speedup=t_peer / t)
         table = None  # free it before the next allocation
+        torch.cuda.empty_cache()
+    # FP8 tables (E4M3 values + one E8M0 scale per 32 values), dequantised into bf16 or fp32 by
+    # the gather, against the same rows gathered in PyTorch ops (reference.multihead_gather_fp8).
+    # Goal: >= 75% of the copy bandwidth.
+    from torch_engram.fp8 import quantize_fp8
+
+    for d in (64, 256):
+        R = num_rows if d == 64 else num_rows // 4
+        values, scale = quantize_fp8(torch.randn(R, d, device="cuda"))
+        rows = torch.randint(0, R, (tokens, H), device="cuda", dtype=torch.int32)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            ob = torch.empty((), dtype=out_dtype).element_size()
+            nbytes = n * (d + d // 32 + d * ob) + n * 4  # read values and scales, write e, read ids
+            tag = f"fp8->{str(out_dtype)[6:]} {R // 10**6}Mx{d} {n / 2**20:.0f}Mi lookups int32"
+            t = cuda_time(lambda: te.ops.multihead_gather_fp8(values, scale, rows, out_dtype))
+            record("gather", f"engram {tag}", t, nbytes, copy_bw)
+            t_peer = cuda_time(lambda: reference.multihead_gather_fp8(values, scale, rows, out_dtype))
+            record("gather", f"PyTorch ops {tag}", t_peer, nbytes, copy_bw, speedup=t_peer / t)
+        values = scale = None
         torch.cuda.empty_cache()
 
 
