@@ -167,6 +167,14 @@ class EngramState:
         self.conv[layer_id] = self._advance(window, lengths, W)
         return y
 
+    def snapshot(self) -> tuple:
+        """The histories as they are (steps replace them, never write them in place)."""
+        return self.ids, self.filled, dict(self.conv)
+
+    def restore(self, snap: tuple) -> None:
+        self.ids, self.filled, conv = snap
+        self.conv = dict(conv)
+
     def to(self, device) -> EngramState:
         self.device = torch.device(device)
         self.ids, self.filled = self.ids.to(device), self.filled.to(device)

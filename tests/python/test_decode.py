@@ -232,3 +232,26 @@ def test_saved_models_load_back_with_any_table(table, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert back.state_dict().keys() == model.state_dict().keys()
+
+
+@torch.no_grad()
+def test_a_failed_step_leaves_the_cache_as_it_was():
+    model = lm()
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(2)
+    model(ids[:, :8], cache=cache)
+    block = model.blocks[2]
+    real = block.forward
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    block.forward = fails
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(ids[:, 8:], cache=cache)
+    block.forward = real
+    assert cache.lengths.tolist() == [8, 8] and cache.step_lengths is None
+    again = model(ids[:, 8:], cache=cache).logits
+    fresh = model.new_cache(2)
+    model(ids[:, :8], cache=fresh)
+    assert torch.equal(again, model(ids[:, 8:], cache=fresh).logits)

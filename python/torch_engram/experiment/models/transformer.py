@@ -396,22 +396,37 @@ class TransformerLM(nn.Module):
         h = self.embed(input_ids)
         if self.cfg.hc_mult > 1:
             h = h.unsqueeze(2).expand(B, T, self.cfg.hc_mult, self.cfg.d_model).contiguous()
-        rows = None
-        if self.hasher is not None:
-            rows = self.hasher(input_ids) if cache is None else cache.engram.hash(self.hasher, input_ids, lengths=steps)
-        aux_total = h.new_zeros((), dtype=torch.float32)
-        n_moe = 0
-        for block in self.blocks:
-            block_rows = rows[self.hasher.layer_index(block.layer_id)] if block.engram is not None else None
-            h, aux = block(h, cos, sin, block_rows, cache)
-            if isinstance(block.ffn, MoE):
-                aux_total, n_moe = aux_total + aux, n_moe + 1
-        if h.dim() == 4:
-            h = h.mean(dim=2)
-        logits = self.lm_head(self.norm(h))
+        # A decode step that fails halfway leaves the cache as it was: the Engram histories are
+        # replaced (never written in place) by a step, so keeping the old ones restores them, and
+        # keys and values written past the sequences' lengths are overwritten by the next step.
+        kept = None if cache is None or cache.engram is None else cache.engram.snapshot()
+        try:
+            rows = None
+            if self.hasher is not None:
+                rows = (
+                    self.hasher(input_ids)
+                    if cache is None
+                    else cache.engram.hash(self.hasher, input_ids, lengths=steps)
+                )
+            aux_total = h.new_zeros((), dtype=torch.float32)
+            n_moe = 0
+            for block in self.blocks:
+                block_rows = rows[self.hasher.layer_index(block.layer_id)] if block.engram is not None else None
+                h, aux = block(h, cos, sin, block_rows, cache)
+                if isinstance(block.ffn, MoE):
+                    aux_total, n_moe = aux_total + aux, n_moe + 1
+            if h.dim() == 4:
+                h = h.mean(dim=2)
+            logits = self.lm_head(self.norm(h))
+        except BaseException:
+            if kept is not None:
+                cache.engram.restore(kept)
+            raise
+        finally:
+            if cache is not None:
+                cache.step_lengths = cache.step_positions = None
         if cache is not None:
             cache.lengths += steps
-            cache.step_lengths = cache.step_positions = None
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
