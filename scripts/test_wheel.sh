@@ -26,6 +26,7 @@ echo "[wheel] fresh venv with torch $torch_version and the wheel in $(($(date +%
 
 repo=$PWD
 cp -r tests "$work/tests"
+cp -r examples "$work/examples"  # the tests run the Python examples too
 cd "$work"
 # The package under test must be the installed one: fail loudly if the checkout leaks in.
 "$vpy" -c "import torch_engram, sys; p = torch_engram.__file__; print('[wheel] testing', p); sys.exit(p.startswith('$repo/'))"
