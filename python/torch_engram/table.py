@@ -48,7 +48,7 @@ from . import _C  # noqa: F401  (registers torch.ops.engram.*)
 
 GRAD_MODES = ("fused", "sparse", "dense")
 OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "sgd")
-PLACEMENTS = ("device", "host", "file")  # the sharded placement builds on this seam
+PLACEMENTS = ("device", "host", "file", "sharded")
 STORAGES = ("native", "fp8")
 
 # Python exposes MAP_NORESERVE only from 3.13; Linux uses 0x4000 on x86, ARM and RISC-V.
@@ -198,6 +198,7 @@ class EngramTable(nn.Module):
         cache_policy: str = "lfu",
         path: str | None = None,
         storage: str = "native",
+        process_group=None,
         device=None,
         dtype=None,
     ):
@@ -228,6 +229,17 @@ class EngramTable(nn.Module):
         elif cache_rows is not None or path is not None:
             raise ValueError("EngramTable: cache_rows and path are for placement='host' or 'file'")
         full_rows = num_rows
+        shard = None
+        if placement == "sharded":
+            from .sharded import make_shard
+
+            if grad != "fused" or storage != "native":
+                raise ValueError(
+                    f"EngramTable: placement='sharded' trains with grad='fused' and native storage for now, "
+                    f"got grad={grad!r}, storage={storage!r}"
+                )
+            shard = make_shard(num_rows, process_group)
+            num_rows = shard.rows  # the tensors below are this rank's shard
         if cached:
             num_rows = cache_rows  # the tensors below are the cache; the store holds every row
         fp8 = storage == "fp8"
@@ -282,6 +294,11 @@ class EngramTable(nn.Module):
         self.register_buffer("step_count", torch.zeros(1, dtype=torch.int64, device=dev))
         self._pending_rows: list[torch.Tensor] = []
         self._store = None
+        self._shard = shard
+        if shard is not None:
+            # The global row of each local row: stochastic rounding draws its bits for it, so the
+            # shards round as the whole table would.
+            self._shard_row_ids = torch.arange(shard.start, shard.start + shard.rows, device=dev)
         self.storage = "native"
         if fp8:
             real = torch.empty(0, device=device).device
@@ -414,7 +431,12 @@ class EngramTable(nn.Module):
                 self.step_count.zero_()
             return
         with torch.no_grad():
-            nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+            if self._shard is not None:
+                from .sharded import init_shard_
+
+                init_shard_(self.weight, self._shard.start, self.init_std, self.seed)  # whatever the world size
+            else:
+                nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
             # Only updates (which count themselves in step_count) and loads write the state; a
             # state never updated is still zero, and writing it would commit every page of
             # zero-on-touch memory.
@@ -462,6 +484,10 @@ class EngramTable(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """e[..., H * d_head]: the rows named by rows[..., H], concatenated head-minor."""
         w = self.weight
+        if self._shard is not None:
+            from .sharded import sharded_gather
+
+            return sharded_gather(self, rows)
         if self.storage == "fp8":
             if torch.is_grad_enabled() and w.requires_grad:
                 raise RuntimeError(

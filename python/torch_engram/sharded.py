@@ -1,0 +1,155 @@
+"""Row-sharded EngramTables over torch.distributed (placement="sharded"; docs/SPEC.md section 3).
+
+Rows are split in contiguous ranges over the ranks of a process group (the first num_rows % W
+ranks hold one row more); each rank holds its shard and the shard's optimizer state, as the
+EngramTable's own weight and state tensors ([rows of the shard, ...]).
+
+Forward, on every rank: de-duplicate this rank's rows (sorted, so they are grouped by owner), send
+the ids to their owners (all_to_all_single with variable splits), owners gather their rows and
+send them back, and each rank expands the unique rows to its lookups. Backward: each unique row's
+gradient, summed over this rank's lookups in lookup order, goes back to its owner the same way;
+the owner sums the contributions in rank order and applies the table's optimizer (table_update,
+with stochastic rounding keyed by the global row). Nothing of a shard's size is allocated per
+step: only the unique rows travel. Every backward is one update on every rank (empty or not), so
+the step counts stay equal.
+
+Bad ids: every rank checks its rows and the ranks agree on the outcome (one all_reduce) before any
+exchange, so a rank with rows out of range makes every rank raise, instead of leaving the others
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Shard:
+    group: object  # the process group (None: the default group)
+    rank: int
+    world: int
+    bounds: tuple[int, ...]  # [world + 1] row boundaries; rank i owns [bounds[i], bounds[i + 1])
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    @property
+    def rows(self) -> int:
+        return self.bounds[self.rank + 1] - self.bounds[self.rank]
+
+
+def shard_bounds(num_rows: int, world: int) -> tuple[int, ...]:
+    """Contiguous ranges, as even as possible (the first num_rows % world ranks one row longer)."""
+    base, extra = divmod(num_rows, world)
+    out = [0]
+    for i in range(world):
+        out.append(out[-1] + base + (1 if i < extra else 0))
+    return tuple(out)
+
+
+def make_shard(num_rows: int, group=None) -> Shard:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("EngramTable: placement='sharded' needs torch.distributed initialised (init_process_group)")
+    world = dist.get_world_size(group)
+    if num_rows < world:
+        raise ValueError(f"EngramTable: placement='sharded' needs num_rows >= world size {world}, got {num_rows}")
+    return Shard(group, dist.get_rank(group), world, shard_bounds(num_rows, world))
+
+
+def _exchange(t: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """all_to_all_single of the rows of t, split by `send` counts, received by `recv` counts."""
+    out = t.new_empty((sum(recv), *t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), recv, send, group=group)
+    return out
+
+
+def _check_rows(flat: torch.Tensor, num_rows: int, shard: Shard) -> None:
+    bad = ((flat < 0) | (flat >= num_rows)).any() if flat.numel() else torch.tensor(False)
+    flags = torch.zeros(shard.world, dtype=torch.int64)
+    flags[shard.rank] = int(bad)
+    dist.all_reduce(flags, group=shard.group)  # every rank learns which ranks are bad
+    if int(flags.sum()):
+        ranks = [i for i, f in enumerate(flags.tolist()) if f]
+        mine = f": this rank's rows hold {int(flat[(flat < 0) | (flat >= num_rows)][0])}" if bad else ""
+        raise RuntimeError(
+            f"EngramTable (sharded): rows must lie in [0, {num_rows}), but rank(s) {ranks} got rows outside{mine}"
+        )
+
+
+class _ShardedGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, rows, table):
+        shard: Shard = table._shard
+        flat = rows.reshape(-1).to(torch.int64)
+        _check_rows(flat, table.num_rows, shard)
+        uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        owner = torch.bucketize(uniq, torch.tensor(shard.bounds[1:], dtype=torch.int64), right=True)
+        send = torch.bincount(owner, minlength=shard.world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=shard.group)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        asked = _exchange(uniq, send_l, recv_l, shard.group) - shard.start  # local rows of the owner
+        got = _exchange(weight.detach().index_select(0, asked), recv_l, send_l, shard.group)
+        ctx.table, ctx.meta = table, (uniq, inverse, send_l, recv_l, asked)
+        ctx.lead = rows.shape
+        return got.index_select(0, inverse).reshape(*rows.shape[:-1], rows.shape[-1] * weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_e):
+        table = ctx.table
+        shard: Shard = table._shard
+        uniq, inverse, send_l, recv_l, asked = ctx.meta
+        d = table.d_head
+        acc = torch.float64 if table.weight.dtype == torch.float64 else torch.float32
+        g = grad_e.reshape(-1, d).to(acc)
+        # Each unique row's gradient over this rank's lookups, in lookup order (CPU index_add_ is
+        # sequential), then to its owner.
+        summed = torch.zeros(uniq.numel(), d, dtype=acc, device=g.device).index_add_(0, inverse, g)
+        parts = _exchange(summed, send_l, recv_l, shard.group)
+        # The owner: contributions in rank order (the order they arrive in), summed per row.
+        rows, where = torch.unique(asked, sorted=True, return_inverse=True)
+        total = torch.zeros(rows.numel(), d, dtype=acc, device=g.device).index_add_(0, where, parts)
+        with torch.no_grad():
+            torch.ops.engram.table_update(
+                table.weight,
+                table.momentum1,
+                table.momentum2,
+                table.row_step,
+                table.step_count,
+                rows,
+                total,
+                table.hparams,
+                table.optimizer,
+                table._rounding_seed(),
+                table._shard_row_ids,
+            )
+        return None, None, None
+
+
+def sharded_gather(table, rows: torch.Tensor) -> torch.Tensor:
+    """e [..., H * d_head] of global rows [..., H] from a sharded table (see the module docstring)."""
+    if torch.is_grad_enabled() and table.weight.requires_grad:
+        return _ShardedGather.apply(table.weight, rows, table)
+    with torch.no_grad():
+        return _ShardedGather.forward(_NoCtx(), table.weight, rows, table)
+
+
+class _NoCtx:
+    """A stand-in ctx for the forward without autograd."""
+
+
+def init_shard_(weight: torch.Tensor, start: int, std: float, seed: int, block: int = 1 << 16) -> None:
+    """N(0, std^2) rows that do not depend on the world size: rows come in blocks of `block`, each
+    drawn from a generator seeded by (seed, block index); a shard draws the blocks it overlaps."""
+    n, d = weight.shape
+    first, last = start // block, (start + n - 1) // block if n else start // block - 1
+    with torch.no_grad():
+        for b in range(first, last + 1):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            vals = torch.randn(block, d, generator=g, dtype=torch.float32) * std
+            lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
+            weight[lo - start : hi - start].copy_(vals[lo - b * block : hi - b * block])

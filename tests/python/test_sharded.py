@@ -1,0 +1,141 @@
+"""Row-sharded EngramTables on torch.distributed (gloo, 2 and 4 processes on the CPU): the forward
+equals the single-process table bit for bit, 20 training steps with the same global batch equal
+single-process training, and bad ids on one rank fail every rank with a clear error, in bounded
+time."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import package_root
+
+from torch_engram import EngramTable
+from torch_engram.sharded import init_shard_, shard_bounds
+
+R, D, H, B, STEPS = 1003, 8, 4, 6, 20  # 1003 rows: uneven shards on 2 and 4 ranks
+
+_WORKER = r"""
+import sys, torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from torch_engram import EngramTable
+
+rank, world, init, out, mode = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+R, D, H, B, STEPS = 1003, 8, 4, 6, 20
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+torch.set_num_threads(1)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.rand(world * B, H, generator=g) ** 3 * R).long().clamp_(max=R - 1)
+
+
+coef = torch.linspace(-1, 1, H * D)
+t = EngramTable(R, D, optimizer=sys.argv[7], lr=0.05, placement="sharded", init_std=0.5, seed=3)
+res = {"start": t._shard.start, "rows": t._shard.rows, "init": t.weight.detach().clone()}
+try:
+    if mode == "bad":
+        rows = batch(0)[rank * B : (rank + 1) * B]
+        if rank == 1:
+            rows[2, 1] = R  # out of range on one rank only
+        t(rows)
+    else:
+        for step in range(STEPS):
+            e = t(batch(step)[rank * B : (rank + 1) * B])
+            if step == 0:
+                res["e0"] = e.detach().clone()
+            (e * coef).square().sum().backward()
+        res |= {"weight": t.weight.detach(), "m1": t.momentum1, "m2": t.momentum2, "row_step": t.row_step,
+                "step": t.step_count}
+except RuntimeError as exc:
+    res["error"] = str(exc)
+torch.save(res, out)
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(tmp_path, world, mode="train", optimizer="adam"):
+    init = tmp_path / "init"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WORKER,
+                package_root(),
+                str(r),
+                str(world),
+                str(init),
+                str(tmp_path / f"out{r}.pt"),
+                mode,
+                optimizer,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a rank hung") from None
+        assert p.returncode == 0, err[-2000:]
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+
+
+def reference(world, optimizer="adam"):
+    torch.manual_seed(0)
+    t = EngramTable(R, D, optimizer=optimizer, lr=0.05, init_std=0.5, seed=3)
+    init_shard_(t.weight.data, 0, 0.5, 3)  # the sharded init, whole
+    coef = torch.linspace(-1, 1, H * D)
+    e0 = None
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        rows = (torch.rand(world * B, H, generator=g) ** 3 * R).long().clamp_(max=R - 1)
+        e = t(rows)
+        if step == 0:
+            e0 = e.detach().clone()
+        (e * coef).square().sum().backward()  # the sum over ranks of their losses
+    return t, e0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad"])
+def test_sharded_training_equals_one_process(tmp_path, world, optimizer):
+    outs = run_ranks(tmp_path, world, optimizer=optimizer)
+    ref, e0 = reference(world, optimizer)
+    bounds = shard_bounds(R, world)
+    init = torch.empty(R, D)
+    init_shard_(init, 0, 0.5, 3)
+    for r, o in enumerate(outs):
+        lo, hi = bounds[r], bounds[r + 1]
+        assert (o["start"], o["rows"]) == (lo, hi - lo)
+        assert torch.equal(o["init"], init[lo:hi])  # the init does not depend on the world size
+        assert torch.equal(o["e0"], e0[r * B : (r + 1) * B])  # forward: bit for bit
+        assert int(o["step"]) == STEPS
+        # After 20 updates: equal within float rounding. A row's gradient is summed per rank, then
+        # over ranks ((a + b) + (c + d) instead of ((a + b) + c) + d), so the last bits may differ.
+        torch.testing.assert_close(o["weight"], ref.weight.detach()[lo:hi], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(o["m1"], ref.momentum1[lo:hi], atol=1e-6, rtol=1e-5)
+        if optimizer == "adam":
+            torch.testing.assert_close(o["m2"], ref.momentum2[lo:hi], atol=1e-7, rtol=1e-5)
+            assert torch.equal(o["row_step"], ref.row_step[lo:hi])
+    moved = torch.cat([o["weight"] for o in outs]) - init
+    assert float(moved.abs().max()) > 1e-3  # the tables did train
+
+
+def test_bad_rows_on_one_rank_fail_every_rank(tmp_path):
+    outs = run_ranks(tmp_path, 2, mode="bad")
+    for o in outs:
+        assert "rows must lie in [0, 1003), but rank(s) [1] got rows outside" in o["error"]
+    assert "this rank's rows hold 1003" in outs[1]["error"]
+
+
+def test_sharded_needs_a_process_group():
+    with pytest.raises(ValueError, match="init_process_group"):
+        EngramTable(R, D, placement="sharded")
