@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import package_root
 
+from conftest import package_root
 from torch_engram import EngramTable
 from torch_engram.sharded import init_shard_, shard_bounds
 
