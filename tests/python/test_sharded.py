@@ -58,25 +58,12 @@ dist.destroy_process_group()
 
 def run_ranks(tmp_path, world, mode="train", optimizer="adam"):
     init = tmp_path / "init"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WORKER,
-                package_root(),
-                str(r),
-                str(world),
-                str(init),
-                str(tmp_path / f"out{r}.pt"),
-                mode,
-                optimizer,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
+
+    def args(r):
+        out = str(tmp_path / f"out{r}.pt")
+        return [sys.executable, "-c", _WORKER, package_root(), str(r), str(world), str(init), out, mode, optimizer]
+
+    procs = [subprocess.Popen(args(r), stderr=subprocess.PIPE, text=True) for r in range(world)]
     for p in procs:
         try:
             _, err = p.communicate(timeout=120)
