@@ -1,8 +1,10 @@
 """Row-sharded EngramTables over torch.distributed (placement="sharded"; docs/SPEC.md section 3).
 
-Rows are split in contiguous ranges over the ranks of a process group (the first num_rows % W
-ranks hold one row more); each rank holds its shard and the shard's optimizer state, as the
-EngramTable's own weight and state tensors ([rows of the shard, ...]).
+Rows are split in contiguous ranges of ceil(num_rows / W) rows over the ranks of a process group
+(the last ones shorter: DTensor's Shard(0) layout); each rank holds its shard and the shard's
+optimizer state, as the EngramTable's own weight and state tensors ([rows of the shard, ...]).
+Checkpoints go through torch.distributed.checkpoint (dcp_save / dcp_load below), which reshards:
+a checkpoint saved on 4 ranks loads on 2 or 1 and back.
 
 Forward, on every rank: de-duplicate this rank's rows (sorted, so they are grouped by owner), send
 the ids to their owners (all_to_all_single with variable splits), owners gather their rows and
@@ -43,20 +45,16 @@ class Shard:
 
 
 def shard_bounds(num_rows: int, world: int) -> tuple[int, ...]:
-    """Contiguous ranges, as even as possible (the first num_rows % world ranks one row longer)."""
-    base, extra = divmod(num_rows, world)
-    out = [0]
-    for i in range(world):
-        out.append(out[-1] + base + (1 if i < extra else 0))
-    return tuple(out)
+    """Contiguous ranges of ceil(num_rows / world) rows, the last ones shorter (possibly empty):
+    the layout of DTensor's Shard(0), so torch.distributed.checkpoint can reshard the tables."""
+    chunk = -(-num_rows // world)
+    return tuple(min(i * chunk, num_rows) for i in range(world + 1))
 
 
 def make_shard(num_rows: int, group=None) -> Shard:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("EngramTable: placement='sharded' needs torch.distributed initialised (init_process_group)")
     world = dist.get_world_size(group)
-    if num_rows < world:
-        raise ValueError(f"EngramTable: placement='sharded' needs num_rows >= world size {world}, got {num_rows}")
     return Shard(group, dist.get_rank(group), world, shard_bounds(num_rows, world))
 
 
@@ -153,3 +151,61 @@ def init_shard_(weight: torch.Tensor, start: int, std: float, seed: int, block: 
             vals = torch.randn(block, d, generator=g, dtype=torch.float32) * std
             lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
             weight[lo - start : hi - start].copy_(vals[lo - b * block : hi - b * block])
+
+
+# ---- checkpoints: torch.distributed.checkpoint, resharded -----------------------------------
+# The [num_rows, ...] tensors of each optimizer (the others are empty placeholders).
+_SHARDED_STATE = {
+    "adam": ("weight", "momentum1", "momentum2", "row_step"),
+    "partial_rowwise_adam": ("weight", "momentum1", "momentum2", "row_step"),
+    "rowwise_adagrad": ("weight", "momentum1"),
+    "sgd": ("weight",),
+}
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def dcp_state_dict(module: torch.nn.Module) -> dict:
+    """`module`'s state_dict with every sharded table's weight and state as DTensors (Shard(0) of
+    the whole table over the table's group) that share memory with the shards: what
+    torch.distributed.checkpoint saves and loads in place, in any world size."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard as DShard
+
+    state = module.state_dict()
+    for prefix, m in module.named_modules():
+        shard = getattr(m, "_shard", None)
+        if shard is None:
+            continue
+        mesh = DeviceMesh.from_group(shard.group or dist.group.WORLD, m.weight.device.type)
+        for name in _SHARDED_STATE[m.optimizer]:
+            t = getattr(m, name)
+            shape = (m.num_rows, *t.shape[1:])
+            stride = _contiguous_strides(shape)
+            key = f"{prefix}.{name}" if prefix else name
+            state[key] = DTensor.from_local(t.data, mesh, [DShard(0)], run_check=False, shape=shape, stride=stride)
+    return state
+
+
+def dcp_save(module: torch.nn.Module, checkpoint_id) -> None:
+    """Save `module` (sharded tables as their whole tables) with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(dcp_state_dict(module), checkpoint_id=checkpoint_id)
+
+
+def dcp_load(module: torch.nn.Module, checkpoint_id) -> None:
+    """Load a dcp_save checkpoint into `module`, in place, whatever the world size it was saved with."""
+    import torch.distributed.checkpoint as dcp
+
+    state = dcp_state_dict(module)
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    plain = {k: v for k, v in state.items() if not hasattr(v, "to_local")}
+    module.load_state_dict({**module.state_dict(), **plain})

@@ -36,7 +36,19 @@ coef = torch.linspace(-1, 1, H * D)
 t = EngramTable(R, D, optimizer=sys.argv[7], lr=0.05, placement="sharded", init_std=0.5, seed=3)
 res = {"start": t._shard.start, "rows": t._shard.rows, "init": t.weight.detach().clone()}
 try:
-    if mode == "bad":
+    if mode.startswith("save") or mode.startswith("load"):
+        from torch_engram import sharded
+        ckpt = sys.argv[8]
+        if mode.startswith("load"):
+            sharded.dcp_load(torch.nn.ModuleDict({"t": t}), ckpt)
+        else:
+            for step in range(3):
+                (t(batch(step)[rank * B : (rank + 1) * B]) * coef).square().sum().backward()
+        if mode in ("save", "load+save"):
+            sharded.dcp_save(torch.nn.ModuleDict({"t": t}), sys.argv[9] if mode == "load+save" else ckpt)
+        res |= {"weight": t.weight.detach(), "m1": t.momentum1, "m2": t.momentum2, "row_step": t.row_step,
+                "step": t.step_count}
+    elif mode == "bad":
         rows = batch(0)[rank * B : (rank + 1) * B]
         if rank == 1:
             rows[2, 1] = R  # out of range on one rank only
@@ -56,12 +68,13 @@ dist.destroy_process_group()
 """
 
 
-def run_ranks(tmp_path, world, mode="train", optimizer="adam"):
-    init = tmp_path / "init"
+def run_ranks(tmp_path, world, mode="train", optimizer="adam", extra=()):
+    init = tmp_path / f"init-{mode}-{world}"
 
     def args(r):
         out = str(tmp_path / f"out{r}.pt")
-        return [sys.executable, "-c", _WORKER, package_root(), str(r), str(world), str(init), out, mode, optimizer]
+        return [sys.executable, "-c", _WORKER, package_root(), str(r), str(world), str(init), out, mode, optimizer,
+                *extra]  # fmt: skip
 
     procs = [subprocess.Popen(args(r), stderr=subprocess.PIPE, text=True) for r in range(world)]
     for p in procs:
@@ -126,3 +139,19 @@ def test_bad_rows_on_one_rank_fail_every_rank(tmp_path):
 def test_sharded_needs_a_process_group():
     with pytest.raises(ValueError, match="init_process_group"):
         EngramTable(R, D, placement="sharded")
+
+
+def test_checkpoints_reshard_from_4_to_2_to_1_and_back(tmp_path):
+    # torch.distributed.checkpoint: saved on 4 ranks (after 3 updates), loaded on 2 and on 1, saved
+    # again on 1 and loaded back on 4: every shard's weight and Adam state bit for bit.
+    a, b = str(tmp_path / "ckpt4"), str(tmp_path / "ckpt1")
+    four = run_ranks(tmp_path, 4, "save", extra=(a,))
+    whole = {k: torch.cat([o[k] for o in four]) for k in ("weight", "m1", "m2", "row_step")}
+    for world, mode, extra in ((2, "load", (a,)), (1, "load+save", (a, b)), (4, "load", (b,))):
+        outs = run_ranks(tmp_path, world, mode, extra=extra)
+        bounds = shard_bounds(R, world)
+        for r, o in enumerate(outs):
+            lo, hi = bounds[r], bounds[r + 1]
+            for k in whole:
+                assert torch.equal(o[k], whole[k][lo:hi]), (world, r, k)
+            assert int(o["step"]) == 3
