@@ -66,8 +66,8 @@ def _exchange(t: torch.Tensor, send: list[int], recv: list[int], group) -> torch
 
 
 def _check_rows(flat: torch.Tensor, num_rows: int, shard: Shard) -> None:
-    bad = ((flat < 0) | (flat >= num_rows)).any() if flat.numel() else torch.tensor(False)
-    flags = torch.zeros(shard.world, dtype=torch.int64)
+    bad = bool(((flat < 0) | (flat >= num_rows)).any()) if flat.numel() else False
+    flags = torch.zeros(shard.world, dtype=torch.int64, device=flat.device)  # NCCL needs device tensors
     flags[shard.rank] = int(bad)
     dist.all_reduce(flags, group=shard.group)  # every rank learns which ranks are bad
     if int(flags.sum()):
@@ -85,7 +85,7 @@ class _ShardedGather(torch.autograd.Function):
         flat = rows.reshape(-1).to(torch.int64)
         _check_rows(flat, table.num_rows, shard)
         uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        owner = torch.bucketize(uniq, torch.tensor(shard.bounds[1:], dtype=torch.int64), right=True)
+        owner = torch.bucketize(uniq, torch.tensor(shard.bounds[1:], dtype=torch.int64, device=uniq.device), right=True)
         send = torch.bincount(owner, minlength=shard.world)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=shard.group)
@@ -108,9 +108,13 @@ class _ShardedGather(torch.autograd.Function):
         # sequential), then to its owner.
         summed = torch.zeros(uniq.numel(), d, dtype=acc, device=g.device).index_add_(0, inverse, g)
         parts = _exchange(summed, send_l, recv_l, shard.group)
-        # The owner: contributions in rank order (the order they arrive in), summed per row.
+        # The owner: contributions in rank order (the order they arrive in), summed per row; with
+        # shard_grad="mean" divided by the world size, as DDP averages the dense gradients of
+        # per-rank mean losses.
         rows, where = torch.unique(asked, sorted=True, return_inverse=True)
         total = torch.zeros(rows.numel(), d, dtype=acc, device=g.device).index_add_(0, where, parts)
+        if table.shard_grad == "mean" and shard.world > 1:
+            total /= shard.world
         with torch.no_grad():
             torch.ops.engram.table_update(
                 table.weight,
@@ -209,3 +213,18 @@ def dcp_load(module: torch.nn.Module, checkpoint_id) -> None:
     dcp.load(state, checkpoint_id=checkpoint_id)
     plain = {k: v for k, v in state.items() if not hasattr(v, "to_local")}
     module.load_state_dict({**module.state_dict(), **plain})
+
+
+def ddp_ignore_sharded(model: torch.nn.Module) -> list[str]:
+    """Tell DistributedDataParallel to leave every sharded table alone (its weight and state
+    differ per rank and are updated in backward, not by gradients): call before wrapping the
+    model. Returns the ignored names."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = []
+    for prefix, m in model.named_modules():
+        if getattr(m, "_shard", None) is not None:
+            names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
+            names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_buffers(recurse=False)]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names

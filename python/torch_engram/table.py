@@ -168,6 +168,10 @@ class EngramTable(nn.Module):
             `cache_policy` ("lru" or "lfu"). With grad="sparse" or "dense" the gradient is over
             cache slots, and the slots looked up since the last step() stay pinned until the next
             one (the cache must hold them all): update with the table's own step().
+        process_group, shard_grad: for placement="sharded" (rows over the ranks of the group,
+            torch_engram.sharded): "mean" (default) divides the summed row gradients of the ranks
+            by the world size, as DDP averages dense gradients of per-rank mean losses; "sum"
+            keeps the sum (the gradient of the sum of the ranks' losses).
         storage: "native" (the weight in `dtype`) or "fp8": E4M3 values with one E8M0 scale per
             32 values (`weight` float8_e4m3fn [num_rows, d_head] and `weight_scale`
             float8_e8m0fnu [num_rows, d_head / 32], the DeepSeek-V4.1 layout; torch_engram.fp8),
@@ -199,6 +203,7 @@ class EngramTable(nn.Module):
         path: str | None = None,
         storage: str = "native",
         process_group=None,
+        shard_grad: str = "mean",
         device=None,
         dtype=None,
     ):
@@ -238,6 +243,8 @@ class EngramTable(nn.Module):
                     f"EngramTable: placement='sharded' trains with grad='fused' and native storage for now, "
                     f"got grad={grad!r}, storage={storage!r}"
                 )
+            if shard_grad not in ("mean", "sum"):
+                raise ValueError(f"EngramTable: shard_grad must be 'mean' or 'sum', got {shard_grad!r}")
             shard = make_shard(num_rows, process_group)
             num_rows = shard.rows  # the tensors below are this rank's shard
         if cached:
@@ -295,6 +302,7 @@ class EngramTable(nn.Module):
         self._pending_rows: list[torch.Tensor] = []
         self._store = None
         self._shard = shard
+        self.shard_grad = shard_grad
         if shard is not None:
             # The global row of each local row: stochastic rounding draws its bits for it, so the
             # shards round as the whole table would.

@@ -1,0 +1,136 @@
+"""The sweep's MoE transformer trained data-parallel: its Engram tables row-sharded over the ranks
+(EngramTable placement="sharded"), the rest of the model under DDP with the tables excluded.
+
+    torchrun --nproc-per-node 2 examples/train_sharded.py [--steps 100]        # CPU, gloo
+    torchrun --nproc-per-node 2 examples/train_sharded.py --device cuda        # GPUs, NCCL
+
+Every rank draws the same global batch and trains on its slice; the tables average the ranks' row
+gradients as DDP averages the dense ones, so the run follows one process with the same global batch
+(--nproc-per-node 1) up to float rounding. Rank 0 prints the global training loss every 10 steps and
+the validation loss at the end; --json writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import torch_engram as te
+from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents, split_train_val
+from torch_engram.experiment.models import ModelConfig, TransformerLM
+from torch_engram.experiment.models.training import sample_batch
+from torch_engram.sharded import ddp_ignore_sharded
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--global-batch", type=int, default=16, help="sequences per step, over all ranks")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="of the built-in corpus")
+    ap.add_argument(
+        "--aux-loss-coef",
+        type=float,
+        default=0.01,
+        help="MoE load balancing (computed per rank: with it the ranks differ from one process slightly)",
+    )
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if args.global_batch % world:
+        raise SystemExit(f"train_sharded: --global-batch {args.global_batch} must divide by the {world} ranks")
+    torch.set_num_threads(1)
+    if rank == 0:
+        tok = default_tokenizer()  # trains and caches it once; the other ranks read the cache
+    dist.barrier()
+    if rank != 0:
+        tok = default_tokenizer()
+    train_docs, val_docs = split_train_val(load_documents(max_bytes=args.max_bytes), 0.05, seed=0)
+    train_ids = encode_documents(tok, train_docs).ids
+    val_ids = encode_documents(tok, val_docs).ids[: 32 * args.seq_len]
+    engram = te.EngramConfig(
+        engram_vocab_size=(8000, 8000), n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1, 2), pad_id=2
+    )
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=args.seq_len,
+        n_routed_experts=16,
+        top_k=2,
+        d_expert=64,
+        d_shared=256,
+        aux_loss_coef=args.aux_loss_coef,
+        engram=engram,
+    )
+    torch.manual_seed(0)  # the same dense init on every rank; the tables' shards init by row blocks
+    with torch.device(dev):
+        model = TransformerLM(
+            cfg, lut=te.build_compression(tok).lut.to(dev), table_options=dict(placement="sharded", lr=5 * args.lr)
+        )
+    ddp_ignore_sharded(model)
+    ddp = DDP(model, device_ids=[dev.index] if cuda else None)
+    opt = torch.optim.AdamW(model.dense_parameters(), lr=args.lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    local = args.global_batch // world
+    losses, t0 = [], time.perf_counter()
+    for step in range(args.steps):
+        x, y = sample_batch(train_ids, args.global_batch, args.seq_len, g)  # the same on every rank
+        x, y = x[rank * local : (rank + 1) * local].to(dev), y[rank * local : (rank + 1) * local].to(dev)
+        out = ddp(x, targets=y)
+        (out.loss + cfg.aux_loss_coef * out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.dense_parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+        if rank == 0 and (step + 1) % 10 == 0:
+            print(f"step {step + 1}: train loss {losses[-1]:.4f}", flush=True)
+    model.eval()
+    n = val_ids.numel() // args.seq_len * args.seq_len
+    chunks = val_ids[:n].view(-1, args.seq_len)
+    mine = chunks[rank::world].to(dev)
+    with torch.no_grad():
+        nll = torch.zeros(2, device=dev)
+        for c in mine:
+            logits = model(c[None, :-1]).logits
+            ce = F.cross_entropy(logits[0].float(), c[1:], reduction="sum")
+            nll += torch.stack([ce, torch.tensor(c.numel() - 1.0, device=dev)])
+        # Every rank must take part in the sharded lookups: ranks with fewer chunks run empty ones.
+        for _ in range(len(chunks[0::world]) - len(mine)):
+            model(chunks[:1, :-1].to(dev))
+        dist.all_reduce(nll)
+    val = float(nll[0] / nll[1])
+    secs = time.perf_counter() - t0
+    shard = model.engram_modules()[0].table._shard
+    if rank == 0:
+        print(
+            f"{world} rank(s): validation loss {val:.4f}, final train loss {losses[-1]:.4f}, {secs:.0f} s; "
+            f"rank 0 holds rows [{shard.bounds[0]}, {shard.bounds[1]}) of each table",
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(world=world, losses=losses, val_loss=val, seconds=secs), f)
+    dist.destroy_process_group()
+    return dict(losses=losses, val_loss=val)
+
+
+if __name__ == "__main__":
+    main()
