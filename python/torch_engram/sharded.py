@@ -90,6 +90,12 @@ class _ShardedGather(torch.autograd.Function):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=shard.group)
         send_l, recv_l = send.tolist(), recv.tolist()
+        stats = table.shard_stats  # what a step moves (bench_sharded.py reads it)
+        own = (flat >= shard.start) & (flat < shard.start + shard.rows)
+        stats["lookups"] += flat.numel()
+        stats["remote_lookups"] += flat.numel() - int(own.sum())
+        stats["unique"] += uniq.numel()
+        stats["remote_unique"] += uniq.numel() - send_l[shard.rank]
         asked = _exchange(uniq, send_l, recv_l, shard.group) - shard.start  # local rows of the owner
         got = _exchange(weight.detach().index_select(0, asked), recv_l, send_l, shard.group)
         ctx.table, ctx.meta = table, (uniq, inverse, send_l, recv_l, asked)

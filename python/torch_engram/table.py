@@ -303,6 +303,8 @@ class EngramTable(nn.Module):
         self._store = None
         self._shard = shard
         self.shard_grad = shard_grad
+        # Cumulative lookups and unique rows of this rank, and those owned by other ranks.
+        self.shard_stats = dict(lookups=0, remote_lookups=0, unique=0, remote_unique=0)
         if shard is not None:
             # The global row of each local row: stochastic rounding draws its bits for it, so the
             # shards round as the whole table would.
