@@ -408,7 +408,7 @@ def test_errors():
     for kw, msg in [
         (dict(grad="lazy"), "grad must be one of"),
         (dict(optimizer="lamb"), "optimizer must be one of"),
-        (dict(placement="sharded"), "placement must be one of"),
+        (dict(placement="ring"), "placement must be one of"),
         (dict(lr=-1.0), "lr must be finite"),
         (dict(stochastic_rounding=True), "stochastic_rounding is for bfloat16"),
         (dict(state_dtype=torch.float16), "state_dtype must be"),
