@@ -1,32 +1,31 @@
 """The sweep's MoE transformer trained data-parallel: its Engram tables row-sharded over the ranks
-(EngramTable placement="sharded"), the rest of the model under DDP with the tables excluded.
+(EngramTable placement="sharded"), the rest of the model under DDP or FSDP2 with the tables excluded.
 
     torchrun --nproc-per-node 2 examples/train_sharded.py [--steps 100]        # CPU, gloo
+    torchrun --nproc-per-node 2 examples/train_sharded.py --dense fsdp         # FSDP2's fully_shard
     torchrun --nproc-per-node 2 examples/train_sharded.py --device cuda        # GPUs, NCCL
 
 Every rank draws the same global batch and trains on its slice; the tables average the ranks' row
-gradients as DDP averages the dense ones, so the run follows one process with the same global batch
-(--nproc-per-node 1) up to float rounding. Rank 0 prints the global training loss every 10 steps and
-the validation loss at the end; --json writes them.
+gradients as DDP averages the dense ones, and the MoE balance loss counts the routed slots of the
+global batch, so the run follows one process with the same global batch (--nproc-per-node 1) up to
+float rounding (torch_engram.experiment.models.training.DataParallel). Rank 0 prints the global
+training loss every 10 steps and the validation loss at the end; --json writes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torch_engram as te
 from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents, split_train_val
 from torch_engram.experiment.models import ModelConfig, TransformerLM
-from torch_engram.experiment.models.training import sample_batch
-from torch_engram.sharded import ddp_ignore_sharded
+from torch_engram.experiment.models.training import DataParallel, sample_batch
 
 
 def main(argv=None) -> dict:
@@ -36,21 +35,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    ap.add_argument("--dense", choices=["ddp", "fsdp"], default="ddp", help="how the rest of the model is parallel")
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="of the built-in corpus")
-    ap.add_argument(
-        "--aux-loss-coef",
-        type=float,
-        default=0.01,
-        help="MoE load balancing (computed per rank: with it the ranks differ from one process slightly)",
-    )
+    ap.add_argument("--aux-loss-coef", type=float, default=0.01, help="MoE load balancing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
+    dp = DataParallel.from_env(args.device, dense=args.dense)
+    if dp is None:
+        raise SystemExit("train_sharded: launch it with torchrun (see its docstring)")
+    rank, world, dev = dp.rank, dp.world, dp.device
     if args.global_batch % world:
         raise SystemExit(f"train_sharded: --global-batch {args.global_batch} must divide by the {world} ranks")
     torch.set_num_threads(1)
@@ -83,23 +76,18 @@ def main(argv=None) -> dict:
         model = TransformerLM(
             cfg, lut=te.build_compression(tok).lut.to(dev), table_options=dict(placement="sharded", lr=5 * args.lr)
         )
-    ddp_ignore_sharded(model)
-    ddp = DDP(model, device_ids=[dev.index] if cuda else None)
+    net = dp.wrap(model)  # DDP(model), or model sharded in place by fully_shard
     opt = torch.optim.AdamW(model.dense_parameters(), lr=args.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    local = args.global_batch // world
     losses, t0 = [], time.perf_counter()
     for step in range(args.steps):
         x, y = sample_batch(train_ids, args.global_batch, args.seq_len, g)  # the same on every rank
-        x, y = x[rank * local : (rank + 1) * local].to(dev), y[rank * local : (rank + 1) * local].to(dev)
-        out = ddp(x, targets=y)
+        out = net(dp.local(x).to(dev), targets=dp.local(y).to(dev))
         (out.loss + cfg.aux_loss_coef * out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.dense_parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss)
-        losses.append(float(loss) / world)
+        losses.append(float(dp.mean(out.loss)))
         if rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1}: train loss {losses[-1]:.4f}", flush=True)
     model.eval()
@@ -127,7 +115,7 @@ def main(argv=None) -> dict:
         )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(world=world, losses=losses, val_loss=val, seconds=secs), f)
+                json.dump(dict(world=world, dense=args.dense, losses=losses, val_loss=val, seconds=secs), f)
     dist.destroy_process_group()
     return dict(losses=losses, val_loss=val)
 

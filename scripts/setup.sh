@@ -27,7 +27,9 @@ if [ ${#need[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${need[@]}"
 fi
 # The linters CI runs (scripts/lint.sh); ruff is pinned because its formatting changes between releases.
-"$PY" -m ruff --version 2>/dev/null | grep -q "^ruff ${RUFF_VERSION:=0.17.6}$" || "$PY" -m pip install -q "ruff==$RUFF_VERSION"
+# (Set on its own line: an assignment inside the pipeline would vanish with its subshell.)
+RUFF_VERSION=${RUFF_VERSION:-0.17.6}
+"$PY" -m ruff --version 2>/dev/null | grep -q "^ruff ${RUFF_VERSION}$" || "$PY" -m pip install -q "ruff==$RUFF_VERSION"
 command -v cmake >/dev/null || "$PY" -m pip install -q cmake
 command -v ninja >/dev/null || "$PY" -m pip install -q ninja
 

@@ -98,27 +98,31 @@ class _ShardedGather(torch.autograd.Function):
         stats["remote_unique"] += uniq.numel() - send_l[shard.rank]
         asked = _exchange(uniq, send_l, recv_l, shard.group) - shard.start  # local rows of the owner
         got = _exchange(weight.detach().index_select(0, asked), recv_l, send_l, shard.group)
-        ctx.table, ctx.meta = table, (uniq, inverse, send_l, recv_l, asked)
-        ctx.lead = rows.shape
+        ctx.table, ctx.meta = table, (rows, send_l, recv_l, asked)
         return got.index_select(0, inverse).reshape(*rows.shape[:-1], rows.shape[-1] * weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad_e):
         table = ctx.table
         shard: Shard = table._shard
-        uniq, inverse, send_l, recv_l, asked = ctx.meta
-        d = table.d_head
+        lookups, send_l, recv_l, asked = ctx.meta
         acc = torch.float64 if table.weight.dtype == torch.float64 else torch.float32
-        g = grad_e.reshape(-1, d).to(acc)
-        # Each unique row's gradient over this rank's lookups, in lookup order (CPU index_add_ is
-        # sequential), then to its owner.
-        summed = torch.zeros(uniq.numel(), d, dtype=acc, device=g.device).index_add_(0, inverse, g)
+        # Each unique row's gradient over this rank's lookups, summed in lookup order by the
+        # gather's own sparse backward (sorted, not atomic: the same bits on CPU and CUDA); its
+        # rows are the forward's sorted unique rows, so the sums go to the owners as the ids came.
+        _, summed = torch.ops.engram._multihead_gather_backward_sparse(grad_e.to(acc), lookups)
         parts = _exchange(summed, send_l, recv_l, shard.group)
-        # The owner: contributions in rank order (the order they arrive in), summed per row; with
-        # shard_grad="mean" divided by the world size, as DDP averages the dense gradients of
-        # per-rank mean losses.
+        # The owner: the contributions summed per row in rank order, one sender at a time (a
+        # sender names a row at most once, so no two additions of one pass meet on a row and the
+        # order holds on CUDA too); with shard_grad="mean" divided by the world size, as DDP
+        # averages the dense gradients of per-rank mean losses.
         rows, where = torch.unique(asked, sorted=True, return_inverse=True)
-        total = torch.zeros(rows.numel(), d, dtype=acc, device=g.device).index_add_(0, where, parts)
+        total = torch.zeros(rows.numel(), table.d_head, dtype=acc, device=parts.device)
+        start = 0
+        for n in recv_l:
+            if n:
+                total.index_add_(0, where[start : start + n], parts[start : start + n])
+            start += n
         if table.shard_grad == "mean" and shard.world > 1:
             total /= shard.world
         with torch.no_grad():
@@ -234,3 +238,35 @@ def ddp_ignore_sharded(model: torch.nn.Module) -> list[str]:
             names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_buffers(recurse=False)]
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
+
+
+def fsdp_ignored_params(model: torch.nn.Module) -> set:
+    """The parameters of every sharded table in `model`, for FSDP2's
+    `fully_shard(..., ignored_params=...)`: FSDP2 must neither shard them again nor reduce their
+    (never formed) gradients; the tables update themselves in backward."""
+    return {p for m in model.modules() if getattr(m, "_shard", None) is not None for p in m.parameters(recurse=False)}
+
+
+def full_state_dict(module: torch.nn.Module, dst: int = 0) -> dict | None:
+    """`module`'s state_dict with every sharded table's weight and state gathered whole, as a
+    single-process table of the same rows would hold them, on the (global) rank `dst`; None on the
+    other ranks, which must all call it. For a model small enough for one host (the sweep saves its
+    models so); a large one is saved as it lies with dcp_save."""
+    # FSDP2's parameters are DTensors: whole ones too (a collective, in the same order everywhere).
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
+    mine = dist.get_rank() == dst
+    for prefix, m in module.named_modules():
+        shard = getattr(m, "_shard", None)
+        if shard is None:
+            continue
+        chunk = shard.bounds[1] - shard.bounds[0]
+        for name in _SHARDED_STATE[m.optimizer]:
+            t = getattr(m, name).detach()
+            # gather needs equal sizes: the shorter last shards travel padded to ceil(R / W) rows.
+            padded = t.new_zeros((chunk, *t.shape[1:]))
+            padded[: t.shape[0]] = t
+            parts = [torch.empty_like(padded) for _ in range(shard.world)] if mine else None
+            dist.gather(padded, parts, dst=dst, group=shard.group)
+            if mine:
+                state[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)[: m.num_rows]
+    return state if mine else None

@@ -308,7 +308,10 @@ class EngramTable(nn.Module):
         if shard is not None:
             # The global row of each local row: stochastic rounding draws its bits for it, so the
             # shards round as the whole table would.
-            self._shard_row_ids = torch.arange(shard.start, shard.start + shard.rows, device=dev)
+            # A buffer (not saved) so that it follows the table to its device.
+            self.register_buffer(
+                "_shard_row_ids", torch.arange(shard.start, shard.start + shard.rows, device=dev), persistent=False
+            )
         self.storage = "native"
         if fp8:
             real = torch.empty(0, device=device).device

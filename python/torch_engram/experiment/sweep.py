@@ -1,10 +1,14 @@
 """The rho allocation sweep (docs/SPEC.md section 8) at small scale: one model per rho with the same
 P_tot and P_act, data, token budget, hyperparameters and seeds; held-out loss and bits per byte.
 
-    python -m torch_engram.experiment.sweep --preset quick            # CPU, minutes
-    python -m torch_engram.experiment.sweep --preset full --device cuda
+    python -m torch_engram.sweep --preset quick            # CPU, minutes
+    python -m torch_engram.sweep --preset full --device cuda
+    torchrun --nproc-per-node 2 -m torch_engram.sweep ...  # data parallel (gloo, or NCCL on GPUs)
 
-Writes results.csv, results.json and sweep.png (validation loss vs rho) to --out.
+Writes results.csv, results.json and sweep.png (validation loss vs rho) to --out. Under torchrun
+every model trains data-parallel (training.DataParallel: the same global batches, tables sharded
+over the ranks, the rest under DDP), which follows one process with the same global batch
+(`torchrun --nproc-per-node 1`) up to float rounding; rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 import torch
 
 from ..config import EngramConfig
+from ..sharded import full_state_dict
 from .allocation import Allocation, allocate, count_params
 from .models.config import ModelConfig, default_engram_layers
 from .models.saving import save_model
-from .models.training import TrainConfig, evaluate, train
+from .models.training import DataParallel, TrainConfig, evaluate, train
 from .models.transformer import TransformerLM
 
 PAPER_OPTIMUM = (0.75, 0.80)
@@ -308,12 +313,19 @@ def run_sweep(
     progress: bool = True,
     label: str = "",
     save_models: bool = True,
+    dp: DataParallel | None = None,
 ) -> dict:
     """Train and evaluate every (rho, seed) model of the preset; results.csv/.json and sweep.png
     go to out_dir, and with save_models each final model to out_dir/models/rho<rho>_seed<seed>
-    (torch_engram.experiment.models.load_model reads it back)."""
+    (torch_engram.experiment.models.load_model reads it back). With dp every rank calls this; the
+    models train data-parallel and rank 0 writes (a saved model is whole, as one process saves it)."""
     t_start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = dp is None or dp.rank == 0
+    progress = progress and writer
+    if dp is not None and engram_factory is not None:
+        raise ValueError("run_sweep: data parallel builds its own (sharded) Engram tables; pass no engram_factory")
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     base, template = base_configs(preset, data)
     target = count_params(base)
     allocs: list[Allocation] = [allocate(base, rho, template) for rho in preset.rhos]
@@ -341,6 +353,7 @@ def run_sweep(
         "train": preset.train.to_dict(),
         "data": {"description": data.description, **data.info},
         "device": device,
+        "world_size": dp.world if dp is not None else 1,
         "torch": torch.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
@@ -358,6 +371,7 @@ def run_sweep(
             engram_factory=engram_factory,
             table_grad=preset.train.table_grad,
             table_optimizer=preset.train.table_optimizer,
+            table_options=dict(placement="sharded") if dp is not None and a.config.engram is not None else None,
         ).to(device)
         desc = f"rho={a.rho:.2f} seed={seed}"
         steps_bar = (
@@ -372,6 +386,7 @@ def run_sweep(
             device=device,
             autocast_dtype=autocast_dtype,
             progress=steps_bar,
+            dp=dp,
         )
         nats, n = evaluate(
             model,
@@ -380,6 +395,7 @@ def run_sweep(
             preset.train.eval_batch_size,
             device=device,
             autocast_dtype=autocast_dtype,
+            dp=dp,
         )
         s = a.summary()
         row = {
@@ -408,7 +424,9 @@ def run_sweep(
         }
         if save_models:
             path = out_dir / "models" / model_dir_name(a.rho, seed)
-            save_model(path, model, data.tokenizer, extra={"run": row, "preset": result["preset"]})
+            state = None if dp is None else full_state_dict(model)  # every rank sends its shards
+            if writer:
+                save_model(path, model, data.tokenizer, extra={"run": row, "preset": result["preset"]}, state=state)
             row["model_dir"] = str(path.relative_to(out_dir))
         rows.append(row)
         if progress:
@@ -417,10 +435,13 @@ def run_sweep(
                 f"bpb={row['val_bpb']:.4f} ({row['wall_s']:.0f} s)",
                 file=sys.stderr,
             )
-        _write(out_dir, rows, result | {"runs": rows, "summary": summarise(rows)})
+        if writer:
+            _write(out_dir, rows, result | {"runs": rows, "summary": summarise(rows)})
         del model
 
     result |= {"runs": rows, "summary": summarise(rows), "wall_s": round(time.perf_counter() - t_start, 1)}
+    if not writer:
+        return result
     _write(out_dir, rows, result)
     t = preset.train
     title = (
@@ -454,7 +475,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m torch_engram.experiment.sweep",
+        prog="python -m torch_engram.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -594,6 +615,10 @@ def main(argv=None) -> dict:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dp = DataParallel.from_env(device)  # under torchrun
+    if dp is not None:
+        device = str(dp.device)
+    writer = dp is None or dp.rank == 0
     threads = args.threads or (PRESETS[args.preset].threads if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -602,7 +627,18 @@ def main(argv=None) -> dict:
     bad = [r for r in preset.rhos if not 0.0 < r <= 1.0]
     if bad:
         raise SystemExit(f"--rhos: every rho must lie in (0, 1], got {bad}")
-    data = prepare_data(preset, text_files=args.text_files, tokenizer=args.tokenizer, seed=0)
+    if dp is not None and preset.train.batch_size % dp.world:
+        raise SystemExit(f"sweep: --batch-size {preset.train.batch_size} must divide by the {dp.world} ranks")
+    data = None
+    if writer:
+        data = prepare_data(preset, text_files=args.text_files, tokenizer=args.tokenizer, seed=0)
+    if dp is not None:
+        import torch.distributed as dist
+
+        # Rank 0 prepares the data (its tokenizer is trained once) and hands it to the others.
+        box = [data]
+        dist.broadcast_object_list(box, src=0)
+        data = box[0]
     data_s = time.perf_counter() - t0
     out = Path(args.out)
     result = run_sweep(
@@ -614,11 +650,20 @@ def main(argv=None) -> dict:
         progress=not args.no_progress,
         label=args.preset,
         save_models=not args.no_save,
+        dp=dp,
     )
+    if dp is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written every model
+        if not writer:
+            dist.destroy_process_group()
+            return result
+    launcher = f"torchrun --nproc-per-node {dp.world}" if dp is not None else "python"
     result |= {
         "data_s": round(data_s, 1),
         "total_wall_s": round(time.perf_counter() - t0, 1),
-        "command": " ".join(["python -m torch_engram.experiment.sweep", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([f"{launcher} -m torch_engram.sweep", *(argv if argv is not None else sys.argv[1:])]),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     print(
@@ -631,6 +676,8 @@ def main(argv=None) -> dict:
             f"rho={s['rho']:.2f} (realised {s['rho_realised']:.3f})  val_loss={s['val_loss_mean']:.4f}"
             f" +- {s['val_loss_std']:.4f}  bpb={s['val_bpb_mean']:.4f}"
         )
+    if dp is not None:
+        dist.destroy_process_group()
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,6 +32,8 @@ class MoE(nn.Module):
     (DeepSeek-V3 style: scores = sigmoid(logits), top-k weights renormalised). The auxiliary
     load-balancing loss is the Switch-Transformer form E * sum_e f_e * P_e, with f_e the fraction of
     routed slots sent to expert e and P_e its mean normalised score; it is 1 under uniform routing.
+    Trained data-parallel (balance_group set), f_e counts the slots of every rank, so the ranks'
+    mean loss is the global batch's.
     """
 
     def __init__(
@@ -43,6 +46,9 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.shared = SwiGLU(d_model, d_shared) if d_shared > 0 else None
+        # A process group when the model trains data-parallel (training.DataParallel sets it): the
+        # balance loss then counts the routed slots of every rank.
+        self.balance_group = None
 
     def routed_parameters(self):
         return [self.w1, self.w3, self.w2]
@@ -77,6 +83,12 @@ class MoE(nn.Module):
             y = y + self.shared(x)
 
         frac = counts.float() / flat_experts.numel()
+        if self.balance_group is not None and self.training:
+            # Data parallel: f_e over the global batch (it carries no gradient), so that the ranks'
+            # mean aux loss, which DDP's gradient averaging takes, is the global batch's.
+            both = torch.cat([counts.float(), counts.new_tensor([flat_experts.numel()], dtype=torch.float32)])
+            dist.all_reduce(both, group=self.balance_group)
+            frac = both[:-1] / both[-1]
         mean_score = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
         aux = self.n_experts * (frac * mean_score).sum()
         return y.reshape(shape), aux

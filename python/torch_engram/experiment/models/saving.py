@@ -16,9 +16,13 @@ FORMAT = "torch_engram.transformer_lm"
 VERSION = 1
 
 
-def save_model(directory: str | os.PathLike, model: TransformerLM, tokenizer=None, extra: dict | None = None) -> Path:
+def save_model(
+    directory: str | os.PathLike, model: TransformerLM, tokenizer=None, extra: dict | None = None, state=None
+) -> Path:
     """Write `model` (and its `tokenizers.Tokenizer`, if given) to `directory`; each file is
-    replaced atomically. extra: plain data stored in config.json (e.g. the run's metrics)."""
+    replaced atomically. extra: plain data stored in config.json (e.g. the run's metrics). state:
+    the state_dict to write instead of model's (a sharded model's, gathered whole by
+    torch_engram.sharded.full_state_dict); the saved model loads as one process's."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -27,7 +31,7 @@ def save_model(directory: str | os.PathLike, model: TransformerLM, tokenizer=Non
     # re-tied on load.
     state = {
         k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
+        for k, v in (model.state_dict() if state is None else state).items()
         if not (model.cfg.tie_embeddings and k == "lm_head.weight")
     }
     tables = [e.table for e in model.engram_modules()]
