@@ -97,8 +97,17 @@ class DataParallel:
         import torch.distributed as dist
 
         from ...sharded import ddp_ignore_sharded, fsdp_ignored_params
+        from ...table import EngramTable
         from .moe import MoE
 
+        # A table of another placement would learn from this rank's rows only (its update runs in
+        # backward, outside DDP's averaging), and the ranks' copies would drift apart unseen.
+        local = [n for n, m in model.named_modules() if isinstance(m, EngramTable) and m.placement != "sharded"]
+        if local:
+            raise ValueError(
+                f"DataParallel: every EngramTable must have placement='sharded', but {local} are not "
+                "(build the model with table_options=dict(placement='sharded'))"
+            )
         for m in model.modules():
             if isinstance(m, MoE):
                 m.balance_group = dist.group.WORLD
