@@ -2,9 +2,16 @@
 pure-PyTorch layer a user would write from the official demo (one nn.Embedding over the
 concatenated tables, dense gradient), eager and under torch.compile, side by side in one run:
 median step time, ratios, and peak memory (RSS, each implementation in its own process).
-Our steps include the table's Adam update (inside backward for "fused", the default; through
-EngramTable.step() for "sparse" and "dense"); the peer's step is forward + backward only, without
-any optimizer, so the ratios understate our advantage.
+Our steps include the table's update (inside backward for "fused", the default; through
+EngramTable.step() for "sparse" and "dense"); the peer's plain step is forward + backward only.
+The "+adam" rows are whole training steps: torch.optim.Adam over every parameter of the peer (its
+table gradient is dense, and so is its Adam) and over our dense parameters, each compared with
+the peer of the same kind.
+
+Most of the peer's step on glibc's default malloc is page faults: its table-sized gradient (2.5 GB
+here) is above malloc's mmap threshold, so every step maps fresh zeroed pages. Run with
+MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 (inherited by every child) to
+see the steps without that cost (benchmarks/RESULTS.md has both).
 
     python benchmarks/bench_layer.py [--tokens 2048] [--hidden 1024] [--hc-mult 4] [--repeat 7]
 """
@@ -27,7 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import torch_engram as te
 from torch_engram.reference import OfficialEngram
 
-IMPLS = ("official-eager", "official-compile", "engram-fused", "engram-sparse", "engram-dense")
+# "+adam": the whole training step, with torch.optim.Adam over the peer's parameters (its table
+# gradient is dense, so is its Adam) and over our dense parameters (the table updates itself).
+IMPLS = (
+    "official-eager",
+    "official-compile",
+    "engram-fused",
+    "engram-sparse",
+    "engram-dense",
+    "official-eager+adam",
+    "official-compile+adam",
+    "engram-fused+adam",
+)
 
 
 def rss_mb() -> float:
@@ -36,6 +54,7 @@ def rss_mb() -> float:
 
 def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
     torch.manual_seed(0)
+    impl, _, with_opt = impl.partition("+")
     config = te.EngramConfig.official_demo(compressed_vocab_size=129280)
     hasher = te.NgramHasher(config)
     B, T = max(1, tokens // 512), min(tokens, 512)
@@ -70,6 +89,8 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
             return None
 
         table = mod.table.weight
+        params = [p for p in params if p is not mod.table.weight]
+    opt = torch.optim.Adam(params, lr=1e-4) if with_opt else None
 
     def step():
         for p in params:
@@ -78,6 +99,8 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         out = step_fn()
         if out is not None:
             out.backward(torch.ones_like(out))
+        if opt is not None:
+            opt.step()
 
     t0 = time.perf_counter()
     step()  # warm-up (compilation for the compiled peer)
@@ -99,7 +122,7 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
         else g.numel() * g.element_size()
     )
     return dict(
-        impl=impl,
+        impl=impl + ("+" + with_opt if with_opt else ""),
         median_s=statistics.median(times),
         first_s=first,
         peak_rss_mb=rss_mb(),
@@ -143,18 +166,19 @@ def main() -> None:
             print(f"{impl}: failed\n{out.stderr[-2000:]}")
             continue
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ref = {r["impl"]: r for r in results}
-    eager = ref.get("official-eager", {}).get("median_s")
-    compiled = ref.get("official-compile", {}).get("median_s")
+    ref = {r["impl"]: r["median_s"] for r in results}
     print(
         f"# Engram layer fwd+bwd, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}; demo table (layer 1: 10,344,164 x 64 fp32), "
         f"{args.tokens} tokens, D={args.hidden}, M={args.hc_mult}"
     )
-    print(f"{'impl':<18} {'step ms':>9} {'vs eager':>9} {'vs compile':>11} {'peak RSS MB':>12} {'table grad MB':>14}")
+    print(f"{'impl':<22} {'step ms':>9} {'vs eager':>9} {'vs compile':>11} {'peak RSS MB':>12} {'table grad MB':>14}")
     for r in results:
+        # Each row against the peers of the same kind of step (with or without Adam).
+        kind = "+adam" if r["impl"].endswith("+adam") else ""
+        eager, compiled = ref.get("official-eager" + kind), ref.get("official-compile" + kind)
         print(
-            f"{r['impl']:<18} {1e3 * r['median_s']:>9.1f} "
+            f"{r['impl']:<22} {1e3 * r['median_s']:>9.1f} "
             f"{(eager / r['median_s']) if eager else float('nan'):>8.2f}x "
             f"{(compiled / r['median_s']) if compiled else float('nan'):>10.2f}x "
             f"{r['peak_rss_mb']:>12.0f} {r['table_grad_mb']:>14.1f}"
