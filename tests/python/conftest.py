@@ -100,6 +100,38 @@ def one_layer_config():
     )
 
 
+def tiny_lm_config(vocab: int, engram_changes: dict | None = None, **changes):
+    """A ModelConfig of a few thousand parameters with Engram in blocks 1 and 2 (orders 2-3, two
+    heads of 4 per order, tables of 31 and 37 rows per head); `changes` override its fields."""
+    from torch_engram.config import EngramConfig
+    from torch_engram.experiment.models import ModelConfig
+
+    engram = EngramConfig(
+        **{
+            "engram_vocab_size": (31, 37),
+            "n_embed_per_ngram": 8,
+            "n_head_per_ngram": 2,
+            "layer_ids": (1, 2),
+            "pad_id": 0,
+            "compressed_vocab_size": vocab,
+            **(engram_changes or {}),
+        }
+    )
+    base = {
+        "vocab_size": vocab,
+        "d_model": 16,
+        "n_layers": 3,
+        "n_heads": 2,
+        "max_seq_len": 32,
+        "n_routed_experts": 6,
+        "top_k": 2,
+        "d_expert": 8,
+        "d_shared": 16,
+        "engram": engram,
+    }
+    return ModelConfig(**{**base, **changes})
+
+
 def rss_mib() -> float:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import torch_engram as te
-from conftest import one_layer_config
-from torch_engram.experiment.models import ModelConfig, TransformerLM
+from conftest import one_layer_config, tiny_lm_config
+from torch_engram.experiment.models import TransformerLM
 from torch_engram.state import EngramState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,27 +133,8 @@ def test_state_errors_name_the_argument():
 
 
 def lm_config(**changes):
-    engram = te.EngramConfig(
-        engram_vocab_size=(31, 37),
-        n_embed_per_ngram=8,
-        n_head_per_ngram=2,
-        layer_ids=(1, 2),
-        pad_id=0,
-        compressed_vocab_size=V,
-    )
-    base = dict(
-        vocab_size=V,
-        d_model=32,
-        n_layers=3,
-        n_heads=2,
-        max_seq_len=48,
-        n_routed_experts=4,
-        top_k=2,
-        d_expert=16,
-        d_shared=32,
-        engram=engram,
-    )
-    return ModelConfig(**{**base, **changes})
+    fields = dict(d_model=32, max_seq_len=48, n_routed_experts=4, d_expert=16, d_shared=32)
+    return tiny_lm_config(V, **{**fields, **changes})
 
 
 def lm(**changes):

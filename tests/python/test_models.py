@@ -3,36 +3,15 @@
 import pytest
 import torch
 
-from torch_engram.config import EngramConfig
-from torch_engram.experiment.models import ModelConfig, MoE, TransformerLM, default_engram_layers
+from conftest import tiny_lm_config
+from torch_engram.experiment.models import MoE, TransformerLM, default_engram_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 50
 
 
 def config(**changes):
-    engram = EngramConfig(
-        engram_vocab_size=(31, 37),
-        n_embed_per_ngram=8,
-        n_head_per_ngram=2,
-        layer_ids=(1, 2),
-        pad_id=0,
-        compressed_vocab_size=V,
-        proj_bias=False,
-    )
-    base = {
-        "vocab_size": V,
-        "d_model": 16,
-        "n_layers": 3,
-        "n_heads": 2,
-        "max_seq_len": 32,
-        "n_routed_experts": 6,
-        "top_k": 2,
-        "d_expert": 8,
-        "d_shared": 16,
-        "engram": engram,
-    }
-    return ModelConfig(**{**base, **changes})
+    return tiny_lm_config(V, {"proj_bias": False}, **changes)
 
 
 @pytest.mark.parametrize("hc_mult", [1, 2])

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import package_root
-from torch_engram import EngramConfig, EngramTable
+from conftest import package_root, tiny_lm_config
+from torch_engram import EngramTable
 from torch_engram.sharded import init_shard_, shard_bounds
 
 R, D, H, B, STEPS = 1003, 8, 4, 6, 20  # 1003 rows: uneven shards on 2 and 4 ranks
@@ -19,7 +19,7 @@ _WORKER = r"""
 import sys, torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from torch_engram import EngramConfig, EngramTable
+from torch_engram import EngramTable
 
 rank, world, init, out, mode = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 R, D, H, B, STEPS = 1003, 8, 4, 6, 20
@@ -233,14 +233,10 @@ def test_sweep_under_torchrun_follows_one_process(tmp_path):
 
 def test_data_parallel_refuses_tables_that_are_not_sharded():
     # Their fused updates would see one rank's rows only and the copies would drift apart.
-    from torch_engram.experiment.models import ModelConfig, TransformerLM
+    from torch_engram.experiment.models import TransformerLM
     from torch_engram.experiment.models.training import DataParallel
 
-    engram = EngramConfig(
-        engram_vocab_size=(50, 50), n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,), compressed_vocab_size=64
-    )
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, n_routed_experts=4,
-                      top_k=2, d_expert=8, d_shared=16, engram=engram)  # fmt: skip
+    cfg = tiny_lm_config(64)
     model = TransformerLM(cfg)
     with pytest.raises(ValueError, match="placement='sharded'"):
         DataParallel(rank=0, world=2, device=torch.device("cpu")).wrap(model)
