@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -604,6 +605,8 @@ def combine(dirs, out_dir: Path) -> dict:
 def main(argv=None) -> dict:
     t0 = time.perf_counter()
     args = build_parser().parse_args(argv)
+    if args.combine and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("sweep: --combine trains nothing; run it in one process, not under torchrun")
     if args.combine:
         result = combine(args.combine, Path(args.out))
         for s in result["summary"]:
