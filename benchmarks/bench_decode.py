@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch_engram as te
-from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents
+from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents, tile
 from torch_engram.experiment.models import ModelConfig, TransformerLM
 
 RESULTS: list[dict] = []
@@ -53,8 +53,7 @@ def record(part: str, case: str, **fields) -> None:
 
 
 def corpus_ids(lut_tok, n: int) -> torch.Tensor:
-    ids = encode_documents(lut_tok, load_documents()).ids
-    return ids.repeat(n // ids.numel() + 1)[:n] if ids.numel() < n else ids[:n]
+    return tile(encode_documents(lut_tok, load_documents()).ids, n)
 
 
 def layer_part(args, tok, comp) -> None:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch_engram as te
 from torch_engram import EngramTable
-from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents
+from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents, tile
 
 
 def rss_gb() -> float:
@@ -52,10 +52,7 @@ def stream_rows(config, tokens_per_step: int, steps: int) -> list[torch.Tensor]:
     ids = encode_documents(tok, load_documents()).ids
     T = min(512, tokens_per_step)
     B = tokens_per_step // T
-    need = steps * B * T
-    if ids.numel() < need:
-        ids = ids.repeat(need // ids.numel() + 1)
-    batches = ids[:need].view(steps, B, T)
+    batches = tile(ids, steps * B * T).view(steps, B, T)
     return [hasher(b)[0] for b in batches]
 
 
@@ -219,8 +216,7 @@ def model_part(args, on_row=lambda rows: None) -> list[dict]:
     )
     ids = encode_documents(tok, load_documents()).ids
     steps = args.model_steps
-    need = (steps + 1) * B * (T + 1)
-    ids = ids.repeat(need // ids.numel() + 1)[:need].view(steps + 1, B, T + 1)
+    ids = tile(ids, (steps + 1) * B * (T + 1)).view(steps + 1, B, T + 1)
     batches = [b.to(dev) for b in ids]
     rows_total = 2 * heads * per_table
     print(

@@ -192,3 +192,13 @@ def test_encode_documents_bad_eos(small_bpe):
     no_eos = train_bpe_tokenizer(["hello world"], vocab_size=300, special_tokens=["<pad>"])
     with pytest.raises(ValueError, match="has no '<eos>' token; pass eos_id"):
         encode_documents(no_eos, ["a"])
+
+
+def test_tile_reads_the_stream_again_from_its_start():
+    from torch_engram.experiment.corpus import tile
+
+    ids = torch.arange(5)
+    assert tile(ids, 3).tolist() == [0, 1, 2]
+    assert tile(ids, 12).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    with pytest.raises(ValueError, match="empty"):
+        tile(ids[:0], 3)

@@ -41,10 +41,7 @@ def held_out_ids(tokenizer, extra: dict, n_tokens: int, text_file: str | None = 
         preset = extra.get("preset", {})
         docs = corpus.load_documents(max_bytes=preset.get("max_bytes"))
         _, docs = corpus.split_train_val(docs, val_fraction=preset.get("val_fraction", 0.05), seed=0)
-    ids = corpus.encode_documents(tokenizer, docs).ids
-    if ids.numel() < n_tokens:
-        ids = ids.repeat(n_tokens // max(ids.numel(), 1) + 1)
-    return ids[:n_tokens]
+    return corpus.tile(corpus.encode_documents(tokenizer, docs).ids, n_tokens)
 
 
 def _chunks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -336,3 +336,11 @@ def encode_documents(tokenizer: Tokenizer, documents: Sequence[str], eos_id: int
         ids[start : start + len(e.ids)] = torch.tensor(e.ids, dtype=torch.int64)
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return TokenStream(ids, num_bytes, doc_starts)
+
+
+def tile(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n ids of a token stream, read again from its start as often as a stream shorter
+    than n needs (for benchmarks and analyses that want a fixed length of real text)."""
+    if ids.numel() == 0:
+        raise ValueError("tile: the token stream is empty")
+    return ids.repeat(-(-n // ids.numel()))[:n] if ids.numel() < n else ids[:n]
