@@ -24,13 +24,25 @@ inline void check_gather_rows(const at::Tensor& rows, const char* op) {
   TORCH_CHECK(rows.size(-1) >= 1, op, ": rows must be [..., H] with H >= 1 heads, got shape ", rows.sizes());
 }
 
+// What every gather checks of its table [num_rows, d_head] and rows [..., H] (the dtypes are its own).
+inline void check_gather_table_rows(const at::Tensor& table, const at::Tensor& rows, const char* op) {
+  TORCH_CHECK(table.dim() == 2, op, ": table must be [num_rows, d_head], got shape ", table.sizes());
+  check_gather_rows(rows, op);
+  TORCH_CHECK(rows.device() == table.device(), op, ": rows must be on table's device ", table.device(), ", got ",
+              rows.device());
+}
+
+// e [..., H * d_head] for rows [..., H].
+inline at::Tensor empty_gather_output(const at::Tensor& rows, int64_t d_head, const at::TensorOptions& options) {
+  std::vector<int64_t> out_shape = rows.sizes().vec();
+  out_shape.back() = rows.size(-1) * d_head;
+  return at::empty(out_shape, options);
+}
+
 inline void check_multihead_gather_args(const at::Tensor& table, const at::Tensor& rows) {
-  TORCH_CHECK(table.dim() == 2, "multihead_gather: table must be [num_rows, d_head], got shape ", table.sizes());
+  check_gather_table_rows(table, rows, "multihead_gather");
   TORCH_CHECK(is_gather_dtype(table.scalar_type()),
               "multihead_gather: table must be float32, bfloat16, float16 or float64, got ", table.scalar_type());
-  check_gather_rows(rows, "multihead_gather");
-  TORCH_CHECK(rows.device() == table.device(), "multihead_gather: rows must be on table's device ", table.device(),
-              ", got ", rows.device());
 }
 
 // The forward's arguments prepared once for either backend: the table as it is when its rows are
@@ -46,9 +58,7 @@ inline GatherArgs prepare_multihead_gather(const at::Tensor& table, const at::Te
   GatherArgs a;
   a.table = (table.stride(1) == 1 || table.size(1) <= 1) ? table : table.contiguous();
   a.rows = rows.contiguous();
-  std::vector<int64_t> out_shape = rows.sizes().vec();
-  out_shape.back() = rows.size(-1) * table.size(1);
-  a.out = at::empty(out_shape, table.options());
+  a.out = empty_gather_output(rows, table.size(1), table.options());
   return a;
 }
 

@@ -4,8 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include <vector>
-
 #include "check/multihead_gather.h"
 #include "engram/fp8.h"
 
@@ -18,7 +16,7 @@ struct GatherFp8Args {
 inline GatherFp8Args prepare_multihead_gather_fp8(const at::Tensor& table, const at::Tensor& scale,
                                                   const at::Tensor& rows, at::ScalarType out_dtype) {
   const char* op = "multihead_gather_fp8";
-  TORCH_CHECK(table.dim() == 2, op, ": table must be [num_rows, d_head], got shape ", table.sizes());
+  check_gather_table_rows(table, rows, op);
   TORCH_CHECK(table.scalar_type() == at::kFloat8_e4m3fn, op, ": table must be float8_e4m3fn, got ",
               table.scalar_type());
   TORCH_CHECK(table.size(1) % kFp8Block == 0, op, ": table's d_head must be a multiple of ", kFp8Block,
@@ -30,17 +28,13 @@ inline GatherFp8Args prepare_multihead_gather_fp8(const at::Tensor& table, const
               table.size(1) / kFp8Block, "], got shape ", scale.sizes());
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, op,
               ": out_dtype must be float32 or bfloat16, got ", out_dtype);
-  check_gather_rows(rows, op);
-  TORCH_CHECK(rows.device() == table.device() && scale.device() == table.device(), op,
-              ": rows and scale must be on table's device ", table.device(), ", got ", rows.device(), " and ",
+  TORCH_CHECK(scale.device() == table.device(), op, ": scale must be on table's device ", table.device(), ", got ",
               scale.device());
   GatherFp8Args a;
   a.table = table.contiguous().view(at::kByte);
   a.scale = scale.contiguous().view(at::kByte);
   a.rows = rows.contiguous();
-  std::vector<int64_t> out_shape = rows.sizes().vec();
-  out_shape.back() = rows.size(-1) * table.size(1);
-  a.out = at::empty(out_shape, table.options().dtype(out_dtype));
+  a.out = empty_gather_output(rows, table.size(1), table.options().dtype(out_dtype));
   return a;
 }
 
