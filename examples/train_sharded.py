@@ -20,12 +20,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import torch_engram as te
 from torch_engram.experiment.corpus import default_tokenizer, encode_documents, load_documents, split_train_val
 from torch_engram.experiment.models import ModelConfig, TransformerLM
-from torch_engram.experiment.models.training import DataParallel, sample_batch
+from torch_engram.experiment.models.training import DataParallel, evaluate, sample_batch
 
 
 def main(argv=None) -> dict:
@@ -90,21 +89,9 @@ def main(argv=None) -> dict:
         losses.append(float(dp.mean(out.loss)))
         if rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1}: train loss {losses[-1]:.4f}", flush=True)
-    model.eval()
-    n = val_ids.numel() // args.seq_len * args.seq_len
-    chunks = val_ids[:n].view(-1, args.seq_len)
-    mine = chunks[rank::world].to(dev)
-    with torch.no_grad():
-        nll = torch.zeros(2, device=dev)
-        for c in mine:
-            logits = model(c[None, :-1]).logits
-            ce = F.cross_entropy(logits[0].float(), c[1:], reduction="sum")
-            nll += torch.stack([ce, torch.tensor(c.numel() - 1.0, device=dev)])
-        # Every rank must take part in the sharded lookups: ranks with fewer chunks run empty ones.
-        for _ in range(len(chunks[0::world]) - len(mine)):
-            model(chunks[:1, :-1].to(dev))
-        dist.all_reduce(nll)
-    val = float(nll[0] / nll[1])
+    # Every rank evaluates its share of the windows (and takes part in every sharded lookup).
+    nats, n = evaluate(model, val_ids, args.seq_len, 8, device=dev, dp=dp)
+    val = nats / n
     secs = time.perf_counter() - t0
     shard = model.engram_modules()[0].table._shard
     if rank == 0:
