@@ -89,8 +89,10 @@ def run_one(impl: str, tokens: int, hidden: int, M: int, repeat: int) -> dict:
             return None
 
         table = mod.table.weight
-        params = [p for p in params if p is not mod.table.weight]
-    opt = torch.optim.Adam(params, lr=1e-4) if with_opt else None
+    # Adam's parameters: all of the peer's; ours but the table, which updates itself (its grad is
+    # still reset with the rest each step).
+    adam = [p for p in params if p is not table or impl.startswith("official")]
+    opt = torch.optim.Adam(adam, lr=1e-4) if with_opt else None
 
     def step():
         for p in params:

@@ -185,6 +185,20 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
+def _sharded_tables(module: torch.nn.Module):
+    """(prefix, table) of every sharded EngramTable in `module`."""
+    for prefix, m in module.named_modules():
+        if getattr(m, "_shard", None) is not None:
+            yield prefix, m
+
+
+def _sharded_state(module: torch.nn.Module):
+    """(state_dict key, table, tensor) of every [num_rows, ...] tensor of the sharded tables."""
+    for prefix, m in _sharded_tables(module):
+        for name in _SHARDED_STATE[m.optimizer]:
+            yield (f"{prefix}.{name}" if prefix else name), m, getattr(m, name)
+
+
 def dcp_state_dict(module: torch.nn.Module) -> dict:
     """`module`'s state_dict with every sharded table's weight and state as DTensors (Shard(0) of
     the whole table over the table's group) that share memory with the shards: what
@@ -194,17 +208,11 @@ def dcp_state_dict(module: torch.nn.Module) -> dict:
     from torch.distributed.tensor import Shard as DShard
 
     state = module.state_dict()
-    for prefix, m in module.named_modules():
-        shard = getattr(m, "_shard", None)
-        if shard is None:
-            continue
-        mesh = DeviceMesh.from_group(shard.group or dist.group.WORLD, m.weight.device.type)
-        for name in _SHARDED_STATE[m.optimizer]:
-            t = getattr(m, name)
-            shape = (m.num_rows, *t.shape[1:])
-            stride = _contiguous_strides(shape)
-            key = f"{prefix}.{name}" if prefix else name
-            state[key] = DTensor.from_local(t.data, mesh, [DShard(0)], run_check=False, shape=shape, stride=stride)
+    for key, m, t in _sharded_state(module):
+        mesh = DeviceMesh.from_group(m._shard.group or dist.group.WORLD, m.weight.device.type)
+        shape = (m.num_rows, *t.shape[1:])
+        stride = _contiguous_strides(shape)
+        state[key] = DTensor.from_local(t.data, mesh, [DShard(0)], run_check=False, shape=shape, stride=stride)
     return state
 
 
@@ -232,10 +240,9 @@ def ddp_ignore_sharded(model: torch.nn.Module) -> list[str]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     names = []
-    for prefix, m in model.named_modules():
-        if getattr(m, "_shard", None) is not None:
-            names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
-            names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_buffers(recurse=False)]
+    for prefix, m in _sharded_tables(model):
+        names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
+        names += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_buffers(recurse=False)]
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
 
@@ -244,7 +251,7 @@ def fsdp_ignored_params(model: torch.nn.Module) -> set:
     """The parameters of every sharded table in `model`, for FSDP2's
     `fully_shard(..., ignored_params=...)`: FSDP2 must neither shard them again nor reduce their
     (never formed) gradients; the tables update themselves in backward."""
-    return {p for m in model.modules() if getattr(m, "_shard", None) is not None for p in m.parameters(recurse=False)}
+    return {p for _, m in _sharded_tables(model) for p in m.parameters(recurse=False)}
 
 
 def full_state_dict(module: torch.nn.Module, dst: int = 0) -> dict | None:
@@ -255,18 +262,13 @@ def full_state_dict(module: torch.nn.Module, dst: int = 0) -> dict | None:
     # FSDP2's parameters are DTensors: whole ones too (a collective, in the same order everywhere).
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
     mine = dist.get_rank() == dst
-    for prefix, m in module.named_modules():
-        shard = getattr(m, "_shard", None)
-        if shard is None:
-            continue
-        chunk = shard.bounds[1] - shard.bounds[0]
-        for name in _SHARDED_STATE[m.optimizer]:
-            t = getattr(m, name).detach()
-            # gather needs equal sizes: the shorter last shards travel padded to ceil(R / W) rows.
-            padded = t.new_zeros((chunk, *t.shape[1:]))
-            padded[: t.shape[0]] = t
-            parts = [torch.empty_like(padded) for _ in range(shard.world)] if mine else None
-            dist.gather(padded, parts, dst=dst, group=shard.group)
-            if mine:
-                state[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)[: m.num_rows]
+    for key, m, t in _sharded_state(module):
+        shard = m._shard
+        # gather needs equal sizes: the shorter last shards travel padded to ceil(R / W) rows.
+        padded = t.detach().new_zeros((shard.bounds[1] - shard.bounds[0], *t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(shard.world)] if mine else None
+        dist.gather(padded, parts, dst=dst, group=shard.group)
+        if mine:
+            state[key] = torch.cat(parts)[: m.num_rows]
     return state if mine else None
